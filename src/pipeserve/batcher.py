@@ -1,0 +1,208 @@
+"""Admission and batch formation, in the front process (pure asyncio, no processes).
+
+Each input of a request is one `Job` with its own Future. `submit` is the door: a non-blocking
+check against the bounded queue (unit: queued inputs, not requests or connections) that raises
+`Overloaded` (503 + Retry-After) at once. `next_batch` is called by a worker's loop when that
+worker is idle: it waits for the first job, then at most `max_batch_delay` counted once from that
+job's arrival, and returns up to `limit` live jobs that share the first job's parameters. Jobs
+whose client went away, or whose deadline passed, are dropped here and never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeserve import errors
+
+DROP_CANCELLED = "cancelled"  # the client disconnected or its handler gave up
+DROP_EXPIRED = "expired"  # its deadline passed before a batch could take it
+
+_RATE_SMOOTHING = 0.3  # weight of the newest batch in the drain-rate estimate
+RETRY_AFTER_MIN_S = 1
+RETRY_AFTER_MAX_S = 60
+
+
+@dataclass(eq=False)
+class Job:
+    input: Any
+    parameters: dict[str, Any]
+    parameters_key: str
+    request_id: str
+    enqueued_at: float
+    deadline: float
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+def resolve(job: Job, value: Any = None, error: BaseException | None = None) -> None:
+    """Settle a job's Future unless it is already settled (cancelled, timed out, answered)."""
+    if job.future.done():
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(value)
+
+
+class Batcher:
+    def __init__(self, max_batch_size: int, max_batch_delay_s: float, max_queue: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue = max_queue
+        self._clock = clock
+        self._queue: deque[Job] = deque()
+        self._arrival = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed_reason: str | None = None
+        self._items_per_second: float | None = None
+        self.in_flight = 0
+        self.dropped: Counter[str] = Counter()
+        self.batches = 0
+        self.items = 0
+
+    # --- the door -----------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def close(self, reason: str) -> None:
+        """Refuse new jobs with 503 `reason` (draining, no worker); queued jobs stay."""
+        self._closed_reason = reason
+
+    def open(self) -> None:
+        self._closed_reason = None
+
+    def submit(self, inputs: list[Any], parameters: dict[str, Any], parameters_key: str,
+               request_id: str, deadline: float) -> list[Job]:
+        """Queue one job per input, all or none; raise Unavailable/Overloaded without waiting."""
+        if self._closed_reason is not None:
+            raise errors.Unavailable(self._closed_reason, retry_after=self.retry_after())
+        if len(self._queue) + len(inputs) > self.max_queue:
+            raise errors.Overloaded(retry_after=self.retry_after())
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        jobs = [Job(item, parameters, parameters_key, request_id, now, deadline, loop.create_future())
+                for item in inputs]
+        self._queue.extend(jobs)
+        self._idle.clear()
+        self._arrival.set()
+        return jobs
+
+    def retry_after(self) -> int:
+        """Seconds for the current backlog to drain at the measured rate, clamped to 1..60."""
+        if not self._items_per_second:
+            return RETRY_AFTER_MIN_S
+        seconds = (len(self._queue) + self.in_flight) / self._items_per_second
+        return int(min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, math.ceil(seconds))))
+
+    # --- batch formation ----------------------------------------------------------------------
+
+    async def next_batch(self, limit: int | None = None) -> list[Job]:
+        """Wait for and return the next batch (1..limit live jobs with identical parameters)."""
+        limit = min(limit or self.max_batch_size, self.max_batch_size)
+        while True:
+            self._drop_dead_head()
+            if not self._queue:
+                self._arrival.clear()
+                await self._arrival.wait()
+                continue
+            first = self._queue[0]
+            remaining = first.enqueued_at + self.max_batch_delay_s - self._clock()
+            if remaining > 0 and self._count_matching(first.parameters_key, limit) < limit:
+                self._arrival.clear()
+                try:
+                    await asyncio.wait_for(self._arrival.wait(), remaining)
+                except TimeoutError:
+                    pass
+                continue
+            return self._take(first.parameters_key, limit)
+
+    def _is_dead(self, job: Job, now: float) -> bool:
+        if job.future.done():
+            self.dropped[DROP_CANCELLED] += 1
+            return True
+        if now >= job.deadline:
+            self.dropped[DROP_EXPIRED] += 1
+            resolve(job, error=errors.RequestTimeout("request timed out while queued"))
+            return True
+        return False
+
+    def _drop_dead_head(self) -> None:
+        now = self._clock()
+        while self._queue and self._is_dead(self._queue[0], now):
+            self._queue.popleft()
+        self._update_idle()
+
+    def _count_matching(self, key: str, limit: int) -> int:
+        count = 0
+        for job in self._queue:
+            if job.parameters_key == key:
+                count += 1
+                if count >= limit:
+                    break
+        return count
+
+    def _take(self, key: str, limit: int) -> list[Job]:
+        now = self._clock()
+        batch: list[Job] = []
+        kept: deque[Job] = deque()
+        for job in self._queue:
+            if len(batch) < limit and job.parameters_key == key:
+                if not self._is_dead(job, now):
+                    batch.append(job)
+            else:
+                kept.append(job)
+        self._queue = kept
+        self.in_flight += len(batch)
+        return batch
+
+    # --- after a batch ------------------------------------------------------------------------
+
+    def finished(self, batch: list[Job], compute_seconds: float | None) -> None:
+        """A batch handed out by next_batch is over; `compute_seconds` None if it never ran."""
+        self.in_flight -= len(batch)
+        if compute_seconds is not None and batch:
+            self.batches += 1
+            self.items += len(batch)
+            rate = len(batch) / max(compute_seconds, 1e-6)
+            previous = self._items_per_second
+            self._items_per_second = rate if previous is None else (
+                _RATE_SMOOTHING * rate + (1 - _RATE_SMOOTHING) * previous)
+        self._update_idle()
+
+    def requeue(self, batch: Iterable[Job]) -> None:
+        """Put jobs of a batch that never ran back at the head of the queue, in order."""
+        jobs = list(batch)
+        self.in_flight -= len(jobs)
+        self._queue.extendleft(reversed(jobs))
+        self._arrival.set()
+        self._update_idle()
+
+    def fail_queued(self, error_factory: Callable[[], BaseException]) -> int:
+        """Answer every queued job with an error (no worker can take them); return how many."""
+        failed = 0
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                failed += 1
+            resolve(job, error=error_factory())
+        self._update_idle()
+        return failed
+
+    def _update_idle(self) -> None:
+        if not self._queue and self.in_flight == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is queued or running."""
+        await self._idle.wait()

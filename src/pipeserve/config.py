@@ -1,0 +1,265 @@
+"""The server's settings: one frozen dataclass, each field declared once.
+
+Every field carries its default, its parser (which validates) and its help text; the command-line
+flags (`--max-batch-size`) and environment variables (`PIPESERVE_MAX_BATCH_SIZE`) are generated
+from these declarations, so a setting cannot be documented in one place and forgotten in another.
+Precedence: flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+ENV_PREFIX = "PIPESERVE_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+# --- parsers: str -> value, raising ValueError with a message a user can act on ----------------
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise ValueError("must be an integer >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise ValueError("must be an integer >= 0")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise ValueError(f"must be an integer, not {text!r}") from None
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0-65535 (0 = any free port)")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, not {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return lowered
+
+    return parse
+
+
+def _device(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", lowered):
+        return lowered
+    raise ValueError(f"must be auto, cpu, cuda or cuda:N; got {text!r}")
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1048576' -> bytes (binary units; an optional trailing 'B' or 'iB')."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not match:
+        raise ValueError(f"must be a size such as 512M or 4G, not {text!r}")
+    number, unit = match.groups()
+    value = int(float(number) * _SIZE_UNITS[unit])
+    if value < 1:
+        raise ValueError("must be a size > 0")
+    return value
+
+
+def _optional_size(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "0", "none", "off") else parse_size(text)
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _optional_text(text: str) -> str | None:
+    return text or None
+
+
+def _pipeline_ref(text: str) -> str | None:
+    if not text:
+        return None
+    if not re.fullmatch(r"[\w.]+:[\w.]+", text):
+        raise ValueError(f"must be module:function, e.g. mypkg.pipes:make; got {text!r}")
+    return text
+
+
+# --- declarations ---------------------------------------------------------------------------------
+
+
+def setting(default: Any, parse: Callable[[str], Any], help: str, metavar: str | None = None) -> Any:
+    """Declare one setting: its default, parser and help text (the flag and variable follow)."""
+    return field(default=default, metadata={"parse": parse, "help": help, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server can be told. Immutable once parsed."""
+
+    model: str | None = setting(
+        None, _optional_text,
+        "Hub id or local path of the model (default: the embedded all-MiniLM-L6-v2).", "ID_OR_PATH")
+    task: str | None = setting(
+        None, _optional_text,
+        "Pipeline task, e.g. fill-mask (default: what transformers infers from the model).", "TASK")
+    pipeline: str | None = setting(
+        None, _pipeline_ref,
+        "Custom pipeline factory module:function, called once in the model process; it returns a "
+        "callable taking (inputs: list, **parameters) and returning one output per input.",
+        "MODULE:FUNC")
+    host: str = setting("127.0.0.1", _text, "Address to bind (default 127.0.0.1).", "ADDR")
+    port: int = setting(8000, _port, "TCP port to bind (default 8000; 0 picks a free port).", "PORT")
+    device: str = setting(
+        "auto", _device, "auto|cpu|cuda|cuda:N; auto = CUDA when available (default auto).", "DEV")
+    dtype: str = setting(
+        "auto", _choice(*DTYPES),
+        "auto|float32|float16|bfloat16; auto = the model's own dtype on GPU, float32 on CPU.", "DTYPE")
+    max_batch_size: int = setting(
+        32, _positive_int, "Most items in one pipeline call (default 32).", "N")
+    max_batch_delay_ms: float = setting(
+        0.0, _non_negative_float,
+        "Longest a batch waits for more items, counted from its first item's arrival "
+        "(default 0: take only what is already queued; see README).", "MS")
+    max_queue: int = setting(
+        128, _positive_int,
+        "Most items waiting for the model; beyond it requests get 503 at once (default 128).", "N")
+    request_timeout: float = setting(
+        30.0, _positive_float,
+        "Seconds a request may take before it gets 504 (default 30; a request's "
+        "X-Request-Timeout header may only shorten it).", "S")
+    batch_timeout: float = setting(
+        120.0, _positive_float,
+        "Seconds one pipeline batch may run before its worker is killed and restarted and its "
+        "requests get 504 (default 120).", "S")
+    drain_timeout: float = setting(
+        30.0, _non_negative_float,
+        "On SIGTERM/SIGINT, seconds to let queued and running jobs finish (default 30).", "S")
+    max_restarts: int = setting(
+        5, _non_negative_int,
+        "Worker deaths tolerated within --restart-window before the server gives up and exits 1 "
+        "(default 5).", "N")
+    restart_window: float = setting(
+        60.0, _positive_float, "Window in seconds for --max-restarts (default 60).", "S")
+    max_worker_memory: int | None = setting(
+        None, _optional_size,
+        "Restart a worker cleanly, between batches, once its RSS exceeds this (e.g. 4G; "
+        "default: no limit).", "SIZE")
+    max_body_bytes: int = setting(
+        1024 * 1024, parse_size, "Largest request body; larger gets 413 (default 1M).", "SIZE")
+    max_items: int = setting(
+        64, _positive_int, "Most inputs in one request; more gets 413 (default 64).", "N")
+    workers: int = setting(1, _positive_int, "Model processes behind the front (default 1).", "N")
+    threads: int = setting(
+        0, _non_negative_int, "Torch threads per model process (default 0 = cores / workers).", "N")
+    log_level: str = setting(
+        "info", _choice(*LOG_LEVELS), "debug|info|warning|error (default info).", "LEVEL")
+
+    def torch_threads(self) -> int:
+        """Threads each worker gives torch: the flag, or the cores shared out between workers."""
+        if self.threads:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"pipeserve: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m pipeserve",
+        description="Serve a transformers pipeline over HTTP from a separate, batching model "
+        f"process. Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG> "
+        "(e.g. PIPESERVE_MAX_BATCH_SIZE=16); a flag wins over the variable.",
+    )
+    for f in dataclasses.fields(Config):
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            type=_for_argparse(f.metadata["parse"]),
+            default=argparse.SUPPRESS,
+            metavar=f.metadata["metavar"],
+            help=f"{f.metadata['help']} [env {env_name(f.name)}]",
+        )
+    return parser
+
+
+def _for_argparse(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            # argparse turns ArgumentTypeError into "argument --flag: <message>".
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+class ConfigError(ValueError):
+    """A setting from the environment that does not parse."""
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Parse flags, then PIPESERVE_* variables, then defaults; exit 2 on a usage error."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    namespace = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if f.name in namespace:
+            values[f.name] = namespace[f.name]
+        elif env_name(f.name) in environ:
+            try:
+                values[f.name] = f.metadata["parse"](environ[env_name(f.name)])
+            except ValueError as exc:
+                parser.error(f"{env_name(f.name)}: {exc}")
+    return Config(**values)

@@ -1,0 +1,217 @@
+"""The aiohttp front: parse and validate (4xx before the model is touched), submit, answer JSON.
+
+Routes: `POST /` (predict), `GET /health` (the front is alive), `GET /ready` (the model is loaded
+and serving), `GET /info` (model, settings, versions, counters). One middleware gives every
+response an `X-Request-Id` and turns every error into `{"error": ...}` JSON; unexpected
+exceptions become a generic 500 whose detail goes to the log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from pipeserve import errors, outputs
+from pipeserve.batcher import Job
+from pipeserve.runtime import Runtime
+
+log = logging.getLogger("pipeserve.http")
+
+RUNTIME = web.AppKey("runtime", Runtime)
+REQUEST_ID_HEADER = "X-Request-Id"
+TIMEOUT_HEADER = "X-Request-Timeout"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Pipeline keywords the server sets itself; a client may not override them.
+RESERVED_PARAMETERS = frozenset({"batch_size", "num_workers"})
+# Top-level JSON fields: the Hugging Face Inference API's; `options` is accepted and ignored.
+_JSON_FIELDS = frozenset({"inputs", "parameters", "options"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=outputs.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+@web.middleware
+async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every response an X-Request-Id; turn every error into JSON without internals."""
+    client_id = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
+    request["request_id"] = request_id
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except errors.PipeserveError as exc:
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        log.log(level, "request %s: %d %s", request_id, exc.status, exc.message)
+        response = json_response(exc.body(), exc.status, exc.headers())
+    except web.HTTPException as exc:  # routing (404, 405) and aiohttp's own body limit (413)
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
+        response = json_response({"error": message}, exc.status, headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request %s: unexpected error", request_id)
+        response = json_response({"error": "internal server error"}, 500)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+_HTTP_MESSAGES = {
+    404: "not found",
+    405: "method not allowed",
+    413: "request body too large",
+}
+
+
+# --- handlers -------------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    reason = request.app[RUNTIME].unavailable_reason()
+    if reason is None:
+        return json_response({"status": "ready"})
+    return json_response({"status": "unavailable", "reason": reason}, 503)
+
+
+async def info(request: web.Request) -> web.Response:
+    return json_response(request.app[RUNTIME].info())
+
+
+async def predict(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    config = runtime.config
+    timeout = _request_timeout(request, config.request_timeout)
+    deadline = time.monotonic() + timeout
+    # request.read() raises 413 past client_max_size (--max-body-bytes).
+    inputs, parameters, single = _parse_body(await request.read(), request.content_type,
+                                             config.max_items)
+    parameters_key = check_parameters(parameters, runtime.accepted_parameters())
+    runtime.check_available()
+    jobs = runtime.batcher.submit(inputs, parameters, parameters_key, request["request_id"], deadline)
+    results = await _results(jobs, timeout, single)
+    return json_response(results[0] if single else results)
+
+
+def _request_timeout(request: web.Request, server_timeout: float) -> float:
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is None:
+        return server_timeout
+    try:
+        value = float(header)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise errors.BadRequest(f"{TIMEOUT_HEADER} must be a number of seconds > 0")
+    return min(value, server_timeout)
+
+
+def _parse_body(body: bytes, content_type: str, max_items: int) -> tuple[list[Any], dict[str, Any], bool]:
+    """(inputs, parameters, single) from a raw text body or a JSON {"inputs", "parameters"}."""
+    if not body:
+        raise errors.BadRequest("empty body: send the text to run, or JSON {\"inputs\": ...}")
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return _parse_json(body, max_items)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.BadRequest(f"body is not valid UTF-8 (byte {exc.start})") from None
+    return [text], {}, True
+
+
+def _parse_json(body: bytes, max_items: int) -> tuple[list[Any], dict[str, Any], bool]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.BadRequest(f"invalid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise errors.BadRequest('JSON body must be an object: {"inputs": ..., "parameters": {...}}')
+    unknown = sorted(set(document) - _JSON_FIELDS)
+    if unknown:
+        raise errors.BadRequest(f"unknown field {unknown[0]!r}; expected inputs, parameters")
+    if "inputs" not in document:
+        raise errors.BadRequest('missing "inputs"')
+    inputs = document["inputs"]
+    single = not isinstance(inputs, list)
+    items = [inputs] if single else inputs
+    if not items:
+        raise errors.BadRequest('"inputs" is an empty list')
+    if len(items) > max_items:
+        raise errors.PayloadTooLarge(f"{len(items)} inputs; at most {max_items} per request")
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            where = '"inputs"' if single else f'"inputs"[{index}]'
+            raise errors.BadRequest(f"{where} must be a string, not {_json_type(item)}")
+    parameters = document.get("parameters")
+    if parameters is None:
+        parameters = {}
+    if not isinstance(parameters, dict):
+        raise errors.BadRequest(f'"parameters" must be an object, not {_json_type(parameters)}')
+    return items, parameters, single
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def check_parameters(parameters: dict[str, Any], accepted: tuple[str, ...] | None) -> str:
+    """Reject parameters the pipeline cannot take; return the key that groups batches."""
+    for name in parameters:
+        if name in RESERVED_PARAMETERS:
+            raise errors.BadRequest(f"parameter {name!r} is set by the server")
+        if accepted is not None and name not in accepted:
+            hint = f"; accepted: {', '.join(accepted)}" if accepted else "; this pipeline takes none"
+            raise errors.BadRequest(f"unknown parameter {name!r}{hint}")
+    return orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS).decode()
+
+
+async def _results(jobs: list[Job], timeout: float, single: bool) -> list[Any]:
+    """Wait for every job; the first failed input's error becomes the response."""
+    futures = [job.future for job in jobs]
+    try:
+        _, pending = await asyncio.wait(futures, timeout=timeout)
+    finally:
+        # Timed out, or this handler was cancelled because the client went away: cancelled
+        # jobs are dropped by the batcher and never computed.
+        for future in futures:
+            if not future.done():
+                future.cancel()
+    if pending:
+        raise errors.RequestTimeout()
+    values = []
+    for index, future in enumerate(futures):
+        error = future.exception()
+        if error is not None:
+            if isinstance(error, errors.PipeserveError) and not single:
+                raise error.at_index(index)
+            raise error
+        values.append(future.result())
+    return values
+
+
+def create_app(runtime: Runtime) -> web.Application:
+    app = web.Application(middlewares=[request_id_and_errors],
+                          client_max_size=runtime.config.max_body_bytes)
+    app[RUNTIME] = runtime
+    app.router.add_post("/", predict)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/info", info)
+    return app

@@ -1,0 +1,236 @@
+"""The model process: the only place that imports torch and transformers.
+
+It loads the pipeline once, runs one warm-up inference that fits the task, sends `Ready`, then
+executes the batches the front has formed, one at a time: one pipeline call per batch, one
+outcome per input. A batch that raises is bisected so only the inputs that fail on their own get
+an error; an out-of-memory batch is halved and the largest size that ran is reported back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from pipeserve import errors, ipc, tasks
+
+log = logging.getLogger("pipeserve.worker")
+
+# Exit codes the supervisor interprets (errors.EXIT_* are the front's own).
+EXIT_SHUTDOWN = 0
+EXIT_LOAD_FAILED = 3
+EXIT_MEMORY_LIMIT = 75  # EX_TEMPFAIL: grew past --max-worker-memory; restart without backoff
+EXIT_PIPE_CLOSED = 76  # the front went away
+
+_PR_SET_PDEATHSIG = 1
+
+def main(conn: Any, spec: ipc.WorkerSpec) -> None:
+    """Entry point of the spawned process; `conn` is a multiprocess Connection."""
+    _configure_logging(spec)
+    _die_with_parent()
+    _volunteer_for_oom_killer()
+    try:
+        call = _load(spec)
+    except BaseException as exc:  # noqa: BLE001 - anything here means "cannot serve"
+        reason = f"cannot load model {spec.model!r}: {_describe(exc)}"
+        _send(conn, ipc.Fatal(reason=reason, detail=traceback.format_exc()))
+        os._exit(EXIT_LOAD_FAILED)
+    _send(conn, call.ready)
+    os._exit(_serve(conn, call, spec))
+
+
+# --- process hygiene --------------------------------------------------------------------------
+
+
+def _configure_logging(spec: ipc.WorkerSpec) -> None:
+    logging.basicConfig(
+        level=spec.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(levelname)s worker[{spec.worker_index}] pid={os.getpid()} %(message)s",
+    )
+    # transformers' progress bars and advisory warnings are noise on a server's stderr.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us if the front dies, so no orphan keeps holding (GPU) memory."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: pipe EOF still ends the serve loop
+        return
+    if os.getppid() == 1:  # the front died before prctl took effect
+        os._exit(EXIT_PIPE_CLOSED)
+
+
+def _volunteer_for_oom_killer() -> None:
+    """Raise our oom_score_adj so the kernel's OOM killer picks the model process, not the front."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
+    except OSError:
+        log.debug("could not raise oom_score_adj")
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _send(conn: Any, message: Any) -> None:
+    conn.send_bytes(ipc.encode(message))
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _load(spec: ipc.WorkerSpec) -> tasks.BatchCall:
+    started = time.monotonic()
+    import torch  # noqa: PLC0415 - only the model process may import torch
+
+    torch.set_num_threads(spec.threads)
+    device = _resolve_device(spec.device, torch)
+    call = tasks.load_custom(spec) if spec.pipeline else tasks.load_transformers(spec, device, torch)
+    warmup = call.warmup_inputs()
+    if warmup is not None:
+        call(warmup, {})
+    # str(): torch.__version__ is a TorchVersion, and unpickling one would import torch in the front.
+    versions = {"torch": str(torch.__version__), "python": sys.version.split()[0]}
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        versions["transformers"] = str(transformers.__version__)
+    call.ready = ipc.Ready(
+        protocol_version=ipc.PROTOCOL_VERSION,
+        pid=os.getpid(),
+        model=spec.model,
+        task=call.task,
+        device=device,
+        dtype=spec.dtype,
+        load_seconds=time.monotonic() - started,
+        versions=versions,
+        accepted_parameters=call.accepted_parameters(),
+    )
+    log.info("loaded %s (%s) on %s in %.1fs", spec.model, call.task, device, call.ready.load_seconds)
+    return call
+
+
+def _resolve_device(device: str, torch: Any) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+
+def _serve(conn: Any, call: tasks.BatchCall, spec: ipc.WorkerSpec) -> int:
+    while True:
+        try:
+            message = ipc.decode(conn.recv_bytes())
+        except (EOFError, OSError):
+            log.info("pipe closed by the front; exiting")
+            return EXIT_PIPE_CLOSED
+        if isinstance(message, ipc.Shutdown):
+            log.info("shutdown requested")
+            return EXIT_SHUTDOWN
+        if not isinstance(message, ipc.Batch):
+            log.error("unexpected message %s", type(message).__name__)
+            continue
+        result = run_batch(call, message)
+        try:
+            _send(conn, result)
+        except (BrokenPipeError, OSError):
+            return EXIT_PIPE_CLOSED
+        if spec.max_worker_memory and result.rss_bytes > spec.max_worker_memory:
+            log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB; exiting for a clean restart",
+                        result.rss_bytes >> 20, spec.max_worker_memory >> 20)
+            return EXIT_MEMORY_LIMIT
+
+
+def run_batch(call: tasks.BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
+    """Run a batch; bisect on errors, halve on out-of-memory; one outcome per input."""
+    started = time.monotonic()
+    outcomes: list[ipc.Outcome | None] = [None] * len(batch.inputs)
+    calls = 0
+    oom_seen = False
+    largest_fit = 0
+
+    def attempt(indices: Sequence[int]) -> None:
+        nonlocal calls, oom_seen, largest_fit
+        calls += 1
+        try:
+            results = call([batch.inputs[i] for i in indices], batch.parameters)
+        except BaseException as exc:  # noqa: BLE001 - classified below; never kills the worker
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            out_of_memory = _is_out_of_memory(exc)
+            if out_of_memory:
+                oom_seen = True
+                _release_memory()
+            if len(indices) == 1:
+                outcomes[indices[0]] = _failure(exc, out_of_memory, batch, indices[0])
+                return
+            middle = len(indices) // 2
+            attempt(indices[:middle])
+            attempt(indices[middle:])
+            return
+        largest_fit = max(largest_fit, len(indices))
+        for index, value in zip(indices, results):
+            outcomes[index] = ipc.Ok(value)
+
+    attempt(range(len(batch.inputs)))
+    return ipc.BatchResult(
+        batch_id=batch.batch_id,
+        outcomes=[o if o is not None else ipc.Failed(errors.KIND_INTERNAL, "no result") for o in outcomes],
+        compute_seconds=time.monotonic() - started,
+        pipeline_calls=calls,
+        fits_batch_size=(largest_fit or 1) if oom_seen else None,
+        rss_bytes=rss_bytes(),
+    )
+
+
+_BAD_INPUT_TYPES = (ValueError, TypeError, KeyError, UnicodeError)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    # torch.cuda.OutOfMemoryError, without importing torch.cuda where it is unused
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+def _release_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _failure(exc: BaseException, out_of_memory: bool, batch: ipc.Batch, index: int) -> ipc.Failed:
+    request_id = batch.request_ids[index] if index < len(batch.request_ids) else "-"
+    if out_of_memory:
+        log.warning("request %s: input does not fit in memory even alone: %s", request_id, _describe(exc))
+        return ipc.Failed(errors.KIND_OUT_OF_MEMORY, "input too large for the model's memory")
+    if isinstance(exc, _BAD_INPUT_TYPES) or type(exc).__name__ == "PipelineException":
+        log.info("request %s: input rejected by the pipeline: %s", request_id, _describe(exc))
+        message = errors.public_message(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+        return ipc.Failed(errors.KIND_BAD_INPUT, message or "the pipeline rejected this input")
+    log.error("request %s: pipeline failed\n%s", request_id,
+              "".join(traceback.format_exception(exc)).rstrip())
+    return ipc.Failed(errors.KIND_INTERNAL, "inference failed")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {errors.public_message(str(exc)) or 'no detail'}"

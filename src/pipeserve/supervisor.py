@@ -1,0 +1,402 @@
+"""Owns the model processes: spawn, Ready, feed batches, notice death, restart with backoff.
+
+`WorkerProcess` is one spawned model process and the socket to it, read and written with
+asyncio streams; its death is noticed from `process.sentinel` through `loop.add_reader` (no
+polling). `Supervisor` keeps one worker slot serving: it pulls the next batch from the batcher
+whenever its worker is idle, fails exactly that batch when the worker dies, restarts it with
+exponential backoff, and gives up (telling the app to exit) on a crash loop or a load failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import multiprocess
+
+from pipeserve import errors, ipc, model_proc
+from pipeserve.batcher import Batcher, Job, resolve
+from pipeserve.config import Config
+
+log = logging.getLogger("pipeserve.supervisor")
+
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+HEALTHY_STRETCH_S = 30.0  # a worker that served this long resets the backoff
+OOM_CAP_S = 60.0  # how long batches stay capped to the size that fit after an out-of-memory
+SHUTDOWN_GRACE_S = 5.0
+_EXIT_STATUS_POLL_S = 0.005
+_EXIT_STATUS_WAIT_S = 2.0
+_batch_ids = itertools.count(1)
+
+
+class WorkerDied(Exception):
+    """The model process exited; `cause` says how ("killed by SIGKILL — out of memory?")."""
+
+    def __init__(self, cause: str, exitcode: int | None) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.exitcode = exitcode
+
+
+class LoadFailed(Exception):
+    """The model process reported it cannot load the model (a one-line reason)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class BatchTimeout(Exception):
+    """A batch ran past --batch-timeout; the worker has been killed."""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exited (status unknown)"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " — out of memory?" if -exitcode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return {
+        model_proc.EXIT_SHUTDOWN: "exited normally",
+        model_proc.EXIT_LOAD_FAILED: "failed to load the model",
+        model_proc.EXIT_MEMORY_LIMIT: "exceeded --max-worker-memory and exited for a restart",
+        model_proc.EXIT_PIPE_CLOSED: "lost its pipe to the front",
+    }.get(exitcode, f"exited with code {exitcode}")
+
+
+class WorkerProcess:
+    """One model process and the pipe to it."""
+
+    def __init__(self, spec: ipc.WorkerSpec, context: Any) -> None:
+        self.spec = spec
+        self._context = context
+        self.process: Any = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[ipc.Ready] | None = None
+        self._pending: tuple[int, asyncio.Future[ipc.BatchResult]] | None = None
+        self.exited: asyncio.Future[WorkerDied] | None = None
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    async def start(self) -> ipc.Ready:
+        """Spawn the process and wait for Ready; raises LoadFailed or WorkerDied."""
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self.exited = loop.create_future()
+        parent_end, child_end = self._context.Pipe(duplex=True)
+        self.process = self._context.Process(
+            target=model_proc.main, args=(child_end, self.spec),
+            name=f"pipeserve-worker-{self.spec.worker_index}")
+        self.process.start()
+        self.started_at = time.monotonic()
+        child_end.close()  # so that we see EOF when the child dies
+        sock = socket.socket(fileno=os.dup(parent_end.fileno()))
+        parent_end.close()
+        sock.setblocking(False)
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
+        self._reader_task = asyncio.create_task(self._read_loop(reader))
+        loop.add_reader(self.process.sentinel, self._on_sentinel)
+        log.info("worker[%d] pid=%d starting", self.spec.worker_index, self.process.pid)
+        return await self._ready
+
+    async def run(self, batch: ipc.Batch, timeout: float) -> ipc.BatchResult:
+        """Send one batch and wait for its result; raises WorkerDied or BatchTimeout."""
+        assert self._writer is not None and self.exited is not None
+        if self.exited.done():
+            raise self.exited.result()
+        future: asyncio.Future[ipc.BatchResult] = asyncio.get_running_loop().create_future()
+        self._pending = (batch.batch_id, future)
+        try:
+            await ipc.write_message(self._writer, batch)
+            return await asyncio.wait_for(future, timeout)
+        except (ConnectionError, OSError):
+            raise await asyncio.shield(self.exited) from None
+        except TimeoutError:
+            self.kill()
+            raise BatchTimeout() from None
+        finally:
+            self._pending = None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.exitcode is None:
+            try:
+                os.kill(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Ask the worker to exit; kill it if it has not within `grace` seconds."""
+        if self.exited is None or self.exited.done():
+            return
+        try:
+            if self._writer is not None:
+                await asyncio.wait_for(ipc.write_message(self._writer, ipc.Shutdown()), grace)
+            await asyncio.wait_for(asyncio.shield(self.exited), grace)
+        except (TimeoutError, ConnectionError, OSError):
+            log.warning("worker[%d] pid=%s did not exit in %.0fs; killing it",
+                        self.spec.worker_index, self.pid, grace)
+            self.kill()
+            await asyncio.shield(self.exited)
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                message = await ipc.read_message(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            except ipc.ProtocolError as exc:
+                log.error("worker[%d] sent a bad frame (%s); killing it", self.spec.worker_index, exc)
+                self.kill()
+                return
+            self._dispatch(message)
+
+    def _dispatch(self, message: Any) -> None:
+        assert self._ready is not None
+        if isinstance(message, ipc.Ready):
+            if message.protocol_version != ipc.PROTOCOL_VERSION:
+                self._ready.set_exception(LoadFailed(
+                    f"worker speaks protocol {message.protocol_version}, "
+                    f"front speaks {ipc.PROTOCOL_VERSION}", ""))
+            elif not self._ready.done():
+                self._ready.set_result(message)
+        elif isinstance(message, ipc.Fatal):
+            if not self._ready.done():
+                self._ready.set_exception(LoadFailed(message.reason, message.detail))
+        elif isinstance(message, ipc.BatchResult):
+            if self._pending and self._pending[0] == message.batch_id and not self._pending[1].done():
+                self._pending[1].set_result(message)
+            else:
+                log.warning("worker[%d] answered unknown batch %d", self.spec.worker_index, message.batch_id)
+
+    def _on_sentinel(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.process.sentinel)
+        asyncio.ensure_future(self._finish_exit())
+
+    async def _finish_exit(self) -> None:
+        # Read what the child wrote before it died (a result sent just before a planned exit)
+        # before failing anything; the socket reaches EOF right after the sentinel fires.
+        assert self._reader_task is not None and self.exited is not None
+        await asyncio.wait({self._reader_task}, timeout=1.0)
+        exitcode = self.process.exitcode
+        deadline = time.monotonic() + _EXIT_STATUS_WAIT_S
+        while exitcode is None and time.monotonic() < deadline:
+            await asyncio.sleep(_EXIT_STATUS_POLL_S)  # the sentinel fires just before the reap
+            exitcode = self.process.exitcode
+        died = WorkerDied(describe_exit(exitcode), exitcode)
+        if self._writer is not None:
+            self._writer.close()
+        self._reader_task.cancel()
+        for future in (self._ready, self._pending[1] if self._pending else None):
+            if future is not None and not future.done():
+                future.set_exception(died)
+        self.exited.set_result(died)
+
+
+class Backoff:
+    """Exponential restart delay: 0.5 s doubling to 30 s; reset after a healthy stretch."""
+
+    def __init__(self, initial: float = BACKOFF_INITIAL_S, maximum: float = BACKOFF_MAX_S) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._next = initial
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self.maximum, self._next * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+class Supervisor:
+    """Keeps one worker slot serving batches from the shared batcher."""
+
+    def __init__(self, index: int, config: Config, model: str, batcher: Batcher,
+                 on_fatal: Callable[[int, str], None], others_serving: Callable[[], bool]) -> None:
+        self.index = index
+        self.config = config
+        self.batcher = batcher
+        self.spec = ipc.WorkerSpec(
+            model=model, task=config.task, pipeline=config.pipeline, device=config.device,
+            dtype=config.dtype, threads=config.torch_threads(),
+            max_worker_memory=config.max_worker_memory, log_level=config.log_level,
+            worker_index=index)
+        self._context = multiprocess.get_context("spawn")
+        self._on_fatal = on_fatal
+        self._others_serving = others_serving
+        self.state = "loading"
+        self.worker: WorkerProcess | None = None
+        self.ready: ipc.Ready | None = None
+        self.restarts = 0
+        self.pipeline_calls = 0
+        self.last_exit: str | None = None
+        self._deaths: deque[float] = deque()
+        self._backoff = Backoff()
+        self._oom_cap: tuple[int, float] | None = None  # (size, until)
+        self._stopping = False
+        self.restart_at: float | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.state == "ready"
+
+    async def run(self) -> None:
+        """The slot's whole life: start, serve, and restart until stopped or given up."""
+        first = True
+        while not self._stopping:
+            self.state = "loading" if first else "restarting"
+            worker = WorkerProcess(self.spec, self._context)
+            self.worker = worker
+            try:
+                self.ready = await worker.start()
+            except LoadFailed as exc:
+                worker.kill()
+                log.debug("load failure detail:\n%s", exc.detail)
+                self._give_up(errors.EXIT_LOAD_FAILED, exc.reason)
+                return
+            except WorkerDied as exc:
+                if first:
+                    self._give_up(errors.EXIT_LOAD_FAILED,
+                                  f"cannot load model {self.spec.model!r}: worker {exc.cause} while loading")
+                    return
+                died = exc
+            else:
+                first = False
+                self.state = "ready"
+                log.info("worker[%d] pid=%d ready in %.1fs", self.index, worker.pid,
+                         self.ready.load_seconds)
+                died = await self._serve(worker)
+            if self._stopping:
+                return
+            if not await self._after_death(worker, died):
+                return
+
+    async def _after_death(self, worker: WorkerProcess, died: WorkerDied) -> bool:
+        """Log, fail what cannot be served, wait out the backoff; False when giving up."""
+        self.state = "restarting"
+        self.last_exit = died.cause
+        log.warning("worker[%d] pid=%s died: %s", self.index, worker.pid, died.cause)
+        if not self._others_serving():
+            failed = self.batcher.fail_queued(
+                lambda: errors.WorkerCrashed("the model process is restarting", retry_after=self.retry_after()))
+            if failed:
+                log.warning("answered %d queued jobs with 503 while the worker restarts", failed)
+        planned = died.exitcode == model_proc.EXIT_MEMORY_LIMIT
+        now = time.monotonic()
+        if not planned:
+            self._deaths.append(now)
+            while self._deaths and now - self._deaths[0] > self.config.restart_window:
+                self._deaths.popleft()
+            if len(self._deaths) > self.config.max_restarts:
+                self._give_up(errors.EXIT_CRASH_LOOP,
+                              f"worker died {len(self._deaths)} times within "
+                              f"{self.config.restart_window:g}s (--max-restarts "
+                              f"{self.config.max_restarts}); giving up")
+                return False
+            if now - worker.started_at >= HEALTHY_STRETCH_S:
+                self._backoff.reset()
+        delay = 0.0 if planned else self._backoff.next_delay()
+        self.restarts += 1
+        self.restart_at = now + delay
+        log.info("worker[%d] restart #%d in %.1fs", self.index, self.restarts, delay)
+        await asyncio.sleep(delay)
+        self.restart_at = None
+        return True
+
+    def retry_after(self) -> int:
+        wait = (self.restart_at or time.monotonic()) - time.monotonic()
+        load = self.ready.load_seconds if self.ready else 1.0
+        return max(1, int(wait + load + 0.999))
+
+    def _give_up(self, exit_code: int, reason: str) -> None:
+        self.state = "failed"
+        self._on_fatal(exit_code, reason)
+
+    async def _serve(self, worker: WorkerProcess) -> WorkerDied:
+        """Feed batches to the worker until it dies; return how it died."""
+        assert worker.exited is not None
+        while True:
+            next_batch = asyncio.ensure_future(self.batcher.next_batch(self._batch_limit()))
+            try:
+                await asyncio.wait({next_batch, worker.exited}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not next_batch.done():
+                    next_batch.cancel()
+                    await asyncio.wait({next_batch})
+                if worker.exited.done() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    if next_batch.done() and not next_batch.cancelled():
+                        self.batcher.requeue(next_batch.result())  # formed but never sent
+            if worker.exited.done():
+                return worker.exited.result()
+            died = await self._run_batch(worker, next_batch.result())
+            if died is not None:
+                return died
+
+    def _batch_limit(self) -> int:
+        if self._oom_cap is not None:
+            size, until = self._oom_cap
+            if time.monotonic() < until:
+                return size
+            self._oom_cap = None
+        return self.config.max_batch_size
+
+    async def _run_batch(self, worker: WorkerProcess, jobs: list[Job]) -> WorkerDied | None:
+        batch = ipc.Batch(batch_id=next(_batch_ids), inputs=[job.input for job in jobs],
+                          parameters=jobs[0].parameters,
+                          request_ids=[job.request_id for job in jobs])
+        try:
+            result = await worker.run(batch, self.config.batch_timeout)
+        except asyncio.CancelledError:  # the server stops before this batch finished
+            self._fail(jobs, lambda: errors.Unavailable("the server is shutting down"))
+            raise
+        except WorkerDied as died:
+            self._fail(jobs, lambda: errors.WorkerCrashed(retry_after=self.retry_after()))
+            return died
+        except BatchTimeout:
+            log.error("worker[%d] pid=%s: batch of %d ran past --batch-timeout %gs; killed it",
+                      self.index, worker.pid, len(jobs), self.config.batch_timeout)
+            self._fail(jobs, errors.BatchTimedOut)
+            return await asyncio.shield(worker.exited)  # type: ignore[arg-type]
+        self.pipeline_calls += result.pipeline_calls
+        for job, outcome in zip(jobs, result.outcomes):
+            if isinstance(outcome, ipc.Ok):
+                resolve(job, outcome.value)
+            else:
+                resolve(job, error=errors.error_for_kind(outcome.kind, outcome.message))
+        self.batcher.finished(jobs, result.compute_seconds)
+        if result.fits_batch_size is not None:
+            self._oom_cap = (result.fits_batch_size, time.monotonic() + OOM_CAP_S)
+            log.warning("worker[%d]: out of memory at batch size %d; capping batches to %d for %.0fs",
+                        self.index, len(jobs), result.fits_batch_size, OOM_CAP_S)
+        return None
+
+    def _fail(self, jobs: list[Job], error_factory: Callable[[], BaseException]) -> None:
+        for job in jobs:
+            resolve(job, error=error_factory())
+        self.batcher.finished(jobs, None)
+
+    async def stop(self) -> None:
+        """Stop restarting and shut the current worker down (after the batcher has drained)."""
+        self._stopping = True
+        self.state = "stopped"
+        if self.worker is not None:
+            await self.worker.stop()

