@@ -11,6 +11,7 @@ way a real model process can:
     "SEGV"        the process kills itself with SIGSEGV
     "EXIT"        the process calls os._exit(7)
     "ALLOC:<mb>"  the process allocates and keeps <mb> MiB
+    "OOM"         the call raises MemoryError whenever this input is in the batch
 
 Environment: TEST_LOAD_DELAY_S=s makes loading take that long; TEST_OOM_ABOVE=N raises MemoryError for any call of more than N inputs;
 TEST_SEEN_FILE=path appends every input the pipeline sees to that file.
@@ -58,6 +59,8 @@ class EchoPipeline:
                 time.sleep(3600)
         elif text.startswith("POISON"):
             raise ValueError(f"poison input {text!r}")
+        elif text == "OOM":
+            raise MemoryError("cannot allocate")
         elif text == "RAISE":
             raise RuntimeError("failed reading /home/secret/models/weights.bin at offset 42")
         elif text == "SEGV":

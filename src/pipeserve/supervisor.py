@@ -127,11 +127,11 @@ class WorkerProcess:
         try:
             await ipc.write_message(self._writer, batch)
             return await asyncio.wait_for(future, timeout)
-        except (ConnectionError, OSError):
-            raise await asyncio.shield(self.exited) from None
-        except TimeoutError:
+        except TimeoutError:  # before OSError, of which it is a subclass
             self.kill()
             raise BatchTimeout() from None
+        except (ConnectionError, OSError):
+            raise await asyncio.shield(self.exited) from None
         finally:
             self._pending = None
 
@@ -372,6 +372,7 @@ class Supervisor:
             self._fail(jobs, lambda: errors.WorkerCrashed(retry_after=self.retry_after()))
             return died
         except BatchTimeout:
+            self.state = "restarting"  # killed; not serving while its exit is collected
             log.error("worker[%d] pid=%s: batch of %d ran past --batch-timeout %gs; killed it",
                       self.index, worker.pid, len(jobs), self.config.batch_timeout)
             self._fail(jobs, errors.BatchTimedOut)
