@@ -1,0 +1,153 @@
+"""Batch formation and admission, in-process: pure asyncio, no processes, a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipeserve import errors
+from pipeserve.batcher import DROP_CANCELLED, DROP_EXPIRED, Batcher, resolve
+
+FAR = 1e9  # a deadline that never passes
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _submit(batcher: Batcher, items: list[str], key: str = "{}", deadline: float = FAR) -> list:
+    return batcher.submit(items, {}, key, "req", deadline)
+
+
+async def test_takes_what_is_queued_up_to_the_size_limit() -> None:
+    batcher = Batcher(max_batch_size=4, max_batch_delay_s=0, max_queue=100)
+    _submit(batcher, [f"i{n}" for n in range(6)])
+    first = await batcher.next_batch()
+    second = await batcher.next_batch()
+    assert [job.input for job in first] == ["i0", "i1", "i2", "i3"]
+    assert [job.input for job in second] == ["i4", "i5"]
+    assert batcher.in_flight == 6
+
+
+async def test_waits_for_the_delay_counted_from_the_first_item() -> None:
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=0.2, max_queue=100)
+    _submit(batcher, ["a"])
+    task = asyncio.ensure_future(batcher.next_batch())
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    _submit(batcher, ["b", "c"])
+    batch = await asyncio.wait_for(task, 1)
+    assert [job.input for job in batch] == ["a", "b", "c"]
+
+
+async def test_a_full_batch_does_not_wait_for_the_delay() -> None:
+    batcher = Batcher(max_batch_size=2, max_batch_delay_s=10, max_queue=100)
+    _submit(batcher, ["a", "b"])
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert len(batch) == 2
+
+
+async def test_an_old_first_item_closes_the_batch_at_once() -> None:
+    clock = Clock()
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=0.5, max_queue=100, clock=clock)
+    _submit(batcher, ["a"])
+    clock.now += 1.0  # it waited a whole batch's compute already
+    batch = await asyncio.wait_for(batcher.next_batch(), 0.1)
+    assert [job.input for job in batch] == ["a"]
+
+
+async def test_only_jobs_with_the_first_jobs_parameters_share_a_batch() -> None:
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=0, max_queue=100)
+    _submit(batcher, ["a"], key="A")
+    _submit(batcher, ["b"], key="B")
+    _submit(batcher, ["c"], key="A")
+    first = await batcher.next_batch()
+    second = await batcher.next_batch()
+    assert [job.input for job in first] == ["a", "c"]
+    assert [job.input for job in second] == ["b"]
+
+
+async def test_cancelled_and_expired_jobs_are_dropped_and_counted() -> None:
+    clock = Clock()
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=0, max_queue=100, clock=clock)
+    gone, = _submit(batcher, ["client went away"])
+    late, = _submit(batcher, ["deadline passed"], deadline=clock.now + 1)
+    _submit(batcher, ["live"])
+    gone.future.cancel()
+    clock.now += 2
+    batch = await batcher.next_batch()
+    assert [job.input for job in batch] == ["live"]
+    assert batcher.dropped == {DROP_CANCELLED: 1, DROP_EXPIRED: 1}
+    assert isinstance(late.future.exception(), errors.RequestTimeout)
+
+
+async def test_admission_is_all_or_nothing_and_immediate() -> None:
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=0, max_queue=4)
+    _submit(batcher, ["a", "b", "c"])
+    with pytest.raises(errors.Overloaded) as refused:
+        _submit(batcher, ["d", "e"])
+    assert refused.value.status == 503 and refused.value.retry_after >= 1
+    assert batcher.depth == 3
+    _submit(batcher, ["d"])
+    assert batcher.depth == 4
+
+
+async def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
+    batcher = Batcher(max_batch_size=10, max_batch_delay_s=0, max_queue=1000)
+    assert batcher.retry_after() == 1  # nothing measured yet
+    _submit(batcher, ["x"] * 10)
+    batch = await batcher.next_batch()
+    batcher.finished(batch, compute_seconds=1.0)  # 10 items/s
+    _submit(batcher, ["y"] * 95)
+    assert batcher.retry_after() == 10  # 95 queued at 10/s
+    _submit(batcher, ["z"] * 900)
+    assert batcher.retry_after() == 60  # clamped
+
+
+async def test_closed_door_refuses_with_the_reason() -> None:
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=0, max_queue=10)
+    batcher.close("the server is shutting down")
+    with pytest.raises(errors.Unavailable, match="shutting down"):
+        _submit(batcher, ["a"])
+
+
+async def test_requeue_puts_jobs_back_first_in_order() -> None:
+    batcher = Batcher(max_batch_size=2, max_batch_delay_s=0, max_queue=10)
+    _submit(batcher, ["a", "b", "c"])
+    batch = await batcher.next_batch()
+    batcher.requeue(batch)
+    assert batcher.in_flight == 0
+    again = await batcher.next_batch()
+    assert [job.input for job in again] == ["a", "b"]
+
+
+async def test_fail_queued_answers_everyone_and_idle_follows() -> None:
+    batcher = Batcher(max_batch_size=2, max_batch_delay_s=0, max_queue=10)
+    jobs = _submit(batcher, ["a", "b"])
+    assert batcher.fail_queued(lambda: errors.WorkerCrashed()) == 2
+    assert all(isinstance(job.future.exception(), errors.WorkerCrashed) for job in jobs)
+    await asyncio.wait_for(batcher.wait_idle(), 1)
+
+
+async def test_resolve_ignores_settled_futures() -> None:
+    batcher = Batcher(max_batch_size=2, max_batch_delay_s=0, max_queue=10)
+    job, = _submit(batcher, ["a"])
+    job.future.cancel()
+    resolve(job, "late result")  # must not raise InvalidStateError
+    assert job.future.cancelled()
+
+
+async def test_a_cancelled_next_batch_loses_no_job() -> None:
+    batcher = Batcher(max_batch_size=4, max_batch_delay_s=5, max_queue=10)
+    _submit(batcher, ["a"])
+    waiting = asyncio.ensure_future(batcher.next_batch())
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert batcher.depth == 1 and batcher.in_flight == 0

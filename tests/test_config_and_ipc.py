@@ -1,0 +1,109 @@
+"""Settings parsing and the pipe protocol, in-process, plus the CLI's usage errors for real."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import multiprocess
+import numpy as np
+import pytest
+
+from pipeserve import errors, ipc
+from pipeserve.config import Config, build_parser, env_name, flag_name, load_config, parse_size
+
+
+def test_defaults() -> None:
+    config = load_config([], environ={})
+    assert config == Config()
+    assert (config.host, config.port, config.max_batch_size) == ("127.0.0.1", 8000, 32)
+
+
+def test_flag_wins_over_environment_which_wins_over_default() -> None:
+    environ = {"PIPESERVE_MAX_BATCH_SIZE": "16", "PIPESERVE_PORT": "9000"}
+    config = load_config(["--max-batch-size", "8"], environ=environ)
+    assert config.max_batch_size == 8 and config.port == 9000
+
+
+def test_every_setting_has_a_flag_a_variable_and_help() -> None:
+    help_text = build_parser().format_help()
+    for field in dataclasses.fields(Config):
+        assert flag_name(field.name) in help_text
+        assert env_name(field.name) in help_text
+
+
+@pytest.mark.parametrize("text, expected", [("4G", 4 << 30), ("512M", 512 << 20), ("1k", 1024),
+                                            ("100", 100), ("1.5GiB", 3 << 29)])
+def test_sizes(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("argv, env, fragment", [
+    (["--port", "abc"], {}, "--port: must be an integer"),
+    (["--max-batch-size", "0"], {}, "must be an integer >= 1"),
+    (["--device", "tpu"], {}, "must be auto, cpu, cuda or cuda:N"),
+    (["--dtype", "int4"], {}, "must be one of"),
+    (["--max-worker-memory", "lots"], {}, "must be a size"),
+    (["--pipeline", "nocolon"], {}, "module:function"),
+    ([], {"PIPESERVE_REQUEST_TIMEOUT": "-1"}, "PIPESERVE_REQUEST_TIMEOUT: must be a finite number"),
+    (["--no-such-flag"], {}, "unrecognized arguments"),
+])
+def test_invalid_values_are_one_line_and_exit_2(argv: list[str], env: dict[str, str], fragment: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeserve", *argv], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pipeserve: error:") and fragment in lines[0]
+
+
+def test_help_explains_each_flag() -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeserve", "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    assert "--max-batch-delay-ms" in result.stdout and "PIPESERVE_<FLAG>" in result.stdout
+
+
+def test_public_message_strips_paths_and_tracebacks() -> None:
+    text = "cannot open /srv/models/x/weights.bin\nTraceback (most recent call last): ..."
+    assert errors.public_message(text) == "cannot open <path>"
+
+
+# --- the pipe protocol ---------------------------------------------------------------------------
+
+
+async def test_asyncio_side_speaks_the_multiprocess_connection_framing() -> None:
+    ours, theirs = multiprocess.Pipe(duplex=True)
+    sock = socket.socket(fileno=os.dup(ours.fileno()))
+    ours.close()
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    big = np.arange(300_000, dtype=np.float32)  # > 64 KiB: several socket writes
+
+    def echo_back() -> None:  # the model process's side: a blocking Connection
+        message = ipc.decode(theirs.recv_bytes())
+        theirs.send_bytes(ipc.encode(ipc.BatchResult(message.batch_id, [ipc.Ok(message.inputs[0])],
+                                                     0.1, 1)))
+
+    thread = threading.Thread(target=echo_back)
+    thread.start()
+    await ipc.write_message(writer, ipc.Batch(7, [big], {"top_k": 2}, ["r1"]))
+    result = await asyncio.wait_for(ipc.read_message(reader), 10)
+    thread.join(10)
+    assert result.batch_id == 7
+    assert np.array_equal(result.outcomes[0].value, big)
+    writer.close()
+    theirs.close()
+
+
+def test_only_protocol_messages_cross_the_pipe() -> None:
+    with pytest.raises(ipc.ProtocolError):
+        ipc.encode({"not": "a message"})
+    import pickle
+
+    with pytest.raises(ipc.ProtocolError):
+        ipc.decode(pickle.dumps(("a", "tuple")))
