@@ -13,8 +13,9 @@ way a real model process can:
     "ALLOC:<mb>"  the process allocates and keeps <mb> MiB
     "OOM"         the call raises MemoryError whenever this input is in the batch
 
-Environment: TEST_LOAD_DELAY_S=s makes loading take that long; TEST_OOM_ABOVE=N raises MemoryError for any call of more than N inputs;
-TEST_SEEN_FILE=path appends every input the pipeline sees to that file.
+Environment: TEST_LOAD_DELAY_S=s makes loading take that long; TEST_CALL_DELAY_S=s makes
+every call take that long (a model with a fixed cost per batch); TEST_OOM_ABOVE=N raises MemoryError for any call of more than N inputs;
+TEST_PLAIN=1 turns the commands off (for fuzzing); TEST_SEEN_FILE=path appends every input the pipeline sees to that file.
 """
 
 from __future__ import annotations
@@ -34,16 +35,20 @@ class EchoPipeline:
         self.calls = 0
         self.oom_above = int(os.environ.get("TEST_OOM_ABOVE", "0"))
         self.seen_file = os.environ.get("TEST_SEEN_FILE")
+        self.call_delay = float(os.environ.get("TEST_CALL_DELAY_S", "0"))
+        self.plain = os.environ.get("TEST_PLAIN") == "1"
 
     def __call__(self, inputs: list[str], suffix: str = "", upper: bool = False) -> list[dict[str, Any]]:
         self.calls += 1
         if self.seen_file:
             with open(self.seen_file, "a") as handle:
                 handle.writelines(f"{text}\n" for text in inputs)
+        time.sleep(self.call_delay)
         if self.oom_above and len(inputs) > self.oom_above:
             raise MemoryError(f"batch of {len(inputs)} does not fit")
         for text in inputs:
-            self._act(text)
+            if not self.plain:
+                self._act(text)
         return [
             {"text": (text.upper() if upper else text) + suffix, "batch_size": len(inputs),
              "call": self.calls, "pid": os.getpid()}

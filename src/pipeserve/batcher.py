@@ -22,7 +22,15 @@ from pipeserve import errors
 
 DROP_CANCELLED = "cancelled"  # the client disconnected or its handler gave up
 DROP_EXPIRED = "expired"  # its deadline passed before a batch could take it
+REFUSE_QUEUE_FULL = "queue_full"
+REFUSE_QUEUE_WAIT = "queue_wait"  # the oldest queued job has waited past --max-queue-wait-ms
+REFUSE_DEADLINE = "deadline"  # the backlog ahead cannot drain before the request's deadline
 
+_REFUSAL_MESSAGES = {
+    REFUSE_QUEUE_FULL: "server overloaded: the queue is full",
+    REFUSE_QUEUE_WAIT: "server overloaded: queued requests are waiting too long",
+    REFUSE_DEADLINE: "server overloaded: the queue cannot drain before this request's deadline",
+}
 _RATE_SMOOTHING = 0.3  # weight of the newest batch in the drain-rate estimate
 RETRY_AFTER_MIN_S = 1
 RETRY_AFTER_MAX_S = 60
@@ -51,10 +59,12 @@ def resolve(job: Job, value: Any = None, error: BaseException | None = None) -> 
 
 class Batcher:
     def __init__(self, max_batch_size: int, max_batch_delay_s: float, max_queue: int,
+                 max_queue_wait_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s
         self._clock = clock
         self._queue: deque[Job] = deque()
         self._arrival = asyncio.Event()
@@ -64,6 +74,7 @@ class Batcher:
         self._items_per_second: float | None = None
         self.in_flight = 0
         self.dropped: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()  # by REFUSE_* reason
         self.batches = 0
         self.items = 0
 
@@ -85,16 +96,32 @@ class Batcher:
         """Queue one job per input, all or none; raise Unavailable/Overloaded without waiting."""
         if self._closed_reason is not None:
             raise errors.Unavailable(self._closed_reason, retry_after=self.retry_after())
-        if len(self._queue) + len(inputs) > self.max_queue:
-            raise errors.Overloaded(retry_after=self.retry_after())
-        loop = asyncio.get_running_loop()
         now = self._clock()
+        self._drop_dead_head()
+        refusal = self._refusal(len(inputs), now, deadline)
+        if refusal is not None:
+            self.refused[refusal] += 1
+            raise errors.Overloaded(_REFUSAL_MESSAGES[refusal], retry_after=self.retry_after())
+        loop = asyncio.get_running_loop()
         jobs = [Job(item, parameters, parameters_key, request_id, now, deadline, loop.create_future())
                 for item in inputs]
         self._queue.extend(jobs)
         self._idle.clear()
         self._arrival.set()
         return jobs
+
+    def _refusal(self, count: int, now: float, deadline: float) -> str | None:
+        if len(self._queue) + count > self.max_queue:
+            return REFUSE_QUEUE_FULL
+        if (self.max_queue_wait_s is not None and self._queue
+                and now - self._queue[0].enqueued_at > self.max_queue_wait_s):
+            return REFUSE_QUEUE_WAIT
+        backlog = len(self._queue) + self.in_flight
+        # Only a real backlog (more than one batch) is worth predicting from the drain rate.
+        if self._items_per_second and backlog >= self.max_batch_size:
+            if now + (backlog + count) / self._items_per_second > deadline:
+                return REFUSE_DEADLINE
+        return None
 
     def retry_after(self) -> int:
         """Seconds for the current backlog to drain at the measured rate, clamped to 1..60."""
@@ -126,8 +153,8 @@ class Batcher:
             return self._take(first.parameters_key, limit)
 
     def _is_dead(self, job: Job, now: float) -> bool:
-        if job.future.done():
-            self.dropped[DROP_CANCELLED] += 1
+        if job.future.done():  # its handler gave up: at its deadline, or the client went away
+            self.dropped[DROP_EXPIRED if now >= job.deadline else DROP_CANCELLED] += 1
             return True
         if now >= job.deadline:
             self.dropped[DROP_EXPIRED] += 1

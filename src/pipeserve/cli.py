@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -50,6 +51,9 @@ async def serve(config: Config) -> int:
         host, port = address[0], address[1]
         log.info("listening on http://%s:%d (front pid=%d)", host if ":" not in host else f"[{host}]",
                  port, os.getpid())
+    if not config.required_api_key() and not _is_loopback(config.host):
+        log.warning("listening on %s without --api-key: anyone who can reach it can use the model",
+                    config.host)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.request_stop, sig.name)
     runtime.start()
@@ -62,6 +66,15 @@ async def serve(config: Config) -> int:
     await runner.cleanup()
     log.info("stopped (exit code %d)", runtime.exit_code)
     return runtime.exit_code
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

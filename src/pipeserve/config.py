@@ -69,6 +69,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _optional_positive_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "0", "none", "off") else _positive_float(text)
+
+
+def _secret_from_file(text: str) -> str:
+    """The contents of a file (e.g. a systemd credential), without the trailing newline."""
+    try:
+        with open(text, encoding="utf-8") as handle:
+            secret = handle.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {text!r}: {exc.strerror}") from None
+    if not secret:
+        raise ValueError(f"{text!r} is empty")
+    return secret
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         lowered = text.strip().lower()
@@ -124,9 +140,11 @@ def _pipeline_ref(text: str) -> str | None:
 # --- declarations ---------------------------------------------------------------------------------
 
 
-def setting(default: Any, parse: Callable[[str], Any], help: str, metavar: str | None = None) -> Any:
+def setting(default: Any, parse: Callable[[str], Any], help: str, metavar: str | None = None,
+            secret: bool = False) -> Any:
     """Declare one setting: its default, parser and help text (the flag and variable follow)."""
-    return field(default=default, metadata={"parse": parse, "help": help, "metavar": metavar})
+    return field(default=default, repr=not secret,
+                 metadata={"parse": parse, "help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -160,6 +178,10 @@ class Config:
     max_queue: int = setting(
         128, _positive_int,
         "Most items waiting for the model; beyond it requests get 503 at once (default 128).", "N")
+    max_queue_wait_ms: float | None = setting(
+        None, _optional_positive_float,
+        "Refuse new requests with 503 while the oldest queued input has waited longer than this "
+        "(default: off).", "MS")
     request_timeout: float = setting(
         30.0, _positive_float,
         "Seconds a request may take before it gets 504 (default 30; a request's "
@@ -185,11 +207,22 @@ class Config:
         1024 * 1024, parse_size, "Largest request body; larger gets 413 (default 1M).", "SIZE")
     max_items: int = setting(
         64, _positive_int, "Most inputs in one request; more gets 413 (default 64).", "N")
+    api_key: str | None = setting(
+        None, _optional_text,
+        "Require 'Authorization: Bearer <key>' on every route but /health and /ready.", "KEY",
+        secret=True)
+    api_key_file: str | None = setting(
+        None, _secret_from_file,
+        "Read the API key from this file (e.g. a systemd credential); wins over --api-key.",
+        "PATH", secret=True)
     workers: int = setting(1, _positive_int, "Model processes behind the front (default 1).", "N")
     threads: int = setting(
         0, _non_negative_int, "Torch threads per model process (default 0 = cores / workers).", "N")
     log_level: str = setting(
         "info", _choice(*LOG_LEVELS), "debug|info|warning|error (default info).", "LEVEL")
+
+    def required_api_key(self) -> str | None:
+        return self.api_key_file or self.api_key
 
     def torch_threads(self) -> int:
         """Threads each worker gives torch: the flag, or the cores shared out between workers."""

@@ -48,6 +48,14 @@ class BadRequest(PipeserveError):
     default_message = "bad request"
 
 
+class Unauthorized(PipeserveError):
+    status = 401
+    default_message = "missing or invalid API key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
 class PayloadTooLarge(PipeserveError):
     status = 413
     default_message = "request too large"

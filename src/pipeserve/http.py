@@ -9,6 +9,7 @@ exceptions become a generic 500 whose detail goes to the log only.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 import time
@@ -66,6 +67,26 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = json_response({"error": "internal server error"}, 500)
     response.headers[REQUEST_ID_HEADER] = request_id
     return response
+
+
+# Routes a load balancer or service manager probes without credentials.
+PUBLIC_PATHS = frozenset({"/health", "/ready"})
+
+
+def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Middleware: every route but PUBLIC_PATHS needs `Authorization: Bearer <key>`."""
+    expected = key.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: the time taken does not reveal how much of the key matched.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
+                raise errors.Unauthorized()
+        return await handler(request)
+
+    return check
 
 
 _HTTP_MESSAGES = {
@@ -188,27 +209,28 @@ async def _results(jobs: list[Job], timeout: float, single: bool) -> list[Any]:
     try:
         _, pending = await asyncio.wait(futures, timeout=timeout)
     finally:
-        # Timed out, or this handler was cancelled because the client went away: cancelled
-        # jobs are dropped by the batcher and never computed.
+        # Timed out, or the client went away (aiohttp cancels the handler): jobs still queued
+        # are dropped by the batcher and never computed.
         for future in futures:
             if not future.done():
                 future.cancel()
     if pending:
         raise errors.RequestTimeout()
-    values = []
-    for index, future in enumerate(futures):
-        error = future.exception()
+    failures = [future.exception() for future in futures]  # retrieve every one, not just the first
+    for index, error in enumerate(failures):
         if error is not None:
             if isinstance(error, errors.PipeserveError) and not single:
                 raise error.at_index(index)
             raise error
-        values.append(future.result())
-    return values
+    return [future.result() for future in futures]
 
 
 def create_app(runtime: Runtime) -> web.Application:
-    app = web.Application(middlewares=[request_id_and_errors],
-                          client_max_size=runtime.config.max_body_bytes)
+    middlewares: list[Any] = [request_id_and_errors]
+    api_key = runtime.config.required_api_key()
+    if api_key:
+        middlewares.append(require_api_key(api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=runtime.config.max_body_bytes)
     app[RUNTIME] = runtime
     app.router.add_post("/", predict)
     app.router.add_get("/health", health)

@@ -32,8 +32,9 @@ class Runtime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.model = config.model or default_model_path()
-        self.batcher = Batcher(config.max_batch_size, config.max_batch_delay_ms / 1000,
-                               config.max_queue)
+        self.batcher = Batcher(
+            config.max_batch_size, config.max_batch_delay_ms / 1000, config.max_queue,
+            None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000)
         self.supervisors = [
             Supervisor(index, config, self.model, self.batcher, self._give_up,
                        lambda index=index: self._serving(excluding=index))
@@ -144,6 +145,7 @@ class Runtime:
                 "max_batch_size": config.max_batch_size,
                 "max_batch_delay_ms": config.max_batch_delay_ms,
                 "max_queue": config.max_queue,
+                "max_queue_wait_ms": config.max_queue_wait_ms,
                 "request_timeout": config.request_timeout,
                 "batch_timeout": config.batch_timeout,
             },
@@ -167,5 +169,6 @@ class Runtime:
                 "queue_depth": self.batcher.depth,
                 "in_flight": self.batcher.in_flight,
                 "dropped": dict(self.batcher.dropped),
+                "refused": dict(self.batcher.refused),
             },
         }

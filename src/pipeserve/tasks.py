@@ -44,6 +44,16 @@ class BatchCall:
         return list(custom) if custom is not None else None
 
 
+# Text longer than the model's maximum is truncated by default where the task allows it, so an
+# over-long input is never a crash (an index error in the position embeddings). fill-mask takes
+# tokenizer options in a dict of their own.
+_DEFAULT_PARAMETERS: dict[str, dict[str, Any]] = {
+    "text-classification": {"truncation": True},
+    "feature-extraction": {"truncation": True},
+    "fill-mask": {"tokenizer_kwargs": {"truncation": True}},
+}
+
+
 class PipelineBatchCall(BatchCall):
     """A transformers Pipeline, called with the whole batch as a list and batch_size=len."""
 
@@ -52,8 +62,18 @@ class PipelineBatchCall(BatchCall):
         self.task = task
         # FillMaskPipeline returns outputs[0] for a one-element list: undo that.
         self._unwraps_single = type(pipe).__name__ == "FillMaskPipeline"
+        self._defaults = _DEFAULT_PARAMETERS.get(task, {})
+        _cap_tokenizer_length(pipe)
+
+    def with_defaults(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(self._defaults)
+        for name, value in parameters.items():
+            default = merged.get(name)
+            merged[name] = {**default, **value} if isinstance(default, dict) and isinstance(value, dict) else value
+        return merged
 
     def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        parameters = self.with_defaults(parameters)
         results = self.function(inputs, batch_size=len(inputs), **parameters)
         return [results] if self._unwraps_single and len(inputs) == 1 else results  # type: ignore[no-any-return]
 
@@ -106,6 +126,7 @@ class FeatureExtractionBatchCall(PipelineBatchCall):
                 for result, length in zip(results, lengths)]
 
     def _token_counts(self, inputs: list[Any], parameters: dict[str, Any]) -> list[int]:
+        parameters = self.with_defaults(parameters)
         tokenize_kwargs = dict(parameters.get("tokenize_kwargs") or {})
         if parameters.get("truncation") is not None:
             tokenize_kwargs["truncation"] = parameters["truncation"]
@@ -115,6 +136,23 @@ class FeatureExtractionBatchCall(PipelineBatchCall):
     def accepted_parameters(self) -> tuple[str, ...] | None:
         # The pipeline ignores unknown keywords silently; we reject them. return_tensors is ours.
         return ("tokenize_kwargs", "truncation")
+
+
+def _cap_tokenizer_length(pipe: Any) -> None:
+    """Make the tokenizer truncate at what the model's position embeddings can take.
+
+    A tokenizer saved without `model_max_length` reports a huge one, and truncation then
+    does nothing; the model's config knows the real limit.
+    """
+    tokenizer = getattr(pipe, "tokenizer", None)
+    config = getattr(getattr(pipe, "model", None), "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if tokenizer is None or not isinstance(positions, int):
+        return
+    # RoBERTa-style models reserve the first two positions (padding offset).
+    usable = positions - 2 if "roberta" in str(getattr(config, "model_type", "")) else positions
+    if tokenizer.model_max_length > usable:
+        tokenizer.model_max_length = usable
 
 
 # --- loading ----------------------------------------------------------------------------------
