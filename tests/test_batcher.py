@@ -151,3 +151,42 @@ async def test_a_cancelled_next_batch_loses_no_job() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert batcher.depth == 1 and batcher.in_flight == 0
+
+
+# --- length-aware batch formation -----------------------------------------------------------
+
+
+def _text(tokens: int) -> str:
+    return "x" * ((tokens - 2) * 4)  # estimate_tokens inverts this
+
+
+async def test_length_order_groups_similar_lengths_around_the_oldest() -> None:
+    batcher = Batcher(max_batch_size=3, max_batch_delay_s=0, max_queue=100)
+    lengths = [40, 10, 130, 42, 11, 128, 39, 12]
+    _submit(batcher, [_text(n) for n in lengths])
+    sizes = []
+    while batcher.depth:
+        sizes.append(sorted(job.tokens for job in await batcher.next_batch()))
+    assert sizes[0] == [39, 40, 42]  # the oldest (40) and its nearest neighbours
+    assert sizes[1] == [10, 11, 12]
+    assert sizes[2] == [128, 130]
+
+
+async def test_the_oldest_job_always_goes_in_the_next_batch() -> None:
+    batcher = Batcher(max_batch_size=4, max_batch_delay_s=0, max_queue=100)
+    _submit(batcher, [_text(200)] + [_text(10)] * 8)
+    first = await batcher.next_batch()
+    assert first[0].tokens == 200
+    assert len(first) == 1  # padding 10-token texts to 200 would waste most of the batch
+
+
+async def test_token_budget_caps_padded_size() -> None:
+    batcher = Batcher(max_batch_size=32, max_batch_delay_s=0, max_queue=100, max_batch_tokens=400)
+    _submit(batcher, [_text(100)] * 10)
+    assert len(await batcher.next_batch()) == 4  # 4 x 100 padded tokens
+
+
+async def test_arrival_order_is_first_come_first_batched() -> None:
+    batcher = Batcher(max_batch_size=3, max_batch_delay_s=0, max_queue=100, order="arrival")
+    _submit(batcher, [_text(n) for n in (40, 10, 130, 42)])
+    assert [job.tokens for job in await batcher.next_batch()] == [40, 10, 130]

@@ -36,6 +36,21 @@ RETRY_AFTER_MIN_S = 1
 RETRY_AFTER_MAX_S = 60
 
 
+ORDER_LENGTH = "length"
+ORDER_ARRIVAL = "arrival"
+BATCH_ORDERS = (ORDER_LENGTH, ORDER_ARRIVAL)
+# Default for the share of real (unpadded) tokens below which an input is left for the next
+# batch rather than padded: on a CPU, padding a 10-token text to 135 costs more than a call.
+DEFAULT_MIN_BATCH_FILL = 0.6
+# How many same-parameter jobs, oldest first, a batch is chosen from.
+LENGTH_WINDOW = 256
+
+
+def estimate_tokens(item: Any) -> int:
+    """A cheap token-count estimate for batching (about 4 characters a token for text)."""
+    return len(item) // 4 + 2 if isinstance(item, str) else 1
+
+
 @dataclass(eq=False)
 class Job:
     input: Any
@@ -45,6 +60,7 @@ class Job:
     enqueued_at: float
     deadline: float
     future: asyncio.Future[Any] = field(repr=False)
+    tokens: int = 1
 
 
 def resolve(job: Job, value: Any = None, error: BaseException | None = None) -> None:
@@ -59,8 +75,12 @@ def resolve(job: Job, value: Any = None, error: BaseException | None = None) -> 
 
 class Batcher:
     def __init__(self, max_batch_size: int, max_batch_delay_s: float, max_queue: int,
-                 max_queue_wait_s: float | None = None,
+                 max_queue_wait_s: float | None = None, max_batch_tokens: int | None = None,
+                 order: str = ORDER_LENGTH, min_batch_fill: float = DEFAULT_MIN_BATCH_FILL,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_batch_tokens = max_batch_tokens
+        self.order = order
+        self.min_batch_fill = min_batch_fill
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
@@ -103,7 +123,8 @@ class Batcher:
             self.refused[refusal] += 1
             raise errors.Overloaded(_REFUSAL_MESSAGES[refusal], retry_after=self.retry_after())
         loop = asyncio.get_running_loop()
-        jobs = [Job(item, parameters, parameters_key, request_id, now, deadline, loop.create_future())
+        jobs = [Job(item, parameters, parameters_key, request_id, now, deadline, loop.create_future(),
+                    estimate_tokens(item))
                 for item in inputs]
         self._queue.extend(jobs)
         self._idle.clear()
@@ -179,17 +200,63 @@ class Batcher:
 
     def _take(self, key: str, limit: int) -> list[Job]:
         now = self._clock()
-        batch: list[Job] = []
-        kept: deque[Job] = deque()
+        candidates: list[Job] = []
         for job in self._queue:
-            if len(batch) < limit and job.parameters_key == key:
-                if not self._is_dead(job, now):
-                    batch.append(job)
-            else:
-                kept.append(job)
-        self._queue = kept
+            if job.parameters_key == key and not self._is_dead(job, now):
+                candidates.append(job)
+                if len(candidates) >= LENGTH_WINDOW:
+                    break
+        batch = self._choose(candidates, limit)
+        taken = set(batch)
+        self._queue = deque(job for job in self._queue if job not in taken and not job.future.done())
         self.in_flight += len(batch)
         return batch
+
+    def _choose(self, candidates: list[Job], limit: int) -> list[Job]:
+        """The oldest job, plus up to limit-1 others: of similar length, or in arrival order.
+
+        Length order sorts the candidates by estimated tokens and grows the batch outwards from
+        the oldest job, always taking the neighbour nearest its length, as long as the padded
+        size (longest x count) fits --max-batch-tokens and at least --min-batch-fill of it are
+        real tokens. The oldest job always goes in, so nothing starves.
+        """
+        if not candidates:
+            return []
+        if self.order == ORDER_ARRIVAL:
+            batch = [candidates[0]]
+            for job in candidates[1:limit]:
+                if not self._fits(batch, job):
+                    break
+                batch.append(job)
+            return batch
+        anchor = candidates[0]
+        ordered = sorted(candidates, key=lambda job: job.tokens)
+        low = high = ordered.index(anchor)
+        batch = [anchor]
+        while len(batch) < limit:
+            shorter = ordered[low - 1] if low > 0 else None
+            longer = ordered[high + 1] if high + 1 < len(ordered) else None
+            options = sorted((job for job in (shorter, longer) if job is not None),
+                             key=lambda job: abs(job.tokens - anchor.tokens))
+            chosen = next((job for job in options if self._fits(batch, job)), None)
+            if chosen is None:
+                break
+            batch.append(chosen)
+            if chosen is shorter:
+                low -= 1
+            else:
+                high += 1
+        return batch
+
+    def _fits(self, batch: list[Job], job: Job) -> bool:
+        longest = max(job.tokens, max(member.tokens for member in batch))
+        padded = longest * (len(batch) + 1)
+        if self.max_batch_tokens is not None and padded > self.max_batch_tokens:
+            return False
+        if self.order == ORDER_ARRIVAL:
+            return True
+        real = job.tokens + sum(member.tokens for member in batch)
+        return real >= self.min_batch_fill * padded
 
     # --- after a batch ------------------------------------------------------------------------
 

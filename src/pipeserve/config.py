@@ -85,6 +85,13 @@ def _secret_from_file(text: str) -> str:
     return secret
 
 
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise ValueError("must be a number from 0 to 1")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         lowered = text.strip().lower()
@@ -175,6 +182,19 @@ class Config:
         0.0, _non_negative_float,
         "Longest a batch waits for more items, counted from its first item's arrival "
         "(default 0: take only what is already queued; see README).", "MS")
+    max_batch_tokens: int = setting(
+        8192, _positive_int,
+        "Most padded tokens in one batch (longest input's estimate x batch size; default 8192).",
+        "N")
+    batch_order: str = setting(
+        "length", _choice("length", "arrival"),
+        "length: batch inputs of similar length together (the oldest always goes next); "
+        "arrival: first come, first batched (default length).", "ORDER")
+    min_batch_fill: float = setting(
+        0.6, _fraction,
+        "With --batch-order length, leave an input for the next batch rather than fill a batch "
+        "below this share of real (unpadded) tokens (default 0.6; 0 on a GPU, where padding is "
+        "cheap).", "F")
     max_queue: int = setting(
         128, _positive_int,
         "Most items waiting for the model; beyond it requests get 503 at once (default 128).", "N")

@@ -34,7 +34,9 @@ class Runtime:
         self.model = config.model or default_model_path()
         self.batcher = Batcher(
             config.max_batch_size, config.max_batch_delay_ms / 1000, config.max_queue,
-            None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000)
+            max_queue_wait_s=None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000,
+            max_batch_tokens=config.max_batch_tokens, order=config.batch_order,
+            min_batch_fill=config.min_batch_fill)
         self.supervisors = [
             Supervisor(index, config, self.model, self.batcher, self._give_up,
                        lambda index=index: self._serving(excluding=index))
@@ -144,6 +146,9 @@ class Runtime:
             "batching": {
                 "max_batch_size": config.max_batch_size,
                 "max_batch_delay_ms": config.max_batch_delay_ms,
+                "max_batch_tokens": config.max_batch_tokens,
+                "batch_order": config.batch_order,
+                "min_batch_fill": config.min_batch_fill,
                 "max_queue": config.max_queue,
                 "max_queue_wait_ms": config.max_queue_wait_ms,
                 "request_timeout": config.request_timeout,

@@ -1,0 +1,63 @@
+"""Several model processes behind one front: parallel batches, independent supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import aiohttp
+
+from conftest import wait_until
+
+ECHO = ("--pipeline", "custom_pipelines:make")
+
+
+async def _post(session: aiohttp.ClientSession, port: int, text: str) -> tuple[int, Any]:
+    async with session.post(f"http://127.0.0.1:{port}/", json={"inputs": text}) as response:
+        return response.status, await response.json()
+
+
+def test_idle_workers_take_batches_in_parallel(start_server: Any) -> None:
+    server = start_server(*ECHO, "--workers", "2")
+    workers = server.info()["workers"]
+    assert [w["state"] for w in workers] == ["ready", "ready"]
+    assert len({w["pid"] for w in workers}) == 2
+    assert all(w["threads"] == max(1, (os.cpu_count() or 1) // 2) for w in workers)
+
+    async def scenario() -> tuple[list[Any], float]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            started = time.monotonic()
+            results = await asyncio.gather(*(_post(session, server.port, "SLEEP:1.5") for _ in range(2)))
+            return list(results), time.monotonic() - started
+
+    results, elapsed = asyncio.run(scenario())
+    assert [status for status, _ in results] == [200, 200]
+    assert {body["pid"] for _, body in results} == {w["pid"] for w in workers}
+    assert elapsed < 2.8, "two 1.5 s batches should have run side by side"
+
+
+def test_one_worker_dying_leaves_the_other_serving(start_server: Any) -> None:
+    server = start_server(*ECHO, "--workers", "2")
+    pids = [w["pid"] for w in server.info()["workers"]]
+
+    async def scenario() -> list[Any]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            slow = [asyncio.ensure_future(_post(session, server.port, "SLEEP:3")) for _ in range(2)]
+            await asyncio.to_thread(wait_until, lambda: server.info()["counters"]["in_flight"] == 2, 10,
+                                    message="both workers busy")
+            os.kill(pids[0], signal.SIGKILL)
+            return list(await asyncio.gather(*slow))
+
+    results = asyncio.run(scenario())
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200, 503], results  # only the dead worker's batch is lost
+    assert server.request("GET", "/ready").status == 200  # the other one still serves
+    assert server.post_json({"inputs": "meanwhile"}).status == 200
+    wait_until(lambda: all(w["state"] == "ready" for w in server.info()["workers"]), 60,
+               message="the dead worker to come back")
+    workers = server.info()["workers"]
+    assert workers[0]["pid"] != pids[0] and workers[0]["restarts"] == 1
+    assert workers[1]["pid"] == pids[1] and workers[1]["restarts"] == 0
