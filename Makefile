@@ -20,5 +20,10 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
+# Not part of the tests: minutes of load on every core. Writes bench/RESULTS.md.
+bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) bench/run_all.py
+
 clean:
 	rm -rf $(VENV) src/*.egg-info .pytest_cache

@@ -196,10 +196,16 @@ def test_a_single_input_that_never_fits_gets_413_and_the_worker_keeps_serving(
     assert server.worker_pid() == pid
 
 
-def test_oom_score_adj_makes_the_worker_the_oom_killers_first_choice(start_server: Any) -> None:
+def _niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_worker_is_the_oom_killers_first_choice_and_yields_cpu(start_server: Any) -> None:
     server = start_server(*ECHO)
-    assert Path(f"/proc/{server.worker_pid()}/oom_score_adj").read_text().strip() == "1000"
+    worker = server.worker_pid()
+    assert Path(f"/proc/{worker}/oom_score_adj").read_text().strip() == "1000"
     assert Path(f"/proc/{server.process.pid}/oom_score_adj").read_text().strip() == "0"
+    assert _niceness(worker) == _niceness(server.process.pid) + 5
 
 
 def test_worker_over_its_memory_limit_is_restarted_cleanly(start_server: Any) -> None:

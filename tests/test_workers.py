@@ -15,14 +15,20 @@ from conftest import wait_until
 ECHO = ("--pipeline", "custom_pipelines:make")
 
 
-async def _post(session: aiohttp.ClientSession, port: int, text: str) -> tuple[int, Any]:
-    async with session.post(f"http://127.0.0.1:{port}/", json={"inputs": text}) as response:
+async def _post(session: aiohttp.ClientSession, port: int, text: str, suffix: str = "") -> tuple[int, Any]:
+    document = {"inputs": text, "parameters": {"suffix": suffix}}
+    async with session.post(f"http://127.0.0.1:{port}/", json=document) as response:
         return response.status, await response.json()
+
+
+def _all_ready(server: Any) -> list[dict[str, Any]]:
+    workers = server.info()["workers"]
+    return workers if all(w["state"] == "ready" for w in workers) else []
 
 
 def test_idle_workers_take_batches_in_parallel(start_server: Any) -> None:
     server = start_server(*ECHO, "--workers", "2")
-    workers = server.info()["workers"]
+    workers = wait_until(lambda: _all_ready(server), 60, message="both workers ready")
     assert [w["state"] for w in workers] == ["ready", "ready"]
     assert len({w["pid"] for w in workers}) == 2
     assert all(w["threads"] == max(1, (os.cpu_count() or 1) // 2) for w in workers)
@@ -30,7 +36,9 @@ def test_idle_workers_take_batches_in_parallel(start_server: Any) -> None:
     async def scenario() -> tuple[list[Any], float]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             started = time.monotonic()
-            results = await asyncio.gather(*(_post(session, server.port, "SLEEP:1.5") for _ in range(2)))
+            # Different parameters, so the two can never share one batch.
+            results = await asyncio.gather(*(_post(session, server.port, "SLEEP:1.5", str(i))
+                                             for i in range(2)))
             return list(results), time.monotonic() - started
 
     results, elapsed = asyncio.run(scenario())
@@ -41,11 +49,11 @@ def test_idle_workers_take_batches_in_parallel(start_server: Any) -> None:
 
 def test_one_worker_dying_leaves_the_other_serving(start_server: Any) -> None:
     server = start_server(*ECHO, "--workers", "2")
-    pids = [w["pid"] for w in server.info()["workers"]]
+    pids = [w["pid"] for w in wait_until(lambda: _all_ready(server), 60, message="both ready")]
 
     async def scenario() -> list[Any]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            slow = [asyncio.ensure_future(_post(session, server.port, "SLEEP:3")) for _ in range(2)]
+            slow = [asyncio.ensure_future(_post(session, server.port, "SLEEP:3", str(i))) for i in range(2)]
             await asyncio.to_thread(wait_until, lambda: server.info()["counters"]["in_flight"] == 2, 10,
                                     message="both workers busy")
             os.kill(pids[0], signal.SIGKILL)
@@ -56,8 +64,6 @@ def test_one_worker_dying_leaves_the_other_serving(start_server: Any) -> None:
     assert statuses == [200, 503], results  # only the dead worker's batch is lost
     assert server.request("GET", "/ready").status == 200  # the other one still serves
     assert server.post_json({"inputs": "meanwhile"}).status == 200
-    wait_until(lambda: all(w["state"] == "ready" for w in server.info()["workers"]), 60,
-               message="the dead worker to come back")
-    workers = server.info()["workers"]
+    workers = wait_until(lambda: _all_ready(server), 60, message="the dead worker to come back")
     assert workers[0]["pid"] != pids[0] and workers[0]["restarts"] == 1
     assert workers[1]["pid"] == pids[1] and workers[1]["restarts"] == 0

@@ -41,7 +41,7 @@ ORDER_ARRIVAL = "arrival"
 BATCH_ORDERS = (ORDER_LENGTH, ORDER_ARRIVAL)
 # Default for the share of real (unpadded) tokens below which an input is left for the next
 # batch rather than padded: on a CPU, padding a 10-token text to 135 costs more than a call.
-DEFAULT_MIN_BATCH_FILL = 0.6
+DEFAULT_MIN_BATCH_FILL = 0.85
 # How many same-parameter jobs, oldest first, a batch is chosen from.
 LENGTH_WINDOW = 256
 

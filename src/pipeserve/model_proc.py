@@ -35,6 +35,7 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     _configure_logging(spec)
     _die_with_parent()
     _volunteer_for_oom_killer()
+    _yield_cpu_to_the_front()
     try:
         call = _load(spec)
     except BaseException as exc:  # noqa: BLE001 - anything here means "cannot serve"
@@ -78,6 +79,18 @@ def _volunteer_for_oom_killer() -> None:
             handle.write("1000")
     except OSError:
         log.debug("could not raise oom_score_adj")
+
+
+WORKER_NICENESS = 5
+
+
+def _yield_cpu_to_the_front() -> None:
+    """Run at a lower CPU priority than the front: when compute saturates the cores, the front
+    still parses, refuses (503) and answers at once instead of queueing behind the model."""
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:
+        log.debug("could not lower the worker's CPU priority")
 
 
 def rss_bytes() -> int:

@@ -1,0 +1,211 @@
+"""Run every benchmark side by side and write bench/RESULTS.md.
+
+    make bench                     # or: .venv/bin/python bench/run_all.py
+    .venv/bin/python bench/run_all.py --quick    # a short smoke run (seconds, not minutes)
+
+Servers (each started alone, on a free loopback port, then stopped): an aiohttp hello-world
+handler, the textbook server, LitServe, and pipeserve in several settings. Each is measured
+with a closed-loop client at C=1 and C=64 over the seeded length mix; pipeserve's best setting
+is then driven open-loop at 3x its measured capacity with a one-second queue bound. The
+in-process limits of the raw pipeline come last. All figures of one RESULTS.md come from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import inprocess  # noqa: E402
+import loadgen  # noqa: E402
+
+PY = sys.executable
+PIPESERVE = [PY, "-m", "pipeserve", "--log-level", "warning"]
+BEST = "pipeserve 2 workers x 1 thread"
+SERVERS: dict[str, tuple[list[str], str]] = {
+    "aiohttp hello world": ([PY, str(BENCH / "baselines/hello.py")], "/health"),
+    "textbook server": ([PY, str(BENCH / "baselines/textbook.py")], "/health"),
+    "LitServe 0.2.19 (batch 32, 2 ms)": ([PY, str(BENCH / "baselines/litserve_server.py")], "/health"),
+    "pipeserve defaults (1 worker x 2 threads)": (PIPESERVE, "/ready"),
+    "pipeserve 1 worker x 2 threads, arrival order": (PIPESERVE + ["--batch-order", "arrival"], "/ready"),
+    BEST: (PIPESERVE + ["--workers", "2", "--threads", "1"], "/ready"),
+    "pipeserve 2 workers x 1 thread, arrival order": (
+        PIPESERVE + ["--workers", "2", "--threads", "1", "--batch-order", "arrival"], "/ready"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tree_rss_mb(pid: int) -> dict[str, float]:
+    """RSS of a process and of each descendant, in MiB."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    sizes: dict[str, float] = {}
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes[str(current)] = int(line.split()[1]) / 1024
+        except OSError:
+            continue
+        stack.extend(children.get(current, []))
+    return sizes
+
+
+class Running:
+    def __init__(self, command: list[str], ready_path: str) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([*command, "--port", str(self.port)], start_new_session=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{command} exited with {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{ready_path}", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{command} not ready in 180 s")
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(20)
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                continue
+            return
+
+
+def _stats(stats: loadgen.Stats) -> dict[str, Any]:
+    return {k: v for k, v in asdict(stats).items() if k != "latencies_ms"}
+
+
+def measure_server(name: str, durations: dict[str, float]) -> dict[str, Any]:
+    command, ready_path = SERVERS[name]
+    print(f"-- {name}", flush=True)
+    server = Running(command, ready_path)
+    try:
+        result: dict[str, Any] = {}
+        result["c1"] = _stats(asyncio.run(loadgen.closed_loop(
+            server.port, 1, durations["closed"], durations["warmup"])))
+        rss: dict[str, float] = {}
+
+        async def c64_with_rss() -> loadgen.Stats:
+            task = asyncio.ensure_future(loadgen.closed_loop(server.port, 64, durations["closed"],
+                                                             durations["warmup"]))
+            await asyncio.sleep(durations["warmup"] + durations["closed"] * 0.8)
+            rss.update(tree_rss_mb(server.process.pid))
+            return await task
+
+        result["c64"] = _stats(asyncio.run(c64_with_rss()))
+        result["rss_mb"] = {"front": rss.get(str(server.process.pid), 0.0),
+                            "total": sum(rss.values())}
+        print(f"   C=1 {result['c1']['requests_per_s']:.1f} req/s p50 {result['c1']['p50_ms']:.1f} ms; "
+              f"C=64 {result['c64']['requests_per_s']:.1f} req/s p99 {result['c64']['p99_ms']:.0f} ms",
+              flush=True)
+        return result
+    finally:
+        server.stop()
+
+
+def measure_overload(capacity: float, durations: dict[str, float]) -> dict[str, Any]:
+    queue = max(8, round(capacity))  # about one second of work
+    timeout = 10.0
+    command = PIPESERVE + ["--workers", "2", "--threads", "1", "--max-queue", str(queue),
+                           "--request-timeout", str(timeout)]
+    rate = 3 * capacity
+    print(f"-- open loop at {rate:.0f} req/s, --max-queue {queue}", flush=True)
+    server = Running(command, "/ready")
+    try:
+        stats = _stats(asyncio.run(loadgen.open_loop(server.port, rate, durations["open"],
+                                                     durations["warmup"])))
+    finally:
+        server.stop()
+    stats.update(max_queue=queue, request_timeout_s=timeout, capacity=capacity)
+    return stats
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    import transformers
+
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
+            "torch": str(torch.__version__), "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument("--servers", nargs="*", default=list(SERVERS))
+    parser.add_argument("--output", default=str(BENCH / "RESULTS.md"))
+    args = parser.parse_args()
+    durations = ({"warmup": 1, "closed": 2, "open": 3, "inprocess": 2} if args.quick
+                 else {"warmup": 3, "closed": 15, "open": 20, "inprocess": 10})
+    results: dict[str, Any] = {"machine": machine(), "durations_s": durations,
+                               "command": " ".join([Path(PY).name, "bench/run_all.py", *sys.argv[1:]]),
+                               "servers": {}}
+    for name in args.servers:
+        results["servers"][name] = measure_server(name, durations)
+    if BEST in results["servers"]:
+        results["overload"] = measure_overload(results["servers"][BEST]["c64"]["requests_per_s"], durations)
+    print("-- in-process limits", flush=True)
+    results["inprocess"] = {mode: inprocess.measure(mode, os.cpu_count() or 1, durations["inprocess"])
+                            for mode in inprocess.MODES}
+    (BENCH / "out").mkdir(exist_ok=True)
+    (BENCH / "out" / "results.json").write_text(json.dumps(results, indent=2))
+    Path(args.output).write_text(render(results))
+    print(f"wrote {args.output}")
+
+
+def render(results: dict[str, Any]) -> str:
+    from report import render_markdown
+
+    return render_markdown(results)
+
+
+if __name__ == "__main__":
+    main()
