@@ -56,7 +56,8 @@ class Reply:
 class Server:
     """A `python -m pipeserve` subprocess on a free loopback port, in its own session."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 command: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(
             [str(TESTS_DIR), environment.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -65,10 +66,11 @@ class Server:
         self.lines: list[str] = []
         self._listening = threading.Event()
         self.port = 0
+        command = command or [sys.executable, "-m", "pipeserve", "--host", "127.0.0.1", "--port", "0"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeserve", "--host", "127.0.0.1", "--port", "0", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=environment, start_new_session=True, text=True)
+            [*command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=environment, start_new_session=True, text=True,
+            pass_fds=pass_fds)
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
 
@@ -86,8 +88,10 @@ class Server:
         return "\n".join(self.lines)
 
     def wait_listening(self, timeout: float = 30.0) -> None:
-        if not self._listening.wait(timeout):
-            raise AssertionError(f"server did not listen within {timeout}s:\n{self.log}")
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0.1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not listen (exit code {self.process.poll()}):\n{self.log}")
 
     def wait_ready(self, timeout: float = SERVER_START_TIMEOUT_S) -> Server:
         self.wait_listening()
@@ -156,8 +160,9 @@ def start_server() -> Iterator[Callable[..., Server]]:
     """Start servers for one test; every one is stopped (and its group killed) afterwards."""
     servers: list[Server] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> Server:
-        server = Server(list(args), env)
+    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True,
+              command: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> Server:
+        server = Server(list(args), env, command, pass_fds)
         servers.append(server)
         return server.wait_ready() if ready else server
 

@@ -135,8 +135,9 @@ def test_poison_input_is_isolated_by_bisection(start_server: Any) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             blocker = asyncio.ensure_future(_post(session, server.port, {"inputs": "SLEEP:1"}))
             await asyncio.to_thread(wait_until, lambda: _in_flight(server), 10, message="blocker running")
-            texts = [f"item {i}" for i in range(16)]
-            texts[11] = "POISON pill"
+            # Equal lengths, so that the length-aware batcher puts all 16 in one batch.
+            texts = [f"item {i:02d}" for i in range(16)]
+            texts[11] = "POISON!"
             results = await asyncio.gather(*(_post(session, server.port, {"inputs": t}) for t in texts))
             await blocker
             return list(zip(texts, results))
@@ -145,9 +146,11 @@ def test_poison_input_is_isolated_by_bisection(start_server: Any) -> None:
     good = [(t, r) for t, r in outcomes if r[0] == 200]
     bad = [(t, r) for t, r in outcomes if r[0] != 200]
     assert len(good) == 15 and all(r[2]["text"] == t for t, r in good)
-    assert len(bad) == 1 and bad[0][0] == "POISON pill"
+    assert len(bad) == 1 and bad[0][0] == "POISON!"
     assert bad[0][1][0] == 400 and "poison input" in bad[0][1][2]["error"]
-    assert server.info()["counters"]["pipeline_calls"] > server.info()["counters"]["batches"]
+    counters = server.info()["counters"]
+    assert counters["batches"] == 2  # the blocker, then the 16 together
+    assert counters["pipeline_calls"] > counters["batches"]  # the 16 were bisected
 
 
 def test_internal_errors_do_not_leak_paths_but_are_logged_with_the_request_id(start_server: Any) -> None:

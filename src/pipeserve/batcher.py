@@ -61,6 +61,7 @@ class Job:
     deadline: float
     future: asyncio.Future[Any] = field(repr=False)
     tokens: int = 1
+    batch_size: int = 0  # set when a batch takes it, for the access log
 
 
 def resolve(job: Job, value: Any = None, error: BaseException | None = None) -> None:

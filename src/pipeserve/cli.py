@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
 import signal
-import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
-from pipeserve import errors
+from pipeserve import errors, logs, systemd
 from pipeserve.config import Config, load_config
 from pipeserve.http import create_app
 from pipeserve.runtime import Runtime
@@ -22,50 +22,87 @@ log = logging.getLogger("pipeserve")
 # aiohttp waits this long for open connections once the listener closes; by then the jobs
 # have drained, so only idle keep-alive connections remain.
 _CONNECTION_CLOSE_TIMEOUT_S = 2.0
-
-
-def configure_logging(level: str) -> None:
-    # Under systemd the journal stamps each line itself.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format=f"{stamp}%(levelname)s %(name)s %(message)s")
-    if level != "debug":
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+_STATUS_REFRESH_S = 5.0  # how often STATUS= is refreshed while nothing changes
+_LOAD_EXTENSION_S = 30.0  # EXTEND_TIMEOUT_USEC granted at a time while the model loads
 
 
 async def serve(config: Config) -> int:
     """Run the server until a signal or a fatal worker failure; return the exit code."""
     loop = asyncio.get_running_loop()
     runtime = Runtime(config)
-    runner = web.AppRunner(create_app(runtime), handler_cancellation=True,
+    notifier = systemd.Notifier()
+    runner = web.AppRunner(create_app(runtime), handler_cancellation=True, access_log=None,
                            shutdown_timeout=_CONNECTION_CLOSE_TIMEOUT_S)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:
-        await site.start()
+        await _listen(runner, config)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         await runner.cleanup()
         return errors.EXIT_CRASH_LOOP
-    for address in runner.addresses:
-        host, port = address[0], address[1]
-        log.info("listening on http://%s:%d (front pid=%d)", host if ":" not in host else f"[{host}]",
-                 port, os.getpid())
-    if not config.required_api_key() and not _is_loopback(config.host):
-        log.warning("listening on %s without --api-key: anyone who can reach it can use the model",
-                    config.host)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.request_stop, sig.name)
     runtime.start()
+    notifications = asyncio.create_task(_notify_systemd(runtime, notifier))
     await runtime.stop_requested.wait()
     if runtime.stop_signal:
         log.info("%s received: shutting down", runtime.stop_signal)
+    notifier.notify(STOPPING=1, STATUS="draining")
     if runtime.exit_code == errors.EXIT_OK:
         await runtime.drain()
     await runtime.stop()
+    notifications.cancel()
     await runner.cleanup()
+    notifier.close()
     log.info("stopped (exit code %d)", runtime.exit_code)
     return runtime.exit_code
+
+
+async def _listen(runner: web.AppRunner, config: Config) -> None:
+    """Serve on the sockets systemd passed (socket activation), or bind --host:--port."""
+    passed = systemd.listen_sockets()
+    sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in passed] or [
+        web.TCPSite(runner, config.host, config.port, reuse_address=True)]
+    for site in sites:
+        await site.start()
+    for address in runner.addresses:
+        if isinstance(address, (str, bytes)):  # a unix socket passed by systemd
+            log.info("listening on unix:%s (front pid=%d)", address, os.getpid())
+        else:
+            host = address[0] if ":" not in address[0] else f"[{address[0]}]"
+            log.info("listening on http://%s:%d (front pid=%d)", host, address[1], os.getpid())
+    if not passed and not config.required_api_key() and not _is_loopback(config.host):
+        log.warning("listening on %s without --api-key: anyone who can reach it can use the model",
+                    config.host)
+
+
+async def _notify_systemd(runtime: Runtime, notifier: systemd.Notifier) -> None:
+    """READY=1 once the model serves; STATUS= on every change; EXTEND_TIMEOUT_USEC while the
+    model loads; WATCHDOG=1 at half the watchdog interval while the loop runs and the workers
+    are alive or being restarted within budget."""
+    if not notifier.enabled:
+        return
+    watchdog = systemd.watchdog_interval()
+    tick = min(_STATUS_REFRESH_S, watchdog) if watchdog else _STATUS_REFRESH_S
+    ready_sent = False
+    last_status = ""
+    while True:
+        reason = runtime.unavailable_reason()
+        fields: dict[str, object] = {}
+        status = runtime.status_line()
+        if status != last_status:
+            fields["STATUS"] = last_status = status
+        if reason is None and not ready_sent:
+            fields["READY"] = ready_sent = 1
+        elif reason == "loading" and not ready_sent:
+            fields["EXTEND_TIMEOUT_USEC"] = int(max(_LOAD_EXTENSION_S, 2 * tick) * 1_000_000)
+        if watchdog and runtime.exit_code == errors.EXIT_OK:
+            fields["WATCHDOG"] = 1
+        if fields:
+            notifier.notify(**fields)
+        runtime.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.changed.wait(), tick)
 
 
 def _is_loopback(host: str) -> bool:
@@ -79,5 +116,5 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
-    configure_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     return asyncio.run(serve(config))

@@ -240,6 +240,10 @@ class Config:
         0, _non_negative_int,
         "Torch threads per model process (default 0 = the cores this process may use divided "
         "by --workers).", "N")
+    log_format: str = setting(
+        "text", _choice("text", "json"),
+        "text: plain lines (no timestamps under systemd, whose journal stamps them); json: one "
+        "object per line for log shippers (default text).", "FORMAT")
     log_level: str = setting(
         "info", _choice(*LOG_LEVELS), "debug|info|warning|error (default info).", "LEVEL")
 

@@ -20,11 +20,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from pipeserve import errors, outputs
+from pipeserve import errors, metrics, outputs
 from pipeserve.batcher import Job
 from pipeserve.runtime import Runtime
 
 log = logging.getLogger("pipeserve.http")
+access_log = logging.getLogger("pipeserve.access")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -49,6 +50,7 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     client_id = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
     request["request_id"] = request_id
+    started = time.perf_counter()
     response: web.StreamResponse
     try:
         response = await handler(request)
@@ -66,7 +68,21 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         log.exception("request %s: unexpected error", request_id)
         response = json_response({"error": "internal server error"}, 500)
     response.headers[REQUEST_ID_HEADER] = request_id
+    _account(request, response.status, time.perf_counter() - started)
     return response
+
+
+def _account(request: web.Request, status: int, seconds: float) -> None:
+    """One access line and the request metrics, for every answered request."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[RUNTIME].metrics.observe_request(route, status, seconds)
+    batch_size = request.get("batch_size")
+    access_log.info("%s %s %d %.1fms batch=%s id=%s", request.method, request.path, status,
+                    seconds * 1000, batch_size if batch_size is not None else "-", request["request_id"],
+                    extra={"method": request.method, "path": request.path, "status": status,
+                           "latency_ms": round(seconds * 1000, 3), "batch_size": batch_size,
+                           "request_id": request["request_id"]})
 
 
 # Routes a load balancer or service manager probes without credentials.
@@ -114,6 +130,11 @@ async def info(request: web.Request) -> web.Response:
     return json_response(request.app[RUNTIME].info())
 
 
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    body = request.app[RUNTIME].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 async def predict(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     config = runtime.config
@@ -125,7 +146,10 @@ async def predict(request: web.Request) -> web.Response:
     parameters_key = check_parameters(parameters, runtime.accepted_parameters())
     runtime.check_available()
     jobs = runtime.batcher.submit(inputs, parameters, parameters_key, request["request_id"], deadline)
-    results = await _results(jobs, timeout, single)
+    try:
+        results = await _results(jobs, timeout, single)
+    finally:
+        request["batch_size"] = max(job.batch_size for job in jobs) or None
     return json_response(results[0] if single else results)
 
 
@@ -236,4 +260,5 @@ def create_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/info", info)
+    app.router.add_get("/metrics", prometheus_metrics)
     return app

@@ -34,6 +34,7 @@ class WorkerSpec:
     threads: int
     max_worker_memory: int | None
     log_level: str
+    log_format: str = "text"
     worker_index: int = 0
 
 

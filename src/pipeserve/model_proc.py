@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from pipeserve import errors, ipc, tasks
+from pipeserve import errors, ipc, logs, tasks
 
 log = logging.getLogger("pipeserve.worker")
 
@@ -50,11 +50,7 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
 
 
 def _configure_logging(spec: ipc.WorkerSpec) -> None:
-    logging.basicConfig(
-        level=spec.log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(levelname)s worker[{spec.worker_index}] pid={os.getpid()} %(message)s",
-    )
+    logs.configure(spec.log_level, spec.log_format, prefix=f"worker[{spec.worker_index}] pid={os.getpid()} ")
     # transformers' progress bars and advisory warnings are noise on a server's stderr.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -16,6 +16,7 @@ from typing import Any
 from pipeserve import __version__, errors
 from pipeserve.batcher import Batcher
 from pipeserve.config import Config
+from pipeserve.metrics import Metrics
 from pipeserve.supervisor import Supervisor
 
 log = logging.getLogger("pipeserve")
@@ -37,9 +38,12 @@ class Runtime:
             max_queue_wait_s=None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000,
             max_batch_tokens=config.max_batch_tokens, order=config.batch_order,
             min_batch_fill=config.min_batch_fill)
+        self.metrics = Metrics()
+        self.changed = asyncio.Event()  # a worker changed state, or a stop began
         self.supervisors = [
             Supervisor(index, config, self.model, self.batcher, self._give_up,
-                       lambda index=index: self._serving(excluding=index))
+                       lambda index=index: self._serving(excluding=index),
+                       on_batch=self.metrics.observe_batch, on_change=self.changed.set)
             for index in range(config.workers)
         ]
         self.started_at = time.time()
@@ -49,6 +53,7 @@ class Runtime:
         self._drain_cut_short = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stop_signal: str | None = None
+        self.metrics.bind(self)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -62,12 +67,14 @@ class Runtime:
             self._drain_cut_short.set()
         self.stop_signal = signal_name
         self.stop_requested.set()
+        self.changed.set()
 
     def _give_up(self, exit_code: int, reason: str) -> None:
         if self.exit_code == errors.EXIT_OK:
             log.error("%s", reason)
             self.exit_code = exit_code
         self.stop_requested.set()
+        self.changed.set()
 
     async def drain(self) -> None:
         """Refuse new work, then wait for queued and running jobs to finish."""
@@ -112,6 +119,22 @@ class Runtime:
             if state in states:
                 return state
         return "unavailable"
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: what the server is doing now."""
+        reason = self.unavailable_reason()
+        restarts = sum(s.restarts for s in self.supervisors)
+        if reason is None:
+            serving = sum(s.serving for s in self.supervisors)
+            return (f"serving {self.model}: {serving}/{len(self.supervisors)} workers, queue "
+                    f"{self.batcher.depth}, in flight {self.batcher.in_flight}, restarts {restarts}")
+        if reason == "loading":
+            return f"loading {self.model}"
+        if reason == "restarting":
+            return f"restarting worker (restarts {restarts})"
+        if reason == "draining":
+            return f"draining: queue {self.batcher.depth}, in flight {self.batcher.in_flight}"
+        return reason
 
     def check_available(self) -> None:
         reason = self.unavailable_reason()

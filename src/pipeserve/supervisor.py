@@ -36,6 +36,8 @@ SHUTDOWN_GRACE_S = 5.0
 _EXIT_STATUS_POLL_S = 0.005
 _EXIT_STATUS_WAIT_S = 2.0
 _batch_ids = itertools.count(1)
+# Called after each batch: (its jobs, when it was sent, compute seconds or None if it failed).
+BatchObserver = Callable[[list[Job], float, "float | None"], None]
 
 
 class WorkerDied(Exception):
@@ -231,7 +233,9 @@ class Supervisor:
     """Keeps one worker slot serving batches from the shared batcher."""
 
     def __init__(self, index: int, config: Config, model: str, batcher: Batcher,
-                 on_fatal: Callable[[int, str], None], others_serving: Callable[[], bool]) -> None:
+                 on_fatal: Callable[[int, str], None], others_serving: Callable[[], bool],
+                 on_batch: BatchObserver | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.index = index
         self.config = config
         self.batcher = batcher
@@ -239,11 +243,13 @@ class Supervisor:
             model=model, task=config.task, pipeline=config.pipeline, device=config.device,
             dtype=config.dtype, threads=config.torch_threads(),
             max_worker_memory=config.max_worker_memory, log_level=config.log_level,
-            worker_index=index)
+            log_format=config.log_format, worker_index=index)
         self._context = multiprocess.get_context("spawn")
         self._on_fatal = on_fatal
         self._others_serving = others_serving
-        self.state = "loading"
+        self._on_batch = on_batch
+        self._on_change = on_change
+        self._state = "loading"
         self.worker: WorkerProcess | None = None
         self.ready: ipc.Ready | None = None
         self.restarts = 0
@@ -254,6 +260,18 @@ class Supervisor:
         self._oom_cap: tuple[int, float] | None = None  # (size, until)
         self._stopping = False
         self.restart_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        """loading, ready, restarting, failed or stopped."""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value != self._state:
+            self._state = value
+            if self._on_change is not None:
+                self._on_change()
 
     @property
     def serving(self) -> bool:
@@ -360,6 +378,9 @@ class Supervisor:
         return self.config.max_batch_size
 
     async def _run_batch(self, worker: WorkerProcess, jobs: list[Job]) -> WorkerDied | None:
+        started_at = time.monotonic()
+        for job in jobs:
+            job.batch_size = len(jobs)
         batch = ipc.Batch(batch_id=next(_batch_ids), inputs=[job.input for job in jobs],
                           parameters=jobs[0].parameters,
                           request_ids=[job.request_id for job in jobs])
@@ -370,12 +391,14 @@ class Supervisor:
             raise
         except WorkerDied as died:
             self._fail(jobs, lambda: errors.WorkerCrashed(retry_after=self.retry_after()))
+            self._observe(jobs, started_at, None)
             return died
         except BatchTimeout:
             self.state = "restarting"  # killed; not serving while its exit is collected
             log.error("worker[%d] pid=%s: batch of %d ran past --batch-timeout %gs; killed it",
                       self.index, worker.pid, len(jobs), self.config.batch_timeout)
             self._fail(jobs, errors.BatchTimedOut)
+            self._observe(jobs, started_at, None)
             return await asyncio.shield(worker.exited)  # type: ignore[arg-type]
         self.pipeline_calls += result.pipeline_calls
         for job, outcome in zip(jobs, result.outcomes):
@@ -384,11 +407,16 @@ class Supervisor:
             else:
                 resolve(job, error=errors.error_for_kind(outcome.kind, outcome.message))
         self.batcher.finished(jobs, result.compute_seconds)
+        self._observe(jobs, started_at, result.compute_seconds)
         if result.fits_batch_size is not None:
             self._oom_cap = (result.fits_batch_size, time.monotonic() + OOM_CAP_S)
             log.warning("worker[%d]: out of memory at batch size %d; capping batches to %d for %.0fs",
                         self.index, len(jobs), result.fits_batch_size, OOM_CAP_S)
         return None
+
+    def _observe(self, jobs: list[Job], started_at: float, compute_seconds: float | None) -> None:
+        if self._on_batch is not None:
+            self._on_batch(jobs, started_at, compute_seconds)
 
     def _fail(self, jobs: list[Job], error_factory: Callable[[], BaseException]) -> None:
         for job in jobs:
