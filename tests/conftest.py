@@ -174,24 +174,37 @@ def start_server() -> Iterator[Callable[..., Server]]:
 # --- tiny random models ------------------------------------------------------------------------
 
 
-def _write_vocab(folder: Path) -> Path:
+def _bert_tokenizer(folder: Path) -> Any:
+    """A WordPiece tokenizer over a generated vocabulary: the words above, plus single
+    characters and ## continuations so that any text tokenizes without [UNK]."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     characters = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
-    vocab = special + WORDS + characters + [f"##{c}" for c in characters]
-    path = folder / "vocab.txt"
-    path.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    return path
+    vocab = {token: index for index, token in enumerate(
+        dict.fromkeys(special + WORDS + characters + [f"##{c}" for c in characters]))}
+    core = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    core.decoder = decoders.WordPiece()
+    tokenizer = BertTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    # No model_max_length on purpose: the server must cap it from the model's config.
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def _build_bert(folder: Path, head: str) -> Path:
     import torch
-    from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification,
-                              BertModel, BertTokenizerFast)
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab_file=str(_write_vocab(folder)))
-    tokenizer.save_pretrained(folder)
+    tokenizer = _bert_tokenizer(folder)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
                         id2label={0: "NEGATIVE", 1: "POSITIVE"},
@@ -207,3 +220,130 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {task: _build_bert(root / task, task)
             for task in ("fill-mask", "text-classification", "feature-extraction")}
+
+
+@pytest.fixture(scope="session")
+def task_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny random model per further task, built lazily and shared by the session."""
+    return _LazyModels(tmp_path_factory.mktemp("task-models"))  # type: ignore[return-value]
+
+
+class _LazyModels(dict):  # type: ignore[type-arg]
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, task: str) -> Path:
+        self[task] = _BUILDERS[task](self.root / task)
+        return self[task]
+
+
+def _bert_with_labels(folder: Path, labels: list[str], head: str) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _bert_tokenizer(folder)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    model_class = BertForTokenClassification if head == "token" else BertForSequenceClassification
+    model_class(config).eval().save_pretrained(folder)
+    return folder
+
+
+def _build_token_classification(folder: Path) -> Path:
+    return _bert_with_labels(folder, ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"], "token")
+
+
+def _build_zero_shot(folder: Path) -> Path:
+    return _bert_with_labels(folder, ["contradiction", "neutral", "entailment"], "sequence")
+
+
+def _build_text_generation(folder: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(
+        special_tokens=["<unk>", "<pad>", "<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="<eos>", bos_token="<eos>")
+    tokenizer.save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def _build_image_classification(folder: Path) -> Path:
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64,
+                       id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+    ViTForImageClassification(config).eval().save_pretrained(folder)
+    return folder
+
+
+def _build_audio_classification(folder: Path) -> Path:
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, feature_size=1, padding_value=0.0,
+                             do_normalize=True, return_attention_mask=True).save_pretrained(folder)
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8),
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                            classifier_proj_size=16,
+                            id2label={0: "yes", 1: "no"}, label2id={"yes": 0, "no": 1})
+    Wav2Vec2ForSequenceClassification(config).eval().save_pretrained(folder)
+    return folder
+
+
+_BUILDERS = {
+    "token-classification": _build_token_classification,
+    "zero-shot-classification": _build_zero_shot,
+    "text-generation": _build_text_generation,
+    "image-classification": _build_image_classification,
+    "audio-classification": _build_audio_classification,
+}
+
+
+def png_bytes(width: int = 40, height: int = 30, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wav_bytes(seconds: float = 0.5, rate: int = 16000, frequency: float = 440.0) -> bytes:
+    import io
+    import math
+    import struct
+    import wave
+
+    frames = b"".join(struct.pack("<h", int(12000 * math.sin(2 * math.pi * frequency * n / rate)))
+                      for n in range(int(seconds * rate)))
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(frames)
+    return buffer.getvalue()

@@ -9,6 +9,8 @@ exceptions become a generic 500 whose detail goes to the log only.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import logging
 import re
@@ -142,7 +144,7 @@ async def predict(request: web.Request) -> web.Response:
     deadline = time.monotonic() + timeout
     # request.read() raises 413 past client_max_size (--max-body-bytes).
     inputs, parameters, single = _parse_body(await request.read(), request.content_type,
-                                             config.max_items)
+                                             config.max_items, runtime.input_kind())
     parameters_key = check_parameters(parameters, runtime.accepted_parameters())
     runtime.check_available()
     jobs = runtime.batcher.submit(inputs, parameters, parameters_key, request["request_id"], deadline)
@@ -166,12 +168,24 @@ def _request_timeout(request: web.Request, server_timeout: float) -> float:
     return min(value, server_timeout)
 
 
-def _parse_body(body: bytes, content_type: str, max_items: int) -> tuple[list[Any], dict[str, Any], bool]:
-    """(inputs, parameters, single) from a raw text body or a JSON {"inputs", "parameters"}."""
+def _parse_body(body: bytes, content_type: str, max_items: int,
+                kind: str) -> tuple[list[Any], dict[str, Any], bool]:
+    """(inputs, parameters, single) from a raw body or a JSON {"inputs", "parameters"}.
+
+    Text pipelines take strings. Image and audio pipelines take the bytes of a file: the raw
+    body (Content-Type image/* or audio/*), or base64 strings in JSON.
+    """
     if not body:
-        raise errors.BadRequest("empty body: send the text to run, or JSON {\"inputs\": ...}")
+        raise errors.BadRequest("empty body: send the input, or JSON {\"inputs\": ...}")
     if content_type == "application/json" or content_type.endswith("+json"):
-        return _parse_json(body, max_items)
+        return _parse_json(body, max_items, kind)
+    if content_type.startswith(("image/", "audio/")) or kind != "text":
+        if kind == "text":
+            raise errors.BadRequest(f"this model takes text, not {content_type}")
+        if not content_type.startswith(f"{kind}/"):
+            raise errors.BadRequest(f"this model takes {kind}s: send the file as the body with "
+                                    f"Content-Type {kind}/..., or base64 in JSON")
+        return [body], {}, True
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -179,7 +193,7 @@ def _parse_body(body: bytes, content_type: str, max_items: int) -> tuple[list[An
     return [text], {}, True
 
 
-def _parse_json(body: bytes, max_items: int) -> tuple[list[Any], dict[str, Any], bool]:
+def _parse_json(body: bytes, max_items: int, kind: str) -> tuple[list[Any], dict[str, Any], bool]:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -201,13 +215,30 @@ def _parse_json(body: bytes, max_items: int) -> tuple[list[Any], dict[str, Any],
     for index, item in enumerate(items):
         if not isinstance(item, str):
             where = '"inputs"' if single else f'"inputs"[{index}]'
-            raise errors.BadRequest(f"{where} must be a string, not {_json_type(item)}")
+            what = "a string" if kind == "text" else f"a base64-encoded {kind} file"
+            raise errors.BadRequest(f"{where} must be {what}, not {_json_type(item)}")
+    if kind != "text":
+        items = [_base64_file(item, '"inputs"' if single else f'"inputs"[{index}]', kind)
+                 for index, item in enumerate(items)]
     parameters = document.get("parameters")
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, dict):
         raise errors.BadRequest(f'"parameters" must be an object, not {_json_type(parameters)}')
     return items, parameters, single
+
+
+def _base64_file(text: str, where: str, kind: str) -> bytes:
+    """The bytes of a base64 string, or of a data: URL (data:image/png;base64,...)."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.BadRequest(f"{where} is not valid base64") from None
+    if not data:
+        raise errors.BadRequest(f"{where} is an empty {kind} file")
+    return data
 
 
 def _json_type(value: Any) -> str:

@@ -52,6 +52,7 @@ class Ready:
     versions: dict[str, str]
     # Keyword parameters the pipeline accepts; None when it takes arbitrary keywords.
     accepted_parameters: tuple[str, ...] | None
+    input_kind: str = "text"  # text: str inputs; image/audio: bytes of an encoded file
 
 
 @dataclass(frozen=True)

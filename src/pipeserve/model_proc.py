@@ -111,9 +111,9 @@ def _load(spec: ipc.WorkerSpec) -> tasks.BatchCall:
     torch.set_num_threads(spec.threads)
     device = _resolve_device(spec.device, torch)
     call = tasks.load_custom(spec) if spec.pipeline else tasks.load_transformers(spec, device, torch)
-    warmup = call.warmup_inputs()
+    warmup = call.warmup()
     if warmup is not None:
-        call(warmup, {})
+        call(*warmup)
     # str(): torch.__version__ is a TorchVersion, and unpickling one would import torch in the front.
     versions = {"torch": str(torch.__version__), "python": sys.version.split()[0]}
     transformers = sys.modules.get("transformers")
@@ -129,6 +129,7 @@ def _load(spec: ipc.WorkerSpec) -> tasks.BatchCall:
         load_seconds=time.monotonic() - started,
         versions=versions,
         accepted_parameters=call.accepted_parameters(),
+        input_kind=call.input_kind,
     )
     log.info("loaded %s (%s) on %s in %.1fs", spec.model, call.task, device, call.ready.load_seconds)
     return call

@@ -149,6 +149,11 @@ class Runtime:
         raise errors.Unavailable(messages.get(reason, "the model is not available"),
                                  retry_after=retry)
 
+    def input_kind(self) -> str:
+        """text, image or audio: what the loaded pipeline takes as one input."""
+        ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
+        return ready.input_kind if ready is not None else "text"
+
     def accepted_parameters(self) -> tuple[str, ...] | None:
         for supervisor in self.supervisors:
             if supervisor.ready is not None:
@@ -161,6 +166,7 @@ class Runtime:
         return {
             "model": self.model,
             "task": ready.task if ready else config.task,
+            "input": ready.input_kind if ready else None,
             "device": ready.device if ready else config.device,
             "dtype": ready.dtype if ready else config.dtype,
             "status": self.unavailable_reason() or "ready",

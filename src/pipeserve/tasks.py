@@ -42,9 +42,12 @@ class BatchCall:
     def accepted_parameters(self) -> tuple[str, ...] | None:
         return keyword_names(self.function)
 
-    def warmup_inputs(self) -> list[Any] | None:
+    input_kind = "text"
+
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        """Inputs and parameters for one warm-up call, or None to skip it."""
         custom = getattr(self.function, "warmup_inputs", None)
-        return list(custom) if custom is not None else None
+        return (list(custom), {}) if custom is not None else None
 
 
 # Text longer than the model's maximum is truncated by default where the task allows it, so an
@@ -54,6 +57,16 @@ _DEFAULT_PARAMETERS: dict[str, dict[str, Any]] = {
     "text-classification": {"truncation": True},
     "feature-extraction": {"truncation": True},
     "fill-mask": {"tokenizer_kwargs": {"truncation": True}},
+}
+
+
+_WARMUP_PARAMETERS: dict[str, dict[str, Any]] = {
+    "zero-shot-classification": {"candidate_labels": ["warm", "up"]},
+    "text-generation": {"max_new_tokens": 1},
+}
+# Pipelines that read a bare **kwargs themselves: the keywords they document.
+_KNOWN_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "zero-shot-classification": ("candidate_labels", "hypothesis_template", "multi_label"),
 }
 
 
@@ -92,6 +105,8 @@ class PipelineBatchCall(BatchCall):
         names = list(explicit_keywords(self.function._sanitize_parameters, takes_inputs=False))
         forwarded = next((p.name for p in signature.parameters.values()
                           if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        if self.task in _KNOWN_PARAMETERS:
+            return tuple(sorted(set(names) | set(_KNOWN_PARAMETERS[self.task])))
         if forwarded is None:
             return tuple(names)
         if "token" in forwarded and getattr(self.function, "tokenizer", None) is not None:
@@ -104,11 +119,12 @@ class PipelineBatchCall(BatchCall):
             return None
         return tuple(sorted(set(names)))
 
-    def warmup_inputs(self) -> list[Any] | None:
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        """One input the task can take (zero-shot needs labels, fill-mask a mask token)."""
         tokenizer = getattr(self.function, "tokenizer", None)
         if self.task == "fill-mask" and tokenizer is not None:
-            return [f"Warm up the {tokenizer.mask_token} model."]
-        return ["Warm up the model."]
+            return [f"Warm up the {tokenizer.mask_token} model."], {}
+        return ["Warm up the model."], _WARMUP_PARAMETERS.get(self.task, {})
 
 
 POOLING_MODES = ("mean", "cls", "max", "none")
@@ -213,6 +229,113 @@ def _pool(tokens: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
     return np.ascontiguousarray(vector, dtype=np.float32)
 
 
+IMAGE_TASKS = frozenset({"image-classification", "image-segmentation", "object-detection",
+                         "image-to-text", "depth-estimation", "image-feature-extraction"})
+AUDIO_TASKS = frozenset({"audio-classification", "automatic-speech-recognition"})
+
+
+class ImageBatchCall(PipelineBatchCall):
+    """Image tasks: each input arrives as the bytes of an encoded image (PNG, JPEG, …)."""
+
+    input_kind = "image"
+
+    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        return super().run([decode_image(item) for item in inputs], parameters)
+
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        import io  # noqa: PLC0415
+
+        from PIL import Image  # noqa: PLC0415
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (127, 127, 127)).save(buffer, format="PNG")
+        return [buffer.getvalue()], {}
+
+
+def decode_image(data: bytes) -> Any:
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    import io  # noqa: PLC0415
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"not a readable image ({type(exc).__name__})") from None
+    return image.convert("RGB")
+
+
+class AudioBatchCall(PipelineBatchCall):
+    """Audio tasks: each input arrives as the bytes of a WAV file (any format with ffmpeg)."""
+
+    input_kind = "audio"
+
+    def __init__(self, pipe: Any, task: str) -> None:
+        super().__init__(pipe, task)
+        self.sampling_rate = int(getattr(pipe.feature_extractor, "sampling_rate", 16000))
+
+    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        return super().run([decode_audio(item, self.sampling_rate) for item in inputs], parameters)
+
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        return [encode_wav(np.zeros(self.sampling_rate, dtype=np.float32), self.sampling_rate)], {}
+
+
+def decode_audio(data: bytes, rate: int) -> np.ndarray:
+    """Mono float32 samples at `rate` from WAV bytes (other formats through ffmpeg, if installed)."""
+    import io  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import wave  # noqa: PLC0415
+
+    try:
+        with wave.open(io.BytesIO(data)) as handle:
+            width, channels, source_rate = handle.getsampwidth(), handle.getnchannels(), handle.getframerate()
+            frames = handle.readframes(handle.getnframes())
+    except (wave.Error, EOFError):
+        if shutil.which("ffmpeg") is None:
+            raise ValueError("audio must be a WAV file (install ffmpeg to accept other formats)") from None
+        from transformers.pipelines.audio_utils import ffmpeg_read  # noqa: PLC0415
+
+        return np.asarray(ffmpeg_read(data, rate), dtype=np.float32)
+    if width not in (1, 2, 4):
+        raise ValueError(f"unsupported WAV sample width of {width} bytes")
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    samples = np.frombuffer(frames, dtype=dtype).astype(np.float32)
+    if width == 1:
+        samples = samples - 128.0
+    samples /= float(2 ** (8 * width - 1))
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    if source_rate != rate and len(samples) > 1:  # linear resampling: no torchaudio needed
+        duration = len(samples) / source_rate
+        target = np.linspace(0.0, duration, int(round(duration * rate)), endpoint=False)
+        samples = np.interp(target, np.arange(len(samples)) / source_rate, samples).astype(np.float32)
+    return samples
+
+
+def encode_wav(samples: np.ndarray, rate: int) -> bytes:
+    import io  # noqa: PLC0415
+    import wave  # noqa: PLC0415
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def _prepare_generation(pipe: Any) -> None:
+    """Batched generation pads on the left, and needs a pad token (the EOS token will do)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
 def _cap_tokenizer_length(pipe: Any) -> None:
     """Make the tokenizer truncate at what the model's position embeddings can take.
 
@@ -261,6 +384,12 @@ def load_transformers(spec: ipc.WorkerSpec, device: str, torch: Any) -> BatchCal
     if task == "feature-extraction":
         pooling = read_sentence_pooling(spec.model) if os.path.isdir(spec.model) else SentencePooling()
         return FeatureExtractionBatchCall(pipe, task, pooling)
+    if task in IMAGE_TASKS:
+        return ImageBatchCall(pipe, task)
+    if task in AUDIO_TASKS:
+        return AudioBatchCall(pipe, task)
+    if task == "text-generation":
+        _prepare_generation(pipe)
     return PipelineBatchCall(pipe, task)
 
 
@@ -295,6 +424,9 @@ def infer_task(model: str) -> str:
         raise FileNotFoundError("no config.json in the model folder")
     with open(config_path) as handle:
         architectures = json.load(handle).get("architectures") or []
+    if _has_audio_feature_extractor(model) and any(a.endswith("ForSequenceClassification")
+                                                   for a in architectures):
+        return "audio-classification"  # e.g. Wav2Vec2ForSequenceClassification
     for architecture in architectures:
         for suffix, task in _ARCHITECTURE_TASKS:
             if architecture.endswith(suffix):
@@ -302,6 +434,15 @@ def infer_task(model: str) -> str:
     if architectures and architectures[0].endswith("Model"):
         return "feature-extraction"
     raise ValueError(f"cannot infer a task from architectures {architectures}; pass --task")
+
+
+def _has_audio_feature_extractor(model: str) -> bool:
+    path = os.path.join(model, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as handle:
+        preprocessor = json.load(handle)
+    return "sampling_rate" in preprocessor and "image_processor_type" not in preprocessor
 
 
 # --- signatures -------------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""Every common task end to end through a real server: one input, a list, concurrent batches."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import Server, png_bytes, wav_bytes
+from test_serving import _close, _shape
+
+
+async def _concurrent(port: int, documents: list[Any]) -> list[tuple[int, Any]]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def one(document: Any) -> tuple[int, Any]:
+            async with session.post(f"http://127.0.0.1:{port}/", json=document) as response:
+                return response.status, await response.json()
+
+        return list(await asyncio.gather(*(one(d) for d in documents)))
+
+
+def _check_consistent(server: Server, inputs: list[Any], parameters: dict[str, Any],
+                      compare_values: bool = True) -> list[Any]:
+    """Alone, in a list and in concurrent requests, each input answers the same shape."""
+    alone = [server.post_json({"inputs": item, "parameters": parameters}) for item in inputs]
+    assert all(reply.status == 200 for reply in alone), [r.body for r in alone]
+    as_list = server.post_json({"inputs": inputs, "parameters": parameters})
+    assert as_list.status == 200, as_list.body
+    concurrent = asyncio.run(_concurrent(server.port, [{"inputs": item, "parameters": parameters}
+                                                      for item in inputs * 4]))
+    assert all(status == 200 for status, _ in concurrent), concurrent
+    assert server.info()["counters"]["batches"] < server.info()["counters"]["items"]
+    for index, reply in enumerate(alone):
+        assert _shape(reply.json()) == _shape(as_list.json()[index])
+        assert _shape(reply.json()) == _shape(concurrent[index][1])
+        if compare_values:
+            assert _close(reply.json(), as_list.json()[index])
+    return [reply.json() for reply in alone]
+
+
+def test_text_classification_top_k_and_function_to_apply(start_server: Any, tiny_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(tiny_models["text-classification"]))
+    texts = ["a good movie", "the food was very very bad and i hate it"]
+    default = _check_consistent(server, texts, {})
+    assert set(default[0]) == {"label", "score"}
+    both = _check_consistent(server, texts, {"top_k": 2, "function_to_apply": "sigmoid"})
+    assert [item["label"] for item in both[0]] and len(both[0]) == 2
+    assert all(0 < item["score"] < 1 for item in both[1])
+    bad = server.post_json({"inputs": "x", "parameters": {"function_to_apply": "cube"}})
+    assert bad.status == 400
+
+
+def test_token_classification_with_aggregation(start_server: Any, task_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(task_models["token-classification"]))
+    texts = ["the king of france", "hello world from paris the capital city"]
+    raw = _check_consistent(server, texts, {})
+    assert all({"entity", "score", "index", "word", "start", "end"} <= set(item) for item in raw[1])
+    grouped = _check_consistent(server, texts, {"aggregation_strategy": "simple"})
+    assert all({"entity_group", "score", "word", "start", "end"} <= set(item) for item in grouped[1])
+
+
+def test_fill_mask_top_k_and_targets(start_server: Any, tiny_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(tiny_models["fill-mask"]))
+    texts = ["the [MASK] is good", "paris is the capital of [MASK] and a very big city"]
+    top = _check_consistent(server, texts, {"top_k": 3})
+    assert len(top[0]) == 3
+    targeted = _check_consistent(server, texts, {"targets": ["france", "king"]})
+    assert {item["token_str"] for item in targeted[1]} == {"france", "king"}
+
+
+def test_zero_shot_classification(start_server: Any, task_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(task_models["zero-shot-classification"]),
+                          "--task", "zero-shot-classification")
+    texts = ["the movie was good", "paris is a big city in france"]
+    labels = ["film", "city", "food"]
+    single = _check_consistent(server, texts, {"candidate_labels": labels})
+    assert sorted(single[0]["labels"]) == sorted(labels) and abs(sum(single[0]["scores"]) - 1) < 1e-4
+    multi = _check_consistent(server, texts, {"candidate_labels": labels, "multi_label": True})
+    assert len(multi[1]["scores"]) == 3
+    missing = server.post_json({"inputs": "x"})
+    assert missing.status == 400
+    unknown = server.post_json({"inputs": "x", "parameters": {"candidate_label": labels}})
+    assert unknown.status == 400 and "candidate_label" in unknown.json()["error"]
+
+
+def test_text_generation(start_server: Any, task_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(task_models["text-generation"]))
+    texts = ["the king", "hello world from the big city of paris"]
+    # Shapes only: a random tiny model's logits are near-ties, so padding's last-bit differences
+    # can flip a greedy choice between running alone and in a batch.
+    greedy = _check_consistent(server, texts, {"max_new_tokens": 4, "do_sample": False}, compare_values=False)
+    assert set(greedy[0][0]) == {"generated_text"}
+    assert greedy[0][0]["generated_text"].startswith("the king")
+    continuation = _check_consistent(server, texts, {"max_new_tokens": 3, "return_full_text": False},
+                                     compare_values=False)
+    assert not continuation[1][0]["generated_text"].startswith("hello world")
+    sampled = server.post_json({"inputs": texts, "parameters": {"max_new_tokens": 3, "do_sample": True}})
+    assert sampled.status == 200 and len(sampled.json()) == 2
+    assert server.post_json({"inputs": "x", "parameters": {"max_new_tokenz": 3}}).status == 400
+
+
+def test_image_classification_raw_and_base64(start_server: Any, task_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(task_models["image-classification"]))
+    assert server.info()["input"] == "image"
+    red, blue = png_bytes(color=(220, 20, 20)), png_bytes(80, 50, (20, 20, 220))
+    raw = server.request("POST", "/", red, {"Content-Type": "image/png"})
+    assert raw.status == 200, raw.body
+    assert {item["label"] for item in raw.json()} == {"cat", "dog", "bird"}
+    encoded = [base64.b64encode(red).decode(), "data:image/png;base64," + base64.b64encode(blue).decode()]
+    results = _check_consistent(server, encoded, {"top_k": 2})
+    assert _close(results[0], raw.json()[:2])
+    assert server.request("POST", "/", b"not an image", {"Content-Type": "image/png"}).status == 400
+    assert server.post_json({"inputs": "%%%"}).status == 400
+    assert server.request("POST", "/", "some text", {"Content-Type": "text/plain"}).status == 400
+
+
+def test_audio_classification_with_wav_bytes(start_server: Any, task_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(task_models["audio-classification"]))
+    assert server.info()["input"] == "audio"
+    tone, other = wav_bytes(0.5), wav_bytes(0.8, rate=8000, frequency=220.0)  # resampled to 16 kHz
+    raw = server.request("POST", "/", tone, {"Content-Type": "audio/wav"})
+    assert raw.status == 200, raw.body
+    assert {item["label"] for item in raw.json()} == {"yes", "no"}
+    results = _check_consistent(server, [base64.b64encode(tone).decode(), base64.b64encode(other).decode()],
+                                {}, compare_values=False)  # padding changes wav2vec2's values slightly
+    assert _shape(results[0]) == _shape(raw.json())
+    assert server.request("POST", "/", b"RIFF nonsense", {"Content-Type": "audio/wav"}).status == 400
+
+
+def test_text_model_refuses_binary_bodies(start_server: Any, tiny_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(tiny_models["text-classification"]))
+    reply = server.request("POST", "/", png_bytes(), {"Content-Type": "image/png"})
+    assert reply.status == 400 and "takes text" in reply.json()["error"]
+
+
+@pytest.mark.parametrize("dtype", ["float32"])
+def test_explicit_cpu_device_and_dtype(start_server: Any, tiny_models: dict[str, Path], dtype: str) -> None:
+    server = start_server("--model", str(tiny_models["text-classification"]), "--device", "cpu",
+                          "--dtype", dtype)
+    info = server.info()
+    assert info["device"] == "cpu" and info["dtype"] == dtype
+    assert server.post_json({"inputs": "fine"}).status == 200
+
+
+def test_cuda_requested_without_cuda_fails_to_load(start_server: Any, tiny_models: dict[str, Path]) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    server = start_server("--model", str(tiny_models["text-classification"]), "--device", "cuda", ready=False)
+    assert server.wait_exit(60) == 3
+    assert "CUDA is not available" in server.log
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_half_precision(start_server: Any, tiny_models: dict[str, Path], task_models: dict[str, Path],
+                            dtype: str) -> None:
+    for model in (tiny_models["text-classification"], task_models["image-classification"]):
+        server = start_server("--model", str(model), "--device", "auto", "--dtype", dtype)
+        info = server.info()
+        assert info["device"] == "cuda" and info["dtype"] == dtype
+        body = png_bytes() if "image" in str(model) else b"the movie was good"
+        content_type = "image/png" if "image" in str(model) else "text/plain"
+        reply = server.request("POST", "/", body, {"Content-Type": content_type})
+        assert reply.status == 200, reply.body
+        server.stop()
