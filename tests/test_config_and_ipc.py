@@ -107,3 +107,10 @@ def test_only_protocol_messages_cross_the_pipe() -> None:
 
     with pytest.raises(ipc.ProtocolError):
         ipc.decode(pickle.dumps(("a", "tuple")))
+
+
+def test_a_custom_pipeline_needs_no_default_model() -> None:
+    from pipeserve.runtime import Runtime
+
+    runtime = Runtime(load_config(["--pipeline", "custom_pipelines:make"], environ={}))
+    assert runtime.model == "" and runtime.supervisors[0].spec.model == ""

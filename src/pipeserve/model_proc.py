@@ -39,7 +39,7 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     try:
         call = _load(spec)
     except BaseException as exc:  # noqa: BLE001 - anything here means "cannot serve"
-        reason = f"cannot load model {spec.model!r}: {_describe(exc)}"
+        reason = f"cannot load model {spec.model or spec.pipeline!r}: {_describe(exc)}"
         _send(conn, ipc.Fatal(reason=reason, detail=traceback.format_exc()))
         os._exit(EXIT_LOAD_FAILED)
     _send(conn, call.ready)
@@ -131,7 +131,8 @@ def _load(spec: ipc.WorkerSpec) -> tasks.BatchCall:
         accepted_parameters=call.accepted_parameters(),
         input_kind=call.input_kind,
     )
-    log.info("loaded %s (%s) on %s in %.1fs", spec.model, call.task, device, call.ready.load_seconds)
+    log.info("loaded %s (%s) on %s in %.1fs", spec.model or spec.pipeline, call.task, device,
+             call.ready.load_seconds)
     return call
 
 

@@ -32,7 +32,8 @@ def default_model_path() -> str:
 class Runtime:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.model = config.model or default_model_path()
+        # A custom pipeline may need no model at all: only the plain server defaults to one.
+        self.model = config.model or ("" if config.pipeline else default_model_path())
         self.batcher = Batcher(
             config.max_batch_size, config.max_batch_delay_ms / 1000, config.max_queue,
             max_queue_wait_s=None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000,
@@ -164,7 +165,8 @@ class Runtime:
         ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
         config = self.config
         return {
-            "model": self.model,
+            "model": self.model or None,
+            "pipeline": config.pipeline,
             "task": ready.task if ready else config.task,
             "input": ready.input_kind if ready else None,
             "device": ready.device if ready else config.device,

@@ -293,8 +293,9 @@ class Supervisor:
                 return
             except WorkerDied as exc:
                 if first:
+                    name = self.spec.model or self.spec.pipeline
                     self._give_up(errors.EXIT_LOAD_FAILED,
-                                  f"cannot load model {self.spec.model!r}: worker {exc.cause} while loading")
+                                  f"cannot load model {name!r}: worker {exc.cause} while loading")
                     return
                 died = exc
             else:
