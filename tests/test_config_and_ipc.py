@@ -114,3 +114,27 @@ def test_a_custom_pipeline_needs_no_default_model() -> None:
 
     runtime = Runtime(load_config(["--pipeline", "custom_pipelines:make"], environ={}))
     assert runtime.model == "" and runtime.supervisors[0].spec.model == ""
+
+
+def test_devices_start_one_worker_each_and_hide_the_other_gpus() -> None:
+    from pipeserve.supervisor import Supervisor
+
+    config = load_config(["--devices", "cuda:0,cuda:1"], environ={})
+    assert config.worker_count() == 2
+    supervisor = Supervisor(1, config, "m", None, lambda *_: None, lambda: True)  # type: ignore[arg-type]
+    assert supervisor.device == "cuda:1"
+    assert (supervisor.spec.device, supervisor.spec.visible_devices) == ("cuda:0", "1")
+    cpu = Supervisor(0, load_config(["--devices", "cpu,cpu"], environ={}), "m", None,  # type: ignore[arg-type]
+                     lambda *_: None, lambda: True)
+    assert (cpu.spec.device, cpu.spec.visible_devices) == ("cpu", None)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--devices", "cuda:0,tpu"], "must be auto, cpu, cuda or cuda:N"),
+    (["--devices", "auto,cpu"], "not auto"),
+    (["--devices", "cpu,cpu", "--workers", "3"], "contradicts --devices"),
+])
+def test_bad_device_lists_are_usage_errors(argv: list[str], fragment: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeserve", *argv], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and fragment in result.stderr

@@ -67,3 +67,15 @@ def test_one_worker_dying_leaves_the_other_serving(start_server: Any) -> None:
     workers = wait_until(lambda: _all_ready(server), 60, message="the dead worker to come back")
     assert workers[0]["pid"] != pids[0] and workers[0]["restarts"] == 1
     assert workers[1]["pid"] == pids[1] and workers[1]["restarts"] == 0
+
+
+def test_one_worker_per_listed_device(start_server: Any) -> None:
+    server = start_server(*ECHO, "--devices", "cpu,cpu")
+    workers = wait_until(lambda: _all_ready(server), 60, message="both workers ready")
+    assert [w["device"] for w in workers] == ["cpu", "cpu"]
+    os.kill(workers[1]["pid"], signal.SIGKILL)
+    wait_until(lambda: server.info()["workers"][1]["state"] != "ready", 5, message="death noticed")
+    assert server.post_json({"inputs": "the other serves"}).status == 200
+    workers = wait_until(lambda: (w := _all_ready(server)) and w[1]["restarts"] == 1 and w, 60,
+                         message="worker 1 back")
+    assert workers[0]["restarts"] == 0 and workers[1]["pid"] != workers[0]["pid"]

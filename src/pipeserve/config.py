@@ -102,6 +102,15 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _devices(text: str) -> tuple[str, ...] | None:
+    if not text.strip():
+        return None
+    devices = tuple(_device(part) for part in text.split(","))
+    if "auto" in devices:
+        raise ValueError("list concrete devices (cpu, cuda:N), not auto")
+    return devices
+
+
 def _device(text: str) -> str:
     lowered = text.strip().lower()
     if lowered in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", lowered):
@@ -173,6 +182,10 @@ class Config:
     port: int = setting(8000, _port, "TCP port to bind (default 8000; 0 picks a free port).", "PORT")
     device: str = setting(
         "auto", _device, "auto|cpu|cuda|cuda:N; auto = CUDA when available (default auto).", "DEV")
+    devices: tuple[str, ...] | None = setting(
+        None, _devices,
+        "One model process per listed device, e.g. cuda:0,cuda:1 (each sees only its own GPU) "
+        "or cpu,cpu; replaces --device and --workers.", "LIST")
     dtype: str = setting(
         "auto", _choice(*DTYPES),
         "auto|float32|float16|bfloat16; auto = the model's own dtype on GPU, float32 on CPU.", "DTYPE")
@@ -250,11 +263,17 @@ class Config:
     def required_api_key(self) -> str | None:
         return self.api_key_file or self.api_key
 
+    def worker_count(self) -> int:
+        return len(self.devices) if self.devices else self.workers
+
+    def worker_device(self, index: int) -> str:
+        return self.devices[index] if self.devices else self.device
+
     def torch_threads(self) -> int:
         """Threads each worker gives torch: the flag, or the cores shared out between workers."""
         if self.threads:
             return self.threads
-        return max(1, cores() // self.workers)
+        return max(1, cores() // self.worker_count())
 
 
 def cores() -> int:
@@ -329,4 +348,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
                 values[f.name] = f.metadata["parse"](environ[env_name(f.name)])
             except ValueError as exc:
                 parser.error(f"{env_name(f.name)}: {exc}")
+    if values.get("devices") and "workers" in values and values["workers"] != len(values["devices"]):
+        parser.error(f"--workers {values['workers']} contradicts --devices, which starts "
+                     f"{len(values['devices'])} workers (one per device)")
     return Config(**values)

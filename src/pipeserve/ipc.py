@@ -36,6 +36,8 @@ class WorkerSpec:
     log_level: str
     log_format: str = "text"
     worker_index: int = 0
+    # With --devices cuda:N: CUDA_VISIBLE_DEVICES for this worker, which then uses cuda:0.
+    visible_devices: str | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ _PR_SET_PDEATHSIG = 1
 def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     """Entry point of the spawned process; `conn` is a multiprocess Connection."""
     _configure_logging(spec)
+    if spec.visible_devices is not None:  # before torch is imported: it reads this once
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_devices
     _die_with_parent()
     _volunteer_for_oom_killer()
     _yield_cpu_to_the_front()

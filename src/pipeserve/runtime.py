@@ -45,7 +45,7 @@ class Runtime:
             Supervisor(index, config, self.model, self.batcher, self._give_up,
                        lambda index=index: self._serving(excluding=index),
                        on_batch=self.metrics.observe_batch, on_change=self.changed.set)
-            for index in range(config.workers)
+            for index in range(config.worker_count())
         ]
         self.started_at = time.time()
         self.draining = False
@@ -190,6 +190,7 @@ class Runtime:
                     "index": s.index,
                     "state": s.state,
                     "pid": s.worker.pid if s.worker else None,
+                    "device": s.device,
                     "uptime_seconds": round(time.monotonic() - s.worker.started_at, 3)
                     if s.worker and s.serving else None,
                     "restarts": s.restarts,

@@ -43,10 +43,11 @@ BatchObserver = Callable[[list[Job], float, "float | None"], None]
 class WorkerDied(Exception):
     """The model process exited; `cause` says how ("killed by SIGKILL — out of memory?")."""
 
-    def __init__(self, cause: str, exitcode: int | None) -> None:
+    def __init__(self, cause: str, exitcode: int | None, sent: bool = True) -> None:
         super().__init__(cause)
         self.cause = cause
         self.exitcode = exitcode
+        self.sent = sent  # False: the batch never reached the process, so it never ran
 
 
 class LoadFailed(Exception):
@@ -127,7 +128,11 @@ class WorkerProcess:
         future: asyncio.Future[ipc.BatchResult] = asyncio.get_running_loop().create_future()
         self._pending = (batch.batch_id, future)
         try:
-            await ipc.write_message(self._writer, batch)
+            try:
+                await ipc.write_message(self._writer, batch)
+            except (ConnectionError, OSError):  # dead before the batch could be sent
+                died = await asyncio.shield(self.exited)
+                raise WorkerDied(died.cause, died.exitcode, sent=False) from None
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:  # before OSError, of which it is a subclass
             self.kill()
@@ -239,8 +244,14 @@ class Supervisor:
         self.index = index
         self.config = config
         self.batcher = batcher
+        device = config.worker_device(index)
+        visible = None
+        if config.devices and device.startswith("cuda:"):
+            visible, device = device.split(":", 1)[1], "cuda:0"
+        self.device = config.worker_device(index)
         self.spec = ipc.WorkerSpec(
-            model=model, task=config.task, pipeline=config.pipeline, device=config.device,
+            model=model, task=config.task, pipeline=config.pipeline, device=device,
+            visible_devices=visible,
             dtype=config.dtype, threads=config.torch_threads(),
             max_worker_memory=config.max_worker_memory, log_level=config.log_level,
             log_format=config.log_format, worker_index=index)
@@ -391,6 +402,9 @@ class Supervisor:
             self._fail(jobs, lambda: errors.Unavailable("the server is shutting down"))
             raise
         except WorkerDied as died:
+            if not died.sent:  # it never ran: another worker (or this one restarted) can take it
+                self.batcher.requeue(jobs)
+                return died
             self._fail(jobs, lambda: errors.WorkerCrashed(retry_after=self.retry_after()))
             self._observe(jobs, started_at, None)
             return died
