@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 SERVER_START_TIMEOUT_S = 120.0
 _LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 
@@ -51,6 +52,24 @@ class Reply:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, body: bytes | str | None = None,
+            headers: dict[str, str] | None = None, timeout: float = 60.0) -> Reply:
+    """One HTTP request to 127.0.0.1:port."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body.encode() if isinstance(body, str) else body
+        connection.request(method, path, body=data, headers=headers or {})
+        response = connection.getresponse()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        connection.close()
+
+
+def post_json(port: int, document: Any, headers: dict[str, str] | None = None, **kwargs: Any) -> Reply:
+    return request(port, "POST", "/", json.dumps(document),
+                   {"Content-Type": "application/json", **(headers or {})}, **kwargs)
 
 
 class Server:
@@ -109,19 +128,10 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | str | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 60.0) -> Reply:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            data = body.encode() if isinstance(body, str) else body
-            connection.request(method, path, body=data, headers=headers or {})
-            response = connection.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()},
-                         response.read())
-        finally:
-            connection.close()
+        return request(self.port, method, path, body, headers, timeout)
 
     def post_json(self, document: Any, headers: dict[str, str] | None = None, **kwargs: Any) -> Reply:
-        return self.request("POST", "/", json.dumps(document),
-                            {"Content-Type": "application/json", **(headers or {})}, **kwargs)
+        return post_json(self.port, document, headers, **kwargs)
 
     def info(self) -> dict[str, Any]:
         return self.request("GET", "/info").json()

@@ -205,3 +205,21 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
                       "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes",
                       "CacheDirectory=", "LoadCredential=", "WatchdogSec="):
         assert directive in unit
+
+
+def test_kubernetes_example_probes_grace_period_and_autoscaling_signal() -> None:
+    import yaml
+
+    documents = {d["kind"]: d for d in yaml.safe_load_all((REPO / "deploy/kubernetes/pipeserve.yaml").read_text())}
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    # The grace period covers the drain plus the model process's exit grace.
+    assert pod["terminationGracePeriodSeconds"] > float(env["PIPESERVE_DRAIN_TIMEOUT"]) + 5
+    metric = documents["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert metric == "pipeserve_queue_depth"
+    from pipeserve.config import load_config
+
+    load_config([], environ={k: v for k, v in env.items() if v is not None})  # every setting parses
