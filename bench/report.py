@@ -29,7 +29,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Measured {machine['date']} on {machine['cores']} cores ({machine['cpu']}), Python "
+        f"Measured {machine['date']} at commit {machine.get('commit', 'unknown')} on {machine['cores']} cores ({machine['cpu']}), Python "
         f"{machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}; "
         "model: the embedded all-MiniLM-L6-v2 (mean-pooled, normalised sentence embeddings, the "
         "same work in every server). Workload: the seeded length mix of `bench/workload.py` "

@@ -172,7 +172,12 @@ def machine() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    return {"commit": commit, "cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
             "torch": str(torch.__version__), "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 

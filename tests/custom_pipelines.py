@@ -13,7 +13,8 @@ way a real model process can:
     "ALLOC:<mb>"  the process allocates and keeps <mb> MiB
     "OOM"         the call raises MemoryError whenever this input is in the batch
 
-Environment: TEST_LOAD_DELAY_S=s makes loading take that long; TEST_CALL_DELAY_S=s makes
+Environment: TEST_LOAD_DELAY_S=s makes loading take that long; loading fails while the file
+TEST_FAIL_LOAD_IF_EXISTS names exists; TEST_CALL_DELAY_S=s makes
 every call take that long (a model with a fixed cost per batch); TEST_OOM_ABOVE=N raises MemoryError for any call of more than N inputs;
 TEST_PLAIN=1 turns the commands off (for fuzzing); TEST_SEEN_FILE=path appends every input the pipeline sees to that file.
 """
@@ -80,6 +81,9 @@ class EchoPipeline:
 
 def make() -> EchoPipeline:
     time.sleep(float(os.environ.get("TEST_LOAD_DELAY_S", "0")))
+    marker = os.environ.get("TEST_FAIL_LOAD_IF_EXISTS")
+    if marker and os.path.exists(marker):
+        raise OSError("the model files went away")
     return EchoPipeline()
 
 

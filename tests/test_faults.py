@@ -107,18 +107,29 @@ def test_crash_loop_gives_up_and_exits_non_zero(start_server: Any) -> None:
     (("--pipeline", "custom_pipelines:fail_to_load"), "weights at <path> are corrupt"),
     (("--model", "/nonexistent/model/dir"), "/nonexistent/model/dir"),
     (("--model", "tiny", "--task", "no-such-task"), "no-such-task"),
+    (("--model", "no-such-org/no-such-model", "--task", "fill-mask"), "no-such-org/no-such-model"),
 ])
 def test_a_model_that_cannot_load_exits_fast_with_one_line(
         start_server: Any, tiny_models: dict[str, Path], args: tuple[str, ...], fragment: str) -> None:
     args = tuple(str(tiny_models["fill-mask"]) if a == "tiny" else a for a in args)
     started = time.monotonic()
-    server = start_server(*args, ready=False)
+    # A hub id cannot be fetched here: offline, as on this machine and CI.
+    server = start_server(*args, ready=False, env={"HF_HUB_OFFLINE": "1"})
     assert server.wait_exit(60) == 3
     assert time.monotonic() - started < 30
     errors = [line for line in server.lines if " ERROR " in f" {line} "]
     assert len(errors) == 1, server.log
     assert "cannot load model" in errors[0] and fragment in errors[0]
     assert "Traceback" not in server.log
+
+
+def test_a_restart_that_cannot_load_the_model_exits(start_server: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "models-gone"
+    server = start_server(*ECHO, env={"TEST_FAIL_LOAD_IF_EXISTS": str(marker)})
+    marker.touch()
+    os.kill(server.worker_pid(), signal.SIGKILL)
+    assert server.wait_exit(60) == 3
+    assert "the model files went away" in server.log and "restart #1" in server.log
 
 
 def test_load_failure_detail_is_logged_at_debug_level(start_server: Any) -> None:
