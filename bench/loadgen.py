@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import json
 import random
-import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field

@@ -93,7 +93,8 @@ async def _notify_systemd(runtime: Runtime, notifier: systemd.Notifier) -> None:
         if status != last_status:
             fields["STATUS"] = last_status = status
         if reason is None and not ready_sent:
-            fields["READY"] = ready_sent = 1
+            fields["READY"] = 1
+            ready_sent = True
         elif reason == "loading" and not ready_sent:
             fields["EXTEND_TIMEOUT_USEC"] = int(max(_LOAD_EXTENSION_S, 2 * tick) * 1_000_000)
         if watchdog and runtime.exit_code == errors.EXIT_OK:

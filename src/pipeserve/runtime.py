@@ -9,6 +9,7 @@ killed if it lingers → the HTTP listener closes → the process exits with `ex
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -43,7 +44,7 @@ class Runtime:
         self.changed = asyncio.Event()  # a worker changed state, or a stop began
         self.supervisors = [
             Supervisor(index, config, self.model, self.batcher, self._give_up,
-                       lambda index=index: self._serving(excluding=index),
+                       functools.partial(self._serving, excluding=index),
                        on_batch=self.metrics.observe_batch, on_change=self.changed.set)
             for index in range(config.worker_count())
         ]

@@ -1,10 +1,9 @@
-"""Owns the model processes: spawn, Ready, feed batches, notice death, restart with backoff.
+"""Keeps each worker slot serving: feed batches, notice death, restart with backoff.
 
-`WorkerProcess` is one spawned model process and the socket to it, read and written with
-asyncio streams; its death is noticed from `process.sentinel` through `loop.add_reader` (no
-polling). `Supervisor` keeps one worker slot serving: it pulls the next batch from the batcher
-whenever its worker is idle, fails exactly that batch when the worker dies, restarts it with
-exponential backoff, and gives up (telling the app to exit) on a crash loop or a load failure.
+A `Supervisor` owns one slot: it starts a `WorkerProcess` (worker.py), pulls the next batch
+from the batcher whenever its worker is idle, fails exactly that batch when the worker dies,
+restarts it with exponential backoff, and gives up (telling the app to exit) on a crash loop
+or a load failure.
 """
 
 from __future__ import annotations
@@ -12,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +21,7 @@ import multiprocess
 from pipeserve import errors, ipc, model_proc
 from pipeserve.batcher import Batcher, Job, resolve
 from pipeserve.config import Config
+from pipeserve.worker import BatchTimeout, LoadFailed, WorkerDied, WorkerProcess
 
 log = logging.getLogger("pipeserve.supervisor")
 
@@ -32,189 +29,9 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_STRETCH_S = 30.0  # a worker that served this long resets the backoff
 OOM_CAP_S = 60.0  # how long batches stay capped to the size that fit after an out-of-memory
-SHUTDOWN_GRACE_S = 5.0
-_EXIT_STATUS_POLL_S = 0.005
-_EXIT_STATUS_WAIT_S = 2.0
 _batch_ids = itertools.count(1)
 # Called after each batch: (its jobs, when it was sent, compute seconds or None if it failed).
 BatchObserver = Callable[[list[Job], float, "float | None"], None]
-
-
-class WorkerDied(Exception):
-    """The model process exited; `cause` says how ("killed by SIGKILL — out of memory?")."""
-
-    def __init__(self, cause: str, exitcode: int | None, sent: bool = True) -> None:
-        super().__init__(cause)
-        self.cause = cause
-        self.exitcode = exitcode
-        self.sent = sent  # False: the batch never reached the process, so it never ran
-
-
-class LoadFailed(Exception):
-    """The model process reported it cannot load the model (a one-line reason)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-class BatchTimeout(Exception):
-    """A batch ran past --batch-timeout; the worker has been killed."""
-
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "exited (status unknown)"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = " — out of memory?" if -exitcode == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    return {
-        model_proc.EXIT_SHUTDOWN: "exited normally",
-        model_proc.EXIT_LOAD_FAILED: "failed to load the model",
-        model_proc.EXIT_MEMORY_LIMIT: "exceeded --max-worker-memory and exited for a restart",
-        model_proc.EXIT_PIPE_CLOSED: "lost its pipe to the front",
-    }.get(exitcode, f"exited with code {exitcode}")
-
-
-class WorkerProcess:
-    """One model process and the pipe to it."""
-
-    def __init__(self, spec: ipc.WorkerSpec, context: Any) -> None:
-        self.spec = spec
-        self._context = context
-        self.process: Any = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._ready: asyncio.Future[ipc.Ready] | None = None
-        self._pending: tuple[int, asyncio.Future[ipc.BatchResult]] | None = None
-        self.exited: asyncio.Future[WorkerDied] | None = None
-        self.started_at = 0.0
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    async def start(self) -> ipc.Ready:
-        """Spawn the process and wait for Ready; raises LoadFailed or WorkerDied."""
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
-        self.exited = loop.create_future()
-        parent_end, child_end = self._context.Pipe(duplex=True)
-        self.process = self._context.Process(
-            target=model_proc.main, args=(child_end, self.spec),
-            name=f"pipeserve-worker-{self.spec.worker_index}")
-        self.process.start()
-        self.started_at = time.monotonic()
-        child_end.close()  # so that we see EOF when the child dies
-        sock = socket.socket(fileno=os.dup(parent_end.fileno()))
-        parent_end.close()
-        sock.setblocking(False)
-        reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
-        self._reader_task = asyncio.create_task(self._read_loop(reader))
-        loop.add_reader(self.process.sentinel, self._on_sentinel)
-        log.info("worker[%d] pid=%d starting", self.spec.worker_index, self.process.pid)
-        return await self._ready
-
-    async def run(self, batch: ipc.Batch, timeout: float) -> ipc.BatchResult:
-        """Send one batch and wait for its result; raises WorkerDied or BatchTimeout."""
-        assert self._writer is not None and self.exited is not None
-        if self.exited.done():
-            raise self.exited.result()
-        future: asyncio.Future[ipc.BatchResult] = asyncio.get_running_loop().create_future()
-        self._pending = (batch.batch_id, future)
-        try:
-            try:
-                await ipc.write_message(self._writer, batch)
-            except (ConnectionError, OSError):  # dead before the batch could be sent
-                died = await asyncio.shield(self.exited)
-                raise WorkerDied(died.cause, died.exitcode, sent=False) from None
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:  # before OSError, of which it is a subclass
-            self.kill()
-            raise BatchTimeout() from None
-        except (ConnectionError, OSError):
-            raise await asyncio.shield(self.exited) from None
-        finally:
-            self._pending = None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process is not None and self.process.exitcode is None:
-            try:
-                os.kill(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
-        """Ask the worker to exit; kill it if it has not within `grace` seconds."""
-        if self.exited is None or self.exited.done():
-            return
-        try:
-            if self._writer is not None:
-                await asyncio.wait_for(ipc.write_message(self._writer, ipc.Shutdown()), grace)
-            await asyncio.wait_for(asyncio.shield(self.exited), grace)
-        except (TimeoutError, ConnectionError, OSError):
-            log.warning("worker[%d] pid=%s did not exit in %.0fs; killing it",
-                        self.spec.worker_index, self.pid, grace)
-            self.kill()
-            await asyncio.shield(self.exited)
-
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                message = await ipc.read_message(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            except ipc.ProtocolError as exc:
-                log.error("worker[%d] sent a bad frame (%s); killing it", self.spec.worker_index, exc)
-                self.kill()
-                return
-            self._dispatch(message)
-
-    def _dispatch(self, message: Any) -> None:
-        assert self._ready is not None
-        if isinstance(message, ipc.Ready):
-            if message.protocol_version != ipc.PROTOCOL_VERSION:
-                self._ready.set_exception(LoadFailed(
-                    f"worker speaks protocol {message.protocol_version}, "
-                    f"front speaks {ipc.PROTOCOL_VERSION}", ""))
-            elif not self._ready.done():
-                self._ready.set_result(message)
-        elif isinstance(message, ipc.Fatal):
-            if not self._ready.done():
-                self._ready.set_exception(LoadFailed(message.reason, message.detail))
-        elif isinstance(message, ipc.BatchResult):
-            if self._pending and self._pending[0] == message.batch_id and not self._pending[1].done():
-                self._pending[1].set_result(message)
-            else:
-                log.warning("worker[%d] answered unknown batch %d", self.spec.worker_index, message.batch_id)
-
-    def _on_sentinel(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.process.sentinel)
-        asyncio.ensure_future(self._finish_exit())
-
-    async def _finish_exit(self) -> None:
-        # Read what the child wrote before it died (a result sent just before a planned exit)
-        # before failing anything; the socket reaches EOF right after the sentinel fires.
-        assert self._reader_task is not None and self.exited is not None
-        await asyncio.wait({self._reader_task}, timeout=1.0)
-        exitcode = self.process.exitcode
-        deadline = time.monotonic() + _EXIT_STATUS_WAIT_S
-        while exitcode is None and time.monotonic() < deadline:
-            await asyncio.sleep(_EXIT_STATUS_POLL_S)  # the sentinel fires just before the reap
-            exitcode = self.process.exitcode
-        died = WorkerDied(describe_exit(exitcode), exitcode)
-        if self._writer is not None:
-            self._writer.close()
-        self._reader_task.cancel()
-        for future in (self._ready, self._pending[1] if self._pending else None):
-            if future is not None and not future.done():
-                future.set_exception(died)
-        self.exited.set_result(died)
 
 
 class Backoff:
@@ -366,8 +183,9 @@ class Supervisor:
         assert worker.exited is not None
         while True:
             next_batch = asyncio.ensure_future(self.batcher.next_batch(self._batch_limit()))
+            waiters: set[asyncio.Future[Any]] = {next_batch, worker.exited}
             try:
-                await asyncio.wait({next_batch, worker.exited}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not next_batch.done():
                     next_batch.cancel()

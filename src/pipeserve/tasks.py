@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeserve import ipc, outputs
+from pipeserve import ipc, media, outputs
 
 
 class BatchCall:
@@ -75,6 +75,7 @@ class PipelineBatchCall(BatchCall):
 
     def __init__(self, pipe: Any, task: str) -> None:
         super().__init__(pipe)
+        self.pipe: Any = pipe  # the same object, typed for its attributes
         self.task = task
         # FillMaskPipeline returns outputs[0] for a one-element list: undo that.
         self._unwraps_single = type(pipe).__name__ == "FillMaskPipeline"
@@ -101,16 +102,16 @@ class PipelineBatchCall(BatchCall):
         can be listed too. A pipeline that reads a bare `**kwargs` itself (zero-shot) validates
         its own input (None).
         """
-        signature = inspect.signature(self.function._sanitize_parameters)
-        names = list(explicit_keywords(self.function._sanitize_parameters, takes_inputs=False))
+        signature = inspect.signature(self.pipe._sanitize_parameters)
+        names = list(explicit_keywords(self.pipe._sanitize_parameters, takes_inputs=False))
         forwarded = next((p.name for p in signature.parameters.values()
                           if p.kind is inspect.Parameter.VAR_KEYWORD), None)
         if self.task in _KNOWN_PARAMETERS:
             return tuple(sorted(set(names) | set(_KNOWN_PARAMETERS[self.task])))
         if forwarded is None:
             return tuple(names)
-        if "token" in forwarded and getattr(self.function, "tokenizer", None) is not None:
-            names += explicit_keywords(type(self.function.tokenizer).__call__)
+        if "token" in forwarded and getattr(self.pipe, "tokenizer", None) is not None:
+            names += explicit_keywords(type(self.pipe.tokenizer).__call__)
         elif "generate" in forwarded:
             from transformers import GenerationConfig  # noqa: PLC0415
 
@@ -121,7 +122,7 @@ class PipelineBatchCall(BatchCall):
 
     def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
         """One input the task can take (zero-shot needs labels, fill-mask a mask token)."""
-        tokenizer = getattr(self.function, "tokenizer", None)
+        tokenizer = getattr(self.pipe, "tokenizer", None)
         if self.task == "fill-mask" and tokenizer is not None:
             return [f"Warm up the {tokenizer.mask_token} model."], {}
         return ["Warm up the model."], _WARMUP_PARAMETERS.get(self.task, {})
@@ -196,7 +197,7 @@ class FeatureExtractionBatchCall(PipelineBatchCall):
                    for r in super().run(inputs, {**options, "return_tensors": True})]
         if len(inputs) > 1:
             lengths = self._token_counts(inputs, options)
-            left = getattr(self.function.tokenizer, "padding_side", "right") == "left"
+            left = getattr(self.pipe.tokenizer, "padding_side", "right") == "left"
             results = [r[:, -n:] if left else r[:, :n] for r, n in zip(results, lengths)]
         return [_pool(tokens, mode, normalize) for tokens in results]
 
@@ -205,7 +206,7 @@ class FeatureExtractionBatchCall(PipelineBatchCall):
         tokenize_kwargs = dict(parameters.get("tokenize_kwargs") or {})
         if parameters.get("truncation") is not None:
             tokenize_kwargs["truncation"] = parameters["truncation"]
-        encoded = self.function.tokenizer(inputs, **tokenize_kwargs)
+        encoded = self.pipe.tokenizer(inputs, **tokenize_kwargs)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def accepted_parameters(self) -> tuple[str, ...] | None:
@@ -240,7 +241,7 @@ class ImageBatchCall(PipelineBatchCall):
     input_kind = "image"
 
     def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        return super().run([decode_image(item) for item in inputs], parameters)
+        return super().run([media.decode_image(item) for item in inputs], parameters)
 
     def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
         import io  # noqa: PLC0415
@@ -250,19 +251,6 @@ class ImageBatchCall(PipelineBatchCall):
         buffer = io.BytesIO()
         Image.new("RGB", (64, 64), (127, 127, 127)).save(buffer, format="PNG")
         return [buffer.getvalue()], {}
-
-
-def decode_image(data: bytes) -> Any:
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
-    import io  # noqa: PLC0415
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"not a readable image ({type(exc).__name__})") from None
-    return image.convert("RGB")
 
 
 class AudioBatchCall(PipelineBatchCall):
@@ -275,55 +263,10 @@ class AudioBatchCall(PipelineBatchCall):
         self.sampling_rate = int(getattr(pipe.feature_extractor, "sampling_rate", 16000))
 
     def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        return super().run([decode_audio(item, self.sampling_rate) for item in inputs], parameters)
+        return super().run([media.decode_audio(item, self.sampling_rate) for item in inputs], parameters)
 
     def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
-        return [encode_wav(np.zeros(self.sampling_rate, dtype=np.float32), self.sampling_rate)], {}
-
-
-def decode_audio(data: bytes, rate: int) -> np.ndarray:
-    """Mono float32 samples at `rate` from WAV bytes (other formats through ffmpeg, if installed)."""
-    import io  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
-    import wave  # noqa: PLC0415
-
-    try:
-        with wave.open(io.BytesIO(data)) as handle:
-            width, channels, source_rate = handle.getsampwidth(), handle.getnchannels(), handle.getframerate()
-            frames = handle.readframes(handle.getnframes())
-    except (wave.Error, EOFError):
-        if shutil.which("ffmpeg") is None:
-            raise ValueError("audio must be a WAV file (install ffmpeg to accept other formats)") from None
-        from transformers.pipelines.audio_utils import ffmpeg_read  # noqa: PLC0415
-
-        return np.asarray(ffmpeg_read(data, rate), dtype=np.float32)
-    if width not in (1, 2, 4):
-        raise ValueError(f"unsupported WAV sample width of {width} bytes")
-    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-    samples = np.frombuffer(frames, dtype=dtype).astype(np.float32)
-    if width == 1:
-        samples = samples - 128.0
-    samples /= float(2 ** (8 * width - 1))
-    if channels > 1:
-        samples = samples.reshape(-1, channels).mean(axis=1)
-    if source_rate != rate and len(samples) > 1:  # linear resampling: no torchaudio needed
-        duration = len(samples) / source_rate
-        target = np.linspace(0.0, duration, int(round(duration * rate)), endpoint=False)
-        samples = np.interp(target, np.arange(len(samples)) / source_rate, samples).astype(np.float32)
-    return samples
-
-
-def encode_wav(samples: np.ndarray, rate: int) -> bytes:
-    import io  # noqa: PLC0415
-    import wave  # noqa: PLC0415
-
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as handle:
-        handle.setnchannels(1)
-        handle.setsampwidth(2)
-        handle.setframerate(rate)
-        handle.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+        return [media.encode_wav(np.zeros(self.sampling_rate, dtype=np.float32), self.sampling_rate)], {}
 
 
 def _prepare_generation(pipe: Any) -> None:
@@ -379,7 +322,7 @@ def load_transformers(spec: ipc.WorkerSpec, device: str, torch: Any) -> BatchCal
         kwargs["dtype"] = getattr(torch, spec.dtype)
     elif device != "cpu":
         kwargs["dtype"] = "auto"
-    pipe = pipeline(task, model=spec.model, **kwargs)
+    pipe = pipeline(task, model=spec.model, **kwargs)  # type: ignore[call-overload]
     task = pipe.task or task
     if task == "feature-extraction":
         pooling = read_sentence_pooling(spec.model) if os.path.isdir(spec.model) else SentencePooling()
