@@ -126,11 +126,11 @@ def test_disconnected_clients_jobs_are_dropped_before_compute(start_server: Any,
             return await blocker
 
     assert asyncio.run(scenario())[0] == 200
-    wait_until(lambda: server.info()["counters"]["dropped"].get("cancelled", 0) == 3
+    wait_until(lambda: server.info()["counters"]["dropped"].get("disconnected", 0) == 3
                or server.info()["counters"]["queue_depth"] == 0, 5, message="dropped")
     assert server.post_json({"inputs": "next"}).status == 200
     assert "abandoned" not in seen.read_text()
-    assert server.info()["counters"]["dropped"]["cancelled"] == 3
+    assert server.info()["counters"]["dropped"]["disconnected"] == 3
 
 
 def test_body_and_item_limits_answer_413(start_server: Any) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from pipeserve import errors
-from pipeserve.batcher import DROP_CANCELLED, DROP_EXPIRED, Batcher, resolve
+from pipeserve.batcher import DROP_DISCONNECTED, DROP_EXPIRED, Batcher, resolve
 
 FAR = 1e9  # a deadline that never passes
 
@@ -82,7 +82,7 @@ async def test_cancelled_and_expired_jobs_are_dropped_and_counted() -> None:
     clock.now += 2
     batch = await batcher.next_batch()
     assert [job.input for job in batch] == ["live"]
-    assert batcher.dropped == {DROP_CANCELLED: 1, DROP_EXPIRED: 1}
+    assert batcher.dropped == {DROP_DISCONNECTED: 1, DROP_EXPIRED: 1}
     assert isinstance(late.future.exception(), errors.RequestTimeout)
 
 

@@ -47,7 +47,7 @@ def test_metrics_in_prometheus_format(start_server: Any) -> None:
     assert samples[("pipeserve_inference_seconds_count", ())] >= 3
     assert samples[("pipeserve_queue_depth", ())] == 0
     assert samples[("pipeserve_in_flight", ())] == 0
-    assert samples[("pipeserve_dropped_jobs_total", (("reason", "cancelled"),))] == 0
+    assert samples[("pipeserve_dropped_jobs_total", (("reason", "disconnected"),))] == 0
     assert samples[("pipeserve_refused_requests_total", (("reason", "queue_full"),))] == 0
     assert samples[("pipeserve_worker_up", (("worker", "0"),))] == 1
     assert samples[("pipeserve_worker_restarts_total", (("worker", "0"),))] == 0

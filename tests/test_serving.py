@@ -133,7 +133,7 @@ def test_pooling_parameters_on_a_plain_encoder(start_server: Any, tiny_models: d
     columns = list(zip(*per_token[0]))
     assert _close(mean, [math.fsum(column) / len(column) for column in columns])
     bad = server.post_json({"inputs": "x", "parameters": {"pooling": "median"}})
-    assert bad.status == 400 and "pooling must be one of" in bad.json()["error"]
+    assert bad.status == 400 and "'pooling' must be one of mean, cls, max, none" in bad.json()["error"]
 
 
 # --- the two processes ------------------------------------------------------------------------
@@ -237,6 +237,10 @@ def test_batch_size_is_capped(start_server: Any) -> None:
     (b'{"inputs": "x", "parameters": {"bogus": 1}}', "application/json", 400, "'bogus'"),
     (b'{"inputs": "x", "parameters": {"batch_size": 3}}', "application/json", 400, "'batch_size'"),
     (b'{"input": "x"}', "application/json", 400, "unknown field 'input'"),
+    (b'{"inputs": "the [MASK]", "parameters": {"top_k": "three"}}', "application/json", 400,
+     "'top_k' must be an integer >= 1"),
+    (b'{"inputs": "the [MASK]", "parameters": {"targets": [1]}}', "application/json", 400,
+     "'targets' must be a string or a non-empty list of strings"),
     (b"\xff\xfe bad utf-8", "text/plain", 400, "UTF-8"),
     (b"no mask token here", "text/plain", 400, "mask"),
 ])

@@ -101,6 +101,8 @@ def test_text_generation(start_server: Any, task_models: dict[str, Path]) -> Non
     sampled = server.post_json({"inputs": texts, "parameters": {"max_new_tokens": 3, "do_sample": True}})
     assert sampled.status == 200 and len(sampled.json()) == 2
     assert server.post_json({"inputs": "x", "parameters": {"max_new_tokenz": 3}}).status == 400
+    zero = server.post_json({"inputs": "x", "parameters": {"max_new_tokens": 0}})
+    assert zero.status == 400 and "'max_new_tokens' must be an integer >= 1" in zero.json()["error"]
 
 
 def test_image_classification_raw_and_base64(start_server: Any, task_models: dict[str, Path]) -> None:

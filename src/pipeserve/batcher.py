@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeserve import errors
 
-DROP_CANCELLED = "cancelled"  # the client disconnected or its handler gave up
+DROP_DISCONNECTED = "disconnected"  # the client went away before its batch started
 DROP_EXPIRED = "expired"  # its deadline passed before a batch could take it
 REFUSE_QUEUE_FULL = "queue_full"
 REFUSE_QUEUE_WAIT = "queue_wait"  # the oldest queued job has waited past --max-queue-wait-ms
@@ -176,7 +176,7 @@ class Batcher:
 
     def _is_dead(self, job: Job, now: float) -> bool:
         if job.future.done():  # its handler gave up: at its deadline, or the client went away
-            self.dropped[DROP_EXPIRED if now >= job.deadline else DROP_CANCELLED] += 1
+            self.dropped[DROP_EXPIRED if now >= job.deadline else DROP_DISCONNECTED] += 1
             return True
         if now >= job.deadline:
             self.dropped[DROP_EXPIRED] += 1

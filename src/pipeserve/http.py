@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from pipeserve import errors, metrics, outputs
+from pipeserve import errors, metrics, outputs, params
 from pipeserve.batcher import Job
 from pipeserve.runtime import Runtime
 
@@ -33,8 +33,6 @@ RUNTIME = web.AppKey("runtime", Runtime)
 REQUEST_ID_HEADER = "X-Request-Id"
 TIMEOUT_HEADER = "X-Request-Timeout"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-# Pipeline keywords the server sets itself; a client may not override them.
-RESERVED_PARAMETERS = frozenset({"batch_size", "num_workers"})
 # Top-level JSON fields: the Hugging Face Inference API's; `options` is accepted and ignored.
 _JSON_FIELDS = frozenset({"inputs", "parameters", "options"})
 
@@ -145,7 +143,7 @@ async def predict(request: web.Request) -> web.Response:
     # request.read() raises 413 past client_max_size (--max-body-bytes).
     inputs, parameters, single = _parse_body(await request.read(), request.content_type,
                                              config.max_items, runtime.input_kind())
-    parameters_key = check_parameters(parameters, runtime.accepted_parameters())
+    parameters_key = params.check_parameters(parameters, runtime.accepted_parameters())
     runtime.check_available()
     jobs = runtime.batcher.submit(inputs, parameters, parameters_key, request["request_id"], deadline)
     try:
@@ -245,17 +243,6 @@ def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
              int: "a number", float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-def check_parameters(parameters: dict[str, Any], accepted: tuple[str, ...] | None) -> str:
-    """Reject parameters the pipeline cannot take; return the key that groups batches."""
-    for name in parameters:
-        if name in RESERVED_PARAMETERS:
-            raise errors.BadRequest(f"parameter {name!r} is set by the server")
-        if accepted is not None and name not in accepted:
-            hint = f"; accepted: {', '.join(accepted)}" if accepted else "; this pipeline takes none"
-            raise errors.BadRequest(f"unknown parameter {name!r}{hint}")
-    return orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS).decode()
 
 
 async def _results(jobs: list[Job], timeout: float, single: bool) -> list[Any]:

@@ -76,7 +76,7 @@ class _RuntimeCollector(Collector):
         yield _gauge("pipeserve_in_flight", "Inputs in a batch that a worker is running.", batcher.in_flight)
         dropped = CounterMetricFamily("pipeserve_dropped_jobs", "Inputs dropped before compute, by reason.",
                                       labels=["reason"])
-        for reason in ("cancelled", "expired"):
+        for reason in ("disconnected", "expired"):
             dropped.add_metric([reason], batcher.dropped.get(reason, 0))
         yield dropped
         refused = CounterMetricFamily("pipeserve_refused_requests", "Requests refused with 503 at admission.",
