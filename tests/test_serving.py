@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import Server
+from conftest import REPO_ROOT, Server, wait_until
 
 ECHO = ("--pipeline", "custom_pipelines:make")
 
@@ -169,7 +169,8 @@ def test_event_loop_stays_responsive_during_a_slow_inference(echo: Server) -> No
         async with aiohttp.ClientSession() as session:
             slow = asyncio.ensure_future(session.post(f"http://127.0.0.1:{echo.port}/",
                                                       data="SLEEP:2", headers={"Content-Type": "text/plain"}))
-            await asyncio.sleep(0.3)  # let the slow batch reach the worker (not a synchronisation)
+            await asyncio.to_thread(wait_until, lambda: echo.info()["counters"]["in_flight"] == 1, 5,
+                                    message="the slow batch running")
             latencies = []
             for _ in range(5):
                 started = time.perf_counter()
@@ -280,3 +281,16 @@ def test_info_reports_model_settings_versions_and_counters(echo: Server) -> None
     worker = info["workers"][0]
     assert worker["state"] == "ready" and worker["pid"] > 0
     assert set(info["counters"]) >= {"batches", "items", "pipeline_calls", "queue_depth", "dropped"}
+
+
+def test_readme_documents_every_flag_endpoint_and_variable() -> None:
+    import dataclasses
+
+    from pipeserve.config import Config, flag_name
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    for field in dataclasses.fields(Config):
+        assert f"`{flag_name(field.name)}" in readme, flag_name(field.name)
+    for route in ("`POST /`", "`GET /health`", "`GET /ready`", "`GET /info`", "`GET /metrics`"):
+        assert route in readme
+    assert "PIPESERVE_<FLAG>" in readme
