@@ -140,11 +140,12 @@ async def predict(request: web.Request) -> web.Response:
     config = runtime.config
     timeout = _request_timeout(request, config.request_timeout)
     deadline = time.monotonic() + timeout
+    # First: while no model is loaded, what inputs and parameters it takes is not known yet.
+    runtime.check_available()
     # request.read() raises 413 past client_max_size (--max-body-bytes).
     inputs, parameters, single = _parse_body(await request.read(), request.content_type,
                                              config.max_items, runtime.input_kind())
     parameters_key = params.check_parameters(parameters, runtime.accepted_parameters())
-    runtime.check_available()
     jobs = runtime.batcher.submit(inputs, parameters, parameters_key, request["request_id"], deadline)
     try:
         results = await _results(jobs, timeout, single)
