@@ -270,6 +270,24 @@ def test_sigterm_drains_in_flight_and_queued_jobs_then_exits_0(start_server: Any
     wait_until(lambda: not _pid_alive(worker), 5, message="worker gone")
 
 
+def test_ctrl_c_to_the_process_group_still_drains(start_server: Any) -> None:
+    server = start_server(*ECHO)
+    worker = server.worker_pid()
+
+    async def scenario() -> Any:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            running = asyncio.ensure_future(_post(session, server.port, {"inputs": "SLEEP:1"}))
+            await asyncio.to_thread(wait_until, lambda: _in_flight(server), 10, message="batch running")
+            os.killpg(server.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            return await running
+
+    status, *_ = asyncio.run(scenario())
+    assert status == 200
+    assert server.wait_exit(30) == 0
+    assert "died" not in server.log
+    wait_until(lambda: not _pid_alive(worker), 5, message="worker gone")
+
+
 def test_worker_exits_when_the_front_is_killed(start_server: Any) -> None:
     server = start_server(*ECHO)
     worker = server.worker_pid()
