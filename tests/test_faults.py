@@ -270,7 +270,8 @@ def test_sigterm_drains_in_flight_and_queued_jobs_then_exits_0(start_server: Any
     wait_until(lambda: not _pid_alive(worker), 5, message="worker gone")
 
 
-def test_ctrl_c_to_the_process_group_still_drains(start_server: Any) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_process_group_still_drains(start_server: Any, sig: int) -> None:
     server = start_server(*ECHO)
     worker = server.worker_pid()
 
@@ -278,7 +279,8 @@ def test_ctrl_c_to_the_process_group_still_drains(start_server: Any) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             running = asyncio.ensure_future(_post(session, server.port, {"inputs": "SLEEP:1"}))
             await asyncio.to_thread(wait_until, lambda: _in_flight(server), 10, message="batch running")
-            os.killpg(server.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            # What a terminal's Ctrl-C, or systemd's KillMode=control-group, does.
+            os.killpg(server.process.pid, sig)
             return await running
 
     status, *_ = asyncio.run(scenario())

@@ -33,9 +33,11 @@ _PR_SET_PDEATHSIG = 1
 def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     """Entry point of the spawned process; `conn` is a multiprocess Connection."""
     _configure_logging(spec)
-    # Ctrl-C in a terminal sends SIGINT to the whole process group: the front drains and then
-    # tells us to exit; dying here at once would lose the batch in flight.
+    # Ctrl-C in a terminal (SIGINT), and a service manager stopping a whole control group
+    # (SIGTERM), signal every process: the front drains and then tells us to exit (or the pipe
+    # closes, or PR_SET_PDEATHSIG fires); dying here at once would lose the batch in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if spec.visible_devices is not None:  # before torch is imported: it reads this once
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_devices
     _die_with_parent()
