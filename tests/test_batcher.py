@@ -190,3 +190,19 @@ async def test_arrival_order_is_first_come_first_batched() -> None:
     batcher = Batcher(max_batch_size=3, max_batch_delay_s=0, max_queue=100, order="arrival")
     _submit(batcher, [_text(n) for n in (40, 10, 130, 42)])
     assert [job.tokens for job in await batcher.next_batch()] == [40, 10, 130]
+
+
+async def test_every_dropped_job_is_counted_once_whatever_its_parameters() -> None:
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=0, max_queue=100)
+    _submit(batcher, ["live"], key="A")
+    gone_b, = _submit(batcher, ["b"], key="B")
+    gone_a, = _submit(batcher, ["a"], key="A")
+    gone_a.future.cancel()
+    gone_b.future.cancel()
+    assert [job.input for job in await batcher.next_batch()] == ["live"]
+    assert batcher.dropped == {DROP_DISCONNECTED: 1}
+    assert batcher.depth == 1  # B's cancelled job waits until a batch meets it...
+    waiting = asyncio.ensure_future(batcher.next_batch())
+    await asyncio.sleep(0)
+    assert batcher.dropped == {DROP_DISCONNECTED: 2} and batcher.depth == 0  # ...and counts it
+    waiting.cancel()

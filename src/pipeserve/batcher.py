@@ -38,7 +38,6 @@ RETRY_AFTER_MAX_S = 60
 
 ORDER_LENGTH = "length"
 ORDER_ARRIVAL = "arrival"
-BATCH_ORDERS = (ORDER_LENGTH, ORDER_ARRIVAL)
 # Default for the share of real (unpadded) tokens below which an input is left for the next
 # batch rather than padded: on a CPU, padding a 10-token text to 135 costs more than a call.
 DEFAULT_MIN_BATCH_FILL = 0.85
@@ -202,14 +201,20 @@ class Batcher:
     def _take(self, key: str, limit: int) -> list[Job]:
         now = self._clock()
         candidates: list[Job] = []
+        dead: set[Job] = set()
         for job in self._queue:
-            if job.parameters_key == key and not self._is_dead(job, now):
-                candidates.append(job)
-                if len(candidates) >= LENGTH_WINDOW:
-                    break
+            if job.parameters_key != key:
+                continue
+            if self._is_dead(job, now):  # counted once, here
+                dead.add(job)
+                continue
+            candidates.append(job)
+            if len(candidates) >= LENGTH_WINDOW:
+                break
         batch = self._choose(candidates, limit)
-        taken = set(batch)
-        self._queue = deque(job for job in self._queue if job not in taken and not job.future.done())
+        # Dead jobs of other parameters stay until a batch meets them, and are counted then.
+        removed = dead.union(batch)
+        self._queue = deque(job for job in self._queue if job not in removed)
         self.in_flight += len(batch)
         return batch
 

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from pipeserve import __version__, errors
+from pipeserve import __version__, errors, ipc
 from pipeserve.batcher import Batcher
 from pipeserve.config import Config
 from pipeserve.metrics import Metrics
@@ -151,19 +151,21 @@ class Runtime:
         raise errors.Unavailable(messages.get(reason, "the model is not available"),
                                  retry_after=retry)
 
+    def loaded(self) -> ipc.Ready | None:
+        """What a worker reported when it loaded the model (every worker loads the same one)."""
+        return next((s.ready for s in self.supervisors if s.ready is not None), None)
+
     def input_kind(self) -> str:
         """text, image or audio: what the loaded pipeline takes as one input."""
-        ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
+        ready = self.loaded()
         return ready.input_kind if ready is not None else "text"
 
     def accepted_parameters(self) -> tuple[str, ...] | None:
-        for supervisor in self.supervisors:
-            if supervisor.ready is not None:
-                return supervisor.ready.accepted_parameters
-        return None
+        ready = self.loaded()
+        return ready.accepted_parameters if ready is not None else None
 
     def info(self) -> dict[str, Any]:
-        ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
+        ready = self.loaded()
         config = self.config
         return {
             "model": self.model or None,
