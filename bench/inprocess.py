@@ -45,7 +45,7 @@ def _run(mode: str, seconds: float, offset: int, result: dict) -> None:  # in a 
     import torch
     from transformers import pipeline
 
-    from pipeserve.runtime import default_model_path
+    from pipeserve.front.runtime import default_model_path
 
     torch.set_num_threads(1)
     pipe = pipeline("feature-extraction", model=default_model_path(), device="cpu")

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from pipeserve import errors
-from pipeserve.batcher import DROP_DISCONNECTED, DROP_EXPIRED, Batcher, resolve
+from pipeserve.front import errors
+from pipeserve.front.batcher import Batcher, Dropped, resolve
 
 FAR = 1e9  # a deadline that never passes
 
@@ -82,7 +82,7 @@ async def test_cancelled_and_expired_jobs_are_dropped_and_counted() -> None:
     clock.now += 2
     batch = await batcher.next_batch()
     assert [job.input for job in batch] == ["live"]
-    assert batcher.dropped == {DROP_DISCONNECTED: 1, DROP_EXPIRED: 1}
+    assert batcher.dropped == {Dropped.DISCONNECTED: 1, Dropped.EXPIRED: 1}
     assert isinstance(late.future.exception(), errors.RequestTimeout)
 
 
@@ -200,9 +200,9 @@ async def test_every_dropped_job_is_counted_once_whatever_its_parameters() -> No
     gone_a.future.cancel()
     gone_b.future.cancel()
     assert [job.input for job in await batcher.next_batch()] == ["live"]
-    assert batcher.dropped == {DROP_DISCONNECTED: 1}
+    assert batcher.dropped == {Dropped.DISCONNECTED: 1}
     assert batcher.depth == 1  # B's cancelled job waits until a batch meets it...
     waiting = asyncio.ensure_future(batcher.next_batch())
     await asyncio.sleep(0)
-    assert batcher.dropped == {DROP_DISCONNECTED: 2} and batcher.depth == 0  # ...and counts it
+    assert batcher.dropped == {Dropped.DISCONNECTED: 2} and batcher.depth == 0  # ...and counts it
     waiting.cancel()

@@ -14,8 +14,8 @@ import multiprocess
 import numpy as np
 import pytest
 
-from pipeserve import errors, ipc
-from pipeserve.config import Config, build_parser, env_name, flag_name, load_config, parse_size
+from pipeserve import ipc
+from pipeserve.front.config import Config, build_parser, env_name, flag_name, load_config, parse_size
 
 
 def test_defaults() -> None:
@@ -70,7 +70,7 @@ def test_help_explains_each_flag() -> None:
 
 def test_public_message_strips_paths_and_tracebacks() -> None:
     text = "cannot open /srv/models/x/weights.bin\nTraceback (most recent call last): ..."
-    assert errors.public_message(text) == "cannot open <path>"
+    assert ipc.public_message(text) == "cannot open <path>"
 
 
 # --- the pipe protocol ---------------------------------------------------------------------------
@@ -110,23 +110,21 @@ def test_only_protocol_messages_cross_the_pipe() -> None:
 
 
 def test_a_custom_pipeline_needs_no_default_model() -> None:
-    from pipeserve.runtime import Runtime
+    from pipeserve.front.runtime import Runtime
 
     runtime = Runtime(load_config(["--pipeline", "custom_pipelines:make"], environ={}))
     assert runtime.model == "" and runtime.supervisors[0].spec.model == ""
 
 
 def test_devices_start_one_worker_each_and_hide_the_other_gpus() -> None:
-    from pipeserve.supervisor import Supervisor
+    from pipeserve.front.supervisor import worker_spec
 
     config = load_config(["--devices", "cuda:0,cuda:1"], environ={})
-    assert config.worker_count() == 2
-    supervisor = Supervisor(1, config, "m", None, lambda *_: None, lambda: True)  # type: ignore[arg-type]
-    assert supervisor.device == "cuda:1"
-    assert (supervisor.spec.device, supervisor.spec.visible_devices) == ("cuda:0", "1")
-    cpu = Supervisor(0, load_config(["--devices", "cpu,cpu"], environ={}), "m", None,  # type: ignore[arg-type]
-                     lambda *_: None, lambda: True)
-    assert (cpu.spec.device, cpu.spec.visible_devices) == ("cpu", None)
+    assert config.worker_count() == 2 and config.worker_device(1) == "cuda:1"
+    spec = worker_spec(config, "m", 1)
+    assert (spec.device, spec.visible_devices) == ("cuda:0", "1")
+    cpu = worker_spec(load_config(["--devices", "cpu,cpu"], environ={}), "m", 0)
+    assert (cpu.device, cpu.visible_devices) == ("cpu", None)
 
 
 @pytest.mark.parametrize("argv, fragment", [

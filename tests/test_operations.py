@@ -220,6 +220,6 @@ def test_kubernetes_example_probes_grace_period_and_autoscaling_signal() -> None
     assert pod["terminationGracePeriodSeconds"] > float(env["PIPESERVE_DRAIN_TIMEOUT"]) + 5
     metric = documents["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert metric == "pipeserve_queue_depth"
-    from pipeserve.config import load_config
+    from pipeserve.front.config import load_config
 
     load_config([], environ={k: v for k, v in env.items() if v is not None})  # every setting parses

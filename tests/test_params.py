@@ -1,16 +1,23 @@
-"""Parameter checks in the front, in-process."""
+"""Parameter checks in the front, against a schema as the model process declares it (in-process)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeserve import errors
-from pipeserve.params import check_parameters
+from pipeserve.front import errors
+from pipeserve.front.params import check_parameters, describe
+from pipeserve.ipc import ParamSpec, ParamType
+from pipeserve.model.tasks import TASKS
+
+# The documented parameters of three real registry entries, as a loaded pipeline sends them.
+SCHEMA = {spec.name: spec for task in ("text-generation", "zero-shot-classification",
+                                       "token-classification", "fill-mask")
+          for spec in TASKS[task].parameters}
 
 
 @pytest.mark.parametrize("parameters, fragment", [
     ({"batch_size": 4}, "'batch_size' is set by the server"),
-    ({"bogus": 1}, "unknown parameter 'bogus'; accepted: top_k, max_new_tokens"),
+    ({"bogus": 1}, "unknown parameter 'bogus'; accepted: max_new_tokens, max_length"),
     ({"top_k": 0}, "'top_k' must be an integer >= 1"),
     ({"top_k": True}, "'top_k' must be an integer >= 1"),
     ({"max_new_tokens": "5"}, "'max_new_tokens' must be an integer >= 1"),
@@ -21,15 +28,28 @@ from pipeserve.params import check_parameters
     ({"aggregation_strategy": "median"}, "one of none, simple, first, average, max"),
 ])
 def test_bad_parameters_are_named(parameters: dict, fragment: str) -> None:
-    accepted = ("top_k", "max_new_tokens", "do_sample", "temperature", "candidate_labels",
-                "hypothesis_template", "aggregation_strategy")
     with pytest.raises(errors.BadRequest, match=fragment.replace("{", r"\{").replace("}", r"\}")):
-        check_parameters(parameters, accepted)
+        check_parameters(parameters, SCHEMA)
 
 
 def test_good_parameters_give_an_order_independent_batch_key() -> None:
-    accepted = None  # the pipeline takes any keyword
-    first = check_parameters({"top_k": 2, "targets": ["a", "b"], "top_p": 0.5}, accepted)
-    second = check_parameters({"top_p": 0.5, "targets": ["a", "b"], "top_k": 2}, accepted)
-    assert first == second
-    assert check_parameters({"top_k": None, "function_to_apply": "SIGMOID"}, accepted)
+    first = check_parameters({"top_k": 2, "targets": ["a", "b"], "top_p": 0.5}, SCHEMA)
+    second = check_parameters({"top_p": 0.5, "targets": ["a", "b"], "top_k": 2}, SCHEMA)
+    assert first == second == '{"targets":["a","b"],"top_k":2,"top_p":0.5}'
+    assert check_parameters({"top_k": None, "aggregation_strategy": "SIMPLE"}, SCHEMA) == \
+        '{"aggregation_strategy":"SIMPLE","top_k":null}'
+
+
+def test_an_open_schema_passes_unknown_names_but_still_checks_known_ones() -> None:
+    schema = {"top_k": ParamSpec("top_k", ParamType.INTEGER, minimum=1)}
+    assert check_parameters({"anything": [1]}, schema, open_parameters=True) == '{"anything":[1]}'
+    with pytest.raises(errors.BadRequest, match="'top_k' must be an integer >= 1"):
+        check_parameters({"top_k": 0, "anything": 1}, schema, open_parameters=True)
+    with pytest.raises(errors.BadRequest, match="this pipeline takes none"):
+        check_parameters({"anything": 1}, {})
+
+
+def test_every_registry_parameter_can_be_described() -> None:
+    for task in TASKS.values():
+        for spec in task.parameters:
+            assert describe(spec) and spec.name.isidentifier(), (task.name, spec)

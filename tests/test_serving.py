@@ -276,7 +276,9 @@ def test_request_id_is_echoed_or_generated(fill_mask: Server) -> None:
 def test_info_reports_model_settings_versions_and_counters(echo: Server) -> None:
     info = echo.info()
     assert info["task"] == "custom"
-    assert info["batching"]["max_batch_size"] == 32
+    assert info["settings"]["max_batch_size"] == 32 and info["settings"]["pipeline"] == "custom_pipelines:make"
+    assert "api_key" not in info["settings"] and "api_key_file" not in info["settings"]
+    assert info["parameters"] == ["suffix", "upper"] and info["input"] == "text"
     assert {"pipeserve", "torch", "python"} <= set(info["versions"])
     worker = info["workers"][0]
     assert worker["state"] == "ready" and worker["pid"] > 0
@@ -286,7 +288,7 @@ def test_info_reports_model_settings_versions_and_counters(echo: Server) -> None
 def test_readme_documents_every_flag_endpoint_and_variable() -> None:
     import dataclasses
 
-    from pipeserve.config import Config, flag_name
+    from pipeserve.front.config import Config, flag_name
 
     readme = (REPO_ROOT / "README.md").read_text()
     for field in dataclasses.fields(Config):

@@ -11,15 +11,16 @@ from typing import Any
 
 import torch
 
-from pipeserve import ipc, tasks
-from pipeserve.runtime import default_model_path
+from pipeserve import ipc
+from pipeserve.front.runtime import default_model_path
+from pipeserve.model import adapters, loading
 
 
-def load_embedder(threads: int) -> tasks.BatchCall:
+def load_embedder(threads: int) -> adapters.BatchCall:
     torch.set_num_threads(threads)
     spec = ipc.WorkerSpec(model=default_model_path(), task=None, pipeline=None, device="cpu",
                           dtype="auto", threads=threads, max_worker_memory=None, log_level="warning")
-    call = tasks.load_transformers(spec, "cpu", torch)
+    call = loading.load_transformers(spec, "cpu", torch)
     call(["warm up"], {})
     return call
 

@@ -1,30 +1,104 @@
-"""The pipe protocol between the front and a model process: every message type, in one place.
+"""The pipe protocol between the front and a model process, and the vocabulary both sides share.
 
-The set is closed: the front sends `Batch` and `Shutdown`; the model process sends `Ready`
-(after loading and warming up), `BatchResult` (one per `Batch`) and `Fatal` (when it cannot load).
-Errors cross as data (kind + safe message), never as pickled exceptions, and outputs cross as
-plain Python and numpy values: unpickling them in the front must never import torch.
+This is the only pipeserve module that both processes import (besides the stdlib-only `logs`),
+and it imports nothing of either side: the front can read it without loading model code, and
+the model process without loading aiohttp.
+
+Messages form a closed set: the front sends `Batch` and `Shutdown`; the model process sends
+`Ready` (after loading and warming up), `BatchResult` (one per `Batch`) and `Fatal` (when it
+cannot load). Errors cross as data (an `ErrorKind` and a safe message), never as pickled
+exceptions; outputs cross as plain Python and numpy values, so unpickling them in the front
+never imports torch.
 
 Frames use the wire format of `multiprocess.connection.Connection.send_bytes` (a 4-byte
-big-endian signed length, or -1 and an 8-byte length for frames over 2 GiB), so the model
-process uses a plain blocking Connection while the front reads and writes the same socket with
-asyncio streams and never blocks its event loop.
+big-endian signed length, or -1 and an 8-byte length for frames over 2 GiB): the model process
+uses a plain blocking Connection while the front reads and writes the same socket with asyncio
+streams and never blocks its event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import importlib
 import pickle
+import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# The model process the front starts, named (as gunicorn names a worker class) so that the
+# front never imports model code; tests name torch-free children the same way.
+MODEL_ENTRY_POINT = "pipeserve.model_proc:main"
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of both processes; LOAD_FAILED means the same thing from either."""
+
+    OK = 0
+    CRASH_LOOP = 1  # the front: a worker kept dying, let the service manager take over
+    USAGE = 2  # argparse's convention
+    LOAD_FAILED = 3  # the model (or custom pipeline) could not be loaded
+    MEMORY_LIMIT = 75  # EX_TEMPFAIL: a worker grew past --max-worker-memory; restart at once
+    PIPE_CLOSED = 76  # a worker lost its pipe: the front went away
+
+
+class WorkerState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class InputKind(enum.StrEnum):
+    """What one input of the loaded pipeline is: text, or the bytes of an image or audio file."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+
+
+class ErrorKind(enum.StrEnum):
+    """Why one input failed in the model process; `status` is the HTTP status it becomes."""
+
+    BAD_INPUT = "bad_input"
+    OUT_OF_MEMORY = "out_of_memory"
+    INTERNAL = "internal"
+
+    @property
+    def status(self) -> int:
+        return {"bad_input": 400, "out_of_memory": 413, "internal": 500}[self.value]
+
+
+class ParamType(enum.StrEnum):
+    """The type a documented pipeline parameter must have; ANY is checked by the pipeline."""
+
+    ANY = "any"
+    INTEGER = "integer"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    STRING = "string"
+    STRINGS = "strings"  # a string or a non-empty list of strings
+    CHOICE = "choice"  # a string from `choices`, case-insensitive
+    OBJECT = "object"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One keyword the loaded pipeline takes, and what its value must be."""
+
+    name: str
+    type: ParamType = ParamType.ANY
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    contains: str | None = None  # a STRING that must contain this (hypothesis_template's "{}")
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a model process is started with (passed as the spawn argument, not over the pipe)."""
+    """What a model process is started with (the spawn argument, not a pipe message)."""
 
     model: str
     task: str | None
@@ -52,9 +126,11 @@ class Ready:
     dtype: str
     load_seconds: float
     versions: dict[str, str]
-    # Keyword parameters the pipeline accepts; None when it takes arbitrary keywords.
-    accepted_parameters: tuple[str, ...] | None
-    input_kind: str = "text"  # text: str inputs; image/audio: bytes of an encoded file
+    # The parameter schema: the keywords the pipeline takes; the front validates against it.
+    parameters: tuple[ParamSpec, ...]
+    # True when the pipeline also takes keywords it does not name (a custom **kwargs).
+    open_parameters: bool = False
+    input_kind: InputKind = InputKind.TEXT
 
 
 @dataclass(frozen=True)
@@ -74,11 +150,11 @@ class Ok:
 
 @dataclass(frozen=True)
 class Failed:
-    kind: str  # one of errors.KIND_*
-    message: str  # safe to show to a client
+    kind: ErrorKind
+    message: str  # safe to show to a client (see public_message)
 
 
-Outcome = Union[Ok, Failed]
+Outcome = Ok | Failed
 
 
 @dataclass(frozen=True)
@@ -107,26 +183,55 @@ class Fatal:
     detail: str = field(default="", repr=False)  # the traceback, for --log-level debug
 
 
-ToWorker = Union[Batch, Shutdown]
-FromWorker = Union[Ready, BatchResult, Fatal]
-_MESSAGE_TYPES = (WorkerSpec, Ready, Batch, BatchResult, Shutdown, Fatal)
+ToWorker = Batch | Shutdown
+FromWorker = Ready | BatchResult | Fatal
+_MESSAGE_TYPES = (Ready, Batch, BatchResult, Shutdown, Fatal)
 
 
 class ProtocolError(Exception):
     """A frame that is not one of this module's messages."""
 
 
-def encode(message: Any) -> bytes:
+def encode(message: ToWorker | FromWorker) -> bytes:
     if not isinstance(message, _MESSAGE_TYPES):
         raise ProtocolError(f"not a protocol message: {type(message).__name__}")
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def decode(frame: bytes) -> Any:
-    message = pickle.loads(frame)
+def decode(frame: bytes) -> ToWorker | FromWorker:
+    try:
+        message = pickle.loads(frame)
+    except Exception as exc:  # noqa: BLE001 - any undecodable frame is the same protocol error
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__})") from None
     if not isinstance(message, _MESSAGE_TYPES):
         raise ProtocolError(f"unexpected message type {type(message).__name__}")
     return message
+
+
+# --- the child's entry point, resolved by name in the child -----------------------------------
+
+
+def run_entry_point(entry_point: str, conn: Any, spec: WorkerSpec) -> None:
+    """Spawn target: import `module:function` in the new process and call it with (conn, spec)."""
+    module_name, _, function_name = entry_point.partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    function(conn, spec)
+
+
+# --- messages that are safe to show ------------------------------------------------------------
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-~@+]+){2,}[/\\]?")
+_MAX_PUBLIC_MESSAGE = 300
+
+
+def public_message(text: str) -> str:
+    """The first line of an exception message, without file paths, short enough to show."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    first = _PATH.sub("<path>", first)
+    if len(first) > _MAX_PUBLIC_MESSAGE:
+        first = first[: _MAX_PUBLIC_MESSAGE - 1] + "…"
+    return first
 
 
 # --- asyncio side of the framing (the front) ---------------------------------------------------
@@ -135,15 +240,17 @@ _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
 
 
-async def read_message(reader: asyncio.StreamReader) -> Any:
+async def read_message(reader: asyncio.StreamReader) -> ToWorker | FromWorker:
     """Read one frame written by Connection.send_bytes; raises IncompleteReadError on EOF."""
     (size,) = _SHORT.unpack(await reader.readexactly(_SHORT.size))
     if size == -1:
         (size,) = _LONG.unpack(await reader.readexactly(_LONG.size))
+    elif size < 0:
+        raise ProtocolError(f"bad frame length {size}")
     return decode(await reader.readexactly(size))
 
 
-async def write_message(writer: asyncio.StreamWriter, message: Any) -> None:
+async def write_message(writer: asyncio.StreamWriter, message: ToWorker | FromWorker) -> None:
     """Write one frame that Connection.recv_bytes reads."""
     payload = encode(message)
     if len(payload) > 0x7FFFFFFF:

@@ -18,15 +18,12 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from pipeserve import errors, ipc, logs, tasks
+from pipeserve import ipc, logs
+from pipeserve.ipc import ErrorKind, ExitCode
+from pipeserve.model import loading
+from pipeserve.model.adapters import BatchCall
 
 log = logging.getLogger("pipeserve.worker")
-
-# Exit codes the supervisor interprets (errors.EXIT_* are the front's own).
-EXIT_SHUTDOWN = 0
-EXIT_LOAD_FAILED = 3
-EXIT_MEMORY_LIMIT = 75  # EX_TEMPFAIL: grew past --max-worker-memory; restart without backoff
-EXIT_PIPE_CLOSED = 76  # the front went away
 
 _PR_SET_PDEATHSIG = 1
 
@@ -44,12 +41,12 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     _volunteer_for_oom_killer()
     _yield_cpu_to_the_front()
     try:
-        call = _load(spec)
+        call, ready = _load(spec)
     except BaseException as exc:  # noqa: BLE001 - anything here means "cannot serve"
         reason = f"cannot load model {spec.model or spec.pipeline!r}: {_describe(exc)}"
         _send(conn, ipc.Fatal(reason=reason, detail=traceback.format_exc()))
-        os._exit(EXIT_LOAD_FAILED)
-    _send(conn, call.ready)
+        os._exit(ExitCode.LOAD_FAILED)
+    _send(conn, ready)
     os._exit(_serve(conn, call, spec))
 
 
@@ -72,7 +69,7 @@ def _die_with_parent() -> None:
     except (OSError, AttributeError):  # not Linux: pipe EOF still ends the serve loop
         return
     if os.getppid() == 1:  # the front died before prctl took effect
-        os._exit(EXIT_PIPE_CLOSED)
+        os._exit(ExitCode.PIPE_CLOSED)
 
 
 def _volunteer_for_oom_killer() -> None:
@@ -104,20 +101,20 @@ def rss_bytes() -> int:
         return 0
 
 
-def _send(conn: Any, message: Any) -> None:
+def _send(conn: Any, message: ipc.FromWorker) -> None:
     conn.send_bytes(ipc.encode(message))
 
 
 # --- loading ----------------------------------------------------------------------------------
 
 
-def _load(spec: ipc.WorkerSpec) -> tasks.BatchCall:
+def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
     started = time.monotonic()
     import torch  # noqa: PLC0415 - only the model process may import torch
 
     torch.set_num_threads(spec.threads)
     device = _resolve_device(spec.device, torch)
-    call = tasks.load_custom(spec) if spec.pipeline else tasks.load_transformers(spec, device, torch)
+    call = loading.load_custom(spec) if spec.pipeline else loading.load_transformers(spec, device, torch)
     warmup = call.warmup()
     if warmup is not None:
         call(*warmup)
@@ -126,7 +123,8 @@ def _load(spec: ipc.WorkerSpec) -> tasks.BatchCall:
     transformers = sys.modules.get("transformers")
     if transformers is not None:
         versions["transformers"] = str(transformers.__version__)
-    call.ready = ipc.Ready(
+    parameters, open_parameters = call.schema()
+    ready = ipc.Ready(
         protocol_version=ipc.PROTOCOL_VERSION,
         pid=os.getpid(),
         model=spec.model,
@@ -135,12 +133,13 @@ def _load(spec: ipc.WorkerSpec) -> tasks.BatchCall:
         dtype=spec.dtype,
         load_seconds=time.monotonic() - started,
         versions=versions,
-        accepted_parameters=call.accepted_parameters(),
+        parameters=parameters,
+        open_parameters=open_parameters,
         input_kind=call.input_kind,
     )
     log.info("loaded %s (%s) on %s in %.1fs", spec.model or spec.pipeline, call.task, device,
-             call.ready.load_seconds)
-    return call
+             ready.load_seconds)
+    return call, ready
 
 
 def _resolve_device(device: str, torch: Any) -> str:
@@ -154,16 +153,16 @@ def _resolve_device(device: str, torch: Any) -> str:
 # --- serving ----------------------------------------------------------------------------------
 
 
-def _serve(conn: Any, call: tasks.BatchCall, spec: ipc.WorkerSpec) -> int:
+def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
     while True:
         try:
             message = ipc.decode(conn.recv_bytes())
         except (EOFError, OSError):
             log.info("pipe closed by the front; exiting")
-            return EXIT_PIPE_CLOSED
+            return ExitCode.PIPE_CLOSED
         if isinstance(message, ipc.Shutdown):
             log.info("shutdown requested")
-            return EXIT_SHUTDOWN
+            return ExitCode.OK
         if not isinstance(message, ipc.Batch):
             log.error("unexpected message %s", type(message).__name__)
             continue
@@ -171,14 +170,14 @@ def _serve(conn: Any, call: tasks.BatchCall, spec: ipc.WorkerSpec) -> int:
         try:
             _send(conn, result)
         except (BrokenPipeError, OSError):
-            return EXIT_PIPE_CLOSED
+            return ExitCode.PIPE_CLOSED
         if spec.max_worker_memory and result.rss_bytes > spec.max_worker_memory:
             log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB; exiting for a clean restart",
                         result.rss_bytes >> 20, spec.max_worker_memory >> 20)
-            return EXIT_MEMORY_LIMIT
+            return ExitCode.MEMORY_LIMIT
 
 
-def run_batch(call: tasks.BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
+def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
     """Run a batch; bisect on errors, halve on out-of-memory; one outcome per input."""
     started = time.monotonic()
     outcomes: list[ipc.Outcome | None] = [None] * len(batch.inputs)
@@ -191,7 +190,7 @@ def run_batch(call: tasks.BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
         calls += 1
         try:
             results = call([batch.inputs[i] for i in indices], batch.parameters)
-        except BaseException as exc:  # noqa: BLE001 - classified below; never kills the worker
+        except BaseException as exc:  # classified below; never kills the worker
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             out_of_memory = _is_out_of_memory(exc)
@@ -206,13 +205,13 @@ def run_batch(call: tasks.BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
             attempt(indices[middle:])
             return
         largest_fit = max(largest_fit, len(indices))
-        for index, value in zip(indices, results):
+        for index, value in zip(indices, results, strict=True):
             outcomes[index] = ipc.Ok(value)
 
     attempt(range(len(batch.inputs)))
     return ipc.BatchResult(
         batch_id=batch.batch_id,
-        outcomes=[o if o is not None else ipc.Failed(errors.KIND_INTERNAL, "no result") for o in outcomes],
+        outcomes=[o if o is not None else ipc.Failed(ErrorKind.INTERNAL, "no result") for o in outcomes],
         compute_seconds=time.monotonic() - started,
         pipeline_calls=calls,
         fits_batch_size=(largest_fit or 1) if oom_seen else None,
@@ -240,15 +239,15 @@ def _failure(exc: BaseException, out_of_memory: bool, batch: ipc.Batch, index: i
     request_id = batch.request_ids[index] if index < len(batch.request_ids) else "-"
     if out_of_memory:
         log.warning("request %s: input does not fit in memory even alone: %s", request_id, _describe(exc))
-        return ipc.Failed(errors.KIND_OUT_OF_MEMORY, "input too large for the model's memory")
+        return ipc.Failed(ErrorKind.OUT_OF_MEMORY, "input too large for the model's memory")
     if isinstance(exc, _BAD_INPUT_TYPES) or type(exc).__name__ == "PipelineException":
         log.info("request %s: input rejected by the pipeline: %s", request_id, _describe(exc))
-        message = errors.public_message(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
-        return ipc.Failed(errors.KIND_BAD_INPUT, message or "the pipeline rejected this input")
+        message = ipc.public_message(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+        return ipc.Failed(ErrorKind.BAD_INPUT, message or "the pipeline rejected this input")
     log.error("request %s: pipeline failed\n%s", request_id,
               "".join(traceback.format_exception(exc)).rstrip())
-    return ipc.Failed(errors.KIND_INTERNAL, "inference failed")
+    return ipc.Failed(ErrorKind.INTERNAL, "inference failed")
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {errors.public_message(str(exc)) or 'no detail'}"
+    return f"{type(exc).__name__}: {ipc.public_message(str(exc)) or 'no detail'}"

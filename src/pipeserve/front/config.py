@@ -157,10 +157,14 @@ def _pipeline_ref(text: str) -> str | None:
 
 
 def setting(default: Any, parse: Callable[[str], Any], help: str, metavar: str | None = None,
-            secret: bool = False) -> Any:
-    """Declare one setting: its default, parser and help text (the flag and variable follow)."""
+            secret: bool = False, shown: str | None = None) -> Any:
+    """Declare one setting: its default, parser and help text (the flag and variable follow).
+
+    `shown` says what the default means where its value alone would not (None, 0).
+    """
     return field(default=default, repr=not secret,
-                 metadata={"parse": parse, "help": help, "metavar": metavar})
+                 metadata={"parse": parse, "help": help, "metavar": metavar, "shown": shown,
+                           "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -169,96 +173,96 @@ class Config:
 
     model: str | None = setting(
         None, _optional_text,
-        "Hub id or local path of the model (default: the embedded all-MiniLM-L6-v2).", "ID_OR_PATH")
+        "Hub id or local path of the model.", "ID_OR_PATH",
+        shown="the embedded all-MiniLM-L6-v2")
     task: str | None = setting(
         None, _optional_text,
-        "Pipeline task, e.g. fill-mask (default: what transformers infers from the model).", "TASK")
+        "Pipeline task, e.g. fill-mask.", "TASK", shown="what transformers infers from the model")
     pipeline: str | None = setting(
         None, _pipeline_ref,
         "Custom pipeline factory module:function, called once in the model process; it returns a "
         "callable taking (inputs: list, **parameters) and returning one output per input.",
-        "MODULE:FUNC")
-    host: str = setting("127.0.0.1", _text, "Address to bind (default 127.0.0.1).", "ADDR")
-    port: int = setting(8000, _port, "TCP port to bind (default 8000; 0 picks a free port).", "PORT")
+        "MODULE:FUNC", shown="none")
+    host: str = setting("127.0.0.1", _text, "Address to bind.", "ADDR")
+    port: int = setting(8000, _port, "TCP port to bind (0 picks a free port).", "PORT")
     device: str = setting(
-        "auto", _device, "auto|cpu|cuda|cuda:N; auto = CUDA when available (default auto).", "DEV")
+        "auto", _device, "auto|cpu|cuda|cuda:N; auto = CUDA when available.", "DEV")
     devices: tuple[str, ...] | None = setting(
         None, _devices,
         "One model process per listed device, e.g. cuda:0,cuda:1 (each sees only its own GPU) "
-        "or cpu,cpu; replaces --device and --workers.", "LIST")
+        "or cpu,cpu; replaces --device and --workers.", "LIST", shown="none")
     dtype: str = setting(
         "auto", _choice(*DTYPES),
         "auto|float32|float16|bfloat16; auto = the model's own dtype on GPU, float32 on CPU.", "DTYPE")
     max_batch_size: int = setting(
-        32, _positive_int, "Most items in one pipeline call (default 32).", "N")
+        32, _positive_int, "Most items in one pipeline call.", "N")
     max_batch_delay_ms: float = setting(
         0.0, _non_negative_float,
         "Longest a batch waits for more items, counted from its first item's arrival "
-        "(default 0: take only what is already queued; see README).", "MS")
+        "(see README).", "MS", shown="0: take only what is already queued")
     max_batch_tokens: int = setting(
         8192, _positive_int,
-        "Most padded tokens in one batch (longest input's estimate x batch size; default 8192).",
-        "N")
+        "Most padded tokens in one batch (longest input's estimate x batch size).", "N")
     batch_order: str = setting(
         "length", _choice("length", "arrival"),
         "length: batch inputs of similar length together (the oldest always goes next); "
-        "arrival: first come, first batched (default length).", "ORDER")
+        "arrival: first come, first batched.", "ORDER")
     min_batch_fill: float = setting(
         0.85, _fraction,
         "With --batch-order length, leave an input for the next batch rather than fill a batch "
-        "below this share of real (unpadded) tokens (default 0.85, best measured on CPU; use 0 "
-        "on a GPU, where padding is nearly free).", "F")
+        "below this share of real (unpadded) tokens; use 0 on a GPU, where padding is nearly free.",
+        "F", shown="0.85, best measured on CPU")
     max_queue: int = setting(
         128, _positive_int,
-        "Most items waiting for the model; beyond it requests get 503 at once (default 128).", "N")
+        "Most items waiting for the model; beyond it requests get 503 at once.", "N")
     max_queue_wait_ms: float | None = setting(
         None, _optional_positive_float,
-        "Refuse new requests with 503 while the oldest queued input has waited longer than this "
-        "(default: off).", "MS")
+        "Refuse new requests with 503 while the oldest queued input has waited longer than this.",
+        "MS", shown="off")
     request_timeout: float = setting(
         30.0, _positive_float,
-        "Seconds a request may take before it gets 504 (default 30; a request's "
-        "X-Request-Timeout header may only shorten it).", "S")
+        "Seconds a request may take before it gets 504 (a request's X-Request-Timeout header may "
+        "only shorten it).", "S")
     batch_timeout: float = setting(
         120.0, _positive_float,
         "Seconds one pipeline batch may run before its worker is killed and restarted and its "
-        "requests get 504 (default 120).", "S")
+        "requests get 504.", "S")
     drain_timeout: float = setting(
         30.0, _non_negative_float,
-        "On SIGTERM/SIGINT, seconds to let queued and running jobs finish (default 30).", "S")
+        "On SIGTERM/SIGINT, seconds to let queued and running jobs finish.", "S")
     max_restarts: int = setting(
         5, _non_negative_int,
-        "Worker deaths tolerated within --restart-window before the server gives up and exits 1 "
-        "(default 5).", "N")
+        "Worker deaths tolerated within --restart-window before the server gives up and exits 1.",
+        "N")
     restart_window: float = setting(
-        60.0, _positive_float, "Window in seconds for --max-restarts (default 60).", "S")
+        60.0, _positive_float, "Window in seconds for --max-restarts.", "S")
     max_worker_memory: int | None = setting(
         None, _optional_size,
-        "Restart a worker cleanly, between batches, once its RSS exceeds this (e.g. 4G; "
-        "default: no limit).", "SIZE")
+        "Restart a worker cleanly, between batches, once its RSS exceeds this (e.g. 4G).", "SIZE",
+        shown="no limit")
     max_body_bytes: int = setting(
-        1024 * 1024, parse_size, "Largest request body; larger gets 413 (default 1M).", "SIZE")
+        1024 * 1024, parse_size, "Largest request body; larger gets 413.", "SIZE", shown="1M")
     max_items: int = setting(
-        64, _positive_int, "Most inputs in one request; more gets 413 (default 64).", "N")
+        64, _positive_int, "Most inputs in one request; more gets 413.", "N")
     api_key: str | None = setting(
         None, _optional_text,
         "Require 'Authorization: Bearer <key>' on every route but /health and /ready.", "KEY",
-        secret=True)
+        secret=True, shown="none")
     api_key_file: str | None = setting(
         None, _secret_from_file,
         "Read the API key from this file (e.g. a systemd credential); wins over --api-key.",
-        "PATH", secret=True)
-    workers: int = setting(1, _positive_int, "Model processes behind the front (default 1).", "N")
+        "PATH", secret=True, shown="none")
+    workers: int = setting(1, _positive_int, "Model processes behind the front.", "N")
     threads: int = setting(
         0, _non_negative_int,
-        "Torch threads per model process (default 0 = the cores this process may use divided "
-        "by --workers).", "N")
+        "Torch threads per model process.", "N",
+        shown="0 = the cores this process may use divided by --workers")
     log_format: str = setting(
         "text", _choice("text", "json"),
         "text: plain lines (no timestamps under systemd, whose journal stamps them); json: one "
-        "object per line for log shippers (default text).", "FORMAT")
+        "object per line for log shippers.", "FORMAT")
     log_level: str = setting(
-        "info", _choice(*LOG_LEVELS), "debug|info|warning|error (default info).", "LEVEL")
+        "info", _choice(*LOG_LEVELS), "debug|info|warning|error.", "LEVEL")
 
     def required_api_key(self) -> str | None:
         return self.api_key_file or self.api_key
@@ -313,9 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
             type=_for_argparse(f.metadata["parse"]),
             default=argparse.SUPPRESS,
             metavar=f.metadata["metavar"],
-            help=f"{f.metadata['help']} [env {env_name(f.name)}]",
+            help=f"{f.metadata['help']} [default: {default_text(f)}; env {env_name(f.name)}]",
         )
     return parser
+
+
+def default_text(f: dataclasses.Field[Any]) -> str:
+    """A setting's default as its help shows it: what `shown` says, or the value as a flag takes it."""
+    if f.metadata["shown"] is not None:
+        return str(f.metadata["shown"])
+    return "none" if f.default is None else f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+
+
+def public_settings(config: Config) -> dict[str, Any]:
+    """Every setting but the secrets, by name: what /info reports."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if not f.metadata["secret"]}
 
 
 def _for_argparse(parse: Callable[[str], Any]) -> Callable[[str], Any]:

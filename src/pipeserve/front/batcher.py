@@ -11,6 +11,7 @@ whose client went away, or whose deadline passed, are dropped here and never com
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import time
 from collections import Counter, deque
@@ -18,26 +19,39 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeserve import errors
+from pipeserve.front import errors
 
-DROP_DISCONNECTED = "disconnected"  # the client went away before its batch started
-DROP_EXPIRED = "expired"  # its deadline passed before a batch could take it
-REFUSE_QUEUE_FULL = "queue_full"
-REFUSE_QUEUE_WAIT = "queue_wait"  # the oldest queued job has waited past --max-queue-wait-ms
-REFUSE_DEADLINE = "deadline"  # the backlog ahead cannot drain before the request's deadline
+
+class Dropped(enum.StrEnum):
+    """Why a queued job was dropped without being computed."""
+
+    DISCONNECTED = "disconnected"  # the client went away before its batch started
+    EXPIRED = "expired"  # its deadline passed before a batch could take it
+
+
+class Refused(enum.StrEnum):
+    """Why a request was refused at the door (503)."""
+
+    QUEUE_FULL = "queue_full"
+    QUEUE_WAIT = "queue_wait"  # the oldest queued job has waited past --max-queue-wait-ms
+    DEADLINE = "deadline"  # the backlog ahead cannot drain before the request's deadline
+
+
+class Order(enum.StrEnum):
+    LENGTH = "length"
+    ARRIVAL = "arrival"
+
 
 _REFUSAL_MESSAGES = {
-    REFUSE_QUEUE_FULL: "server overloaded: the queue is full",
-    REFUSE_QUEUE_WAIT: "server overloaded: queued requests are waiting too long",
-    REFUSE_DEADLINE: "server overloaded: the queue cannot drain before this request's deadline",
+    Refused.QUEUE_FULL: "server overloaded: the queue is full",
+    Refused.QUEUE_WAIT: "server overloaded: queued requests are waiting too long",
+    Refused.DEADLINE: "server overloaded: the queue cannot drain before this request's deadline",
 }
 _RATE_SMOOTHING = 0.3  # weight of the newest batch in the drain-rate estimate
 RETRY_AFTER_MIN_S = 1
 RETRY_AFTER_MAX_S = 60
 
 
-ORDER_LENGTH = "length"
-ORDER_ARRIVAL = "arrival"
 # Default for the share of real (unpadded) tokens below which an input is left for the next
 # batch rather than padded: on a CPU, padding a 10-token text to 135 costs more than a call.
 DEFAULT_MIN_BATCH_FILL = 0.85
@@ -76,10 +90,10 @@ def resolve(job: Job, value: Any = None, error: BaseException | None = None) -> 
 class Batcher:
     def __init__(self, max_batch_size: int, max_batch_delay_s: float, max_queue: int,
                  max_queue_wait_s: float | None = None, max_batch_tokens: int | None = None,
-                 order: str = ORDER_LENGTH, min_batch_fill: float = DEFAULT_MIN_BATCH_FILL,
+                 order: str = Order.LENGTH, min_batch_fill: float = DEFAULT_MIN_BATCH_FILL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_batch_tokens = max_batch_tokens
-        self.order = order
+        self.order = Order(order)
         self.min_batch_fill = min_batch_fill
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
@@ -93,8 +107,8 @@ class Batcher:
         self._closed_reason: str | None = None
         self._items_per_second: float | None = None
         self.in_flight = 0
-        self.dropped: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()  # by REFUSE_* reason
+        self.dropped: Counter[Dropped] = Counter()
+        self.refused: Counter[Refused] = Counter()
         self.batches = 0
         self.items = 0
 
@@ -131,17 +145,17 @@ class Batcher:
         self._arrival.set()
         return jobs
 
-    def _refusal(self, count: int, now: float, deadline: float) -> str | None:
+    def _refusal(self, count: int, now: float, deadline: float) -> Refused | None:
         if len(self._queue) + count > self.max_queue:
-            return REFUSE_QUEUE_FULL
+            return Refused.QUEUE_FULL
         if (self.max_queue_wait_s is not None and self._queue
                 and now - self._queue[0].enqueued_at > self.max_queue_wait_s):
-            return REFUSE_QUEUE_WAIT
+            return Refused.QUEUE_WAIT
         backlog = len(self._queue) + self.in_flight
         # Only a real backlog (more than one batch) is worth predicting from the drain rate.
-        if self._items_per_second and backlog >= self.max_batch_size:
-            if now + (backlog + count) / self._items_per_second > deadline:
-                return REFUSE_DEADLINE
+        if (self._items_per_second and backlog >= self.max_batch_size
+                and now + (backlog + count) / self._items_per_second > deadline):
+            return Refused.DEADLINE
         return None
 
     def retry_after(self) -> int:
@@ -175,10 +189,10 @@ class Batcher:
 
     def _is_dead(self, job: Job, now: float) -> bool:
         if job.future.done():  # its handler gave up: at its deadline, or the client went away
-            self.dropped[DROP_EXPIRED if now >= job.deadline else DROP_DISCONNECTED] += 1
+            self.dropped[Dropped.EXPIRED if now >= job.deadline else Dropped.DISCONNECTED] += 1
             return True
         if now >= job.deadline:
-            self.dropped[DROP_EXPIRED] += 1
+            self.dropped[Dropped.EXPIRED] += 1
             resolve(job, error=errors.RequestTimeout("request timed out while queued"))
             return True
         return False
@@ -228,7 +242,7 @@ class Batcher:
         """
         if not candidates:
             return []
-        if self.order == ORDER_ARRIVAL:
+        if self.order is Order.ARRIVAL:
             batch = [candidates[0]]
             for job in candidates[1:limit]:
                 if not self._fits(batch, job):
@@ -255,11 +269,11 @@ class Batcher:
         return batch
 
     def _fits(self, batch: list[Job], job: Job) -> bool:
-        longest = max(job.tokens, max(member.tokens for member in batch))
+        longest = max(job.tokens, *(member.tokens for member in batch))
         padded = longest * (len(batch) + 1)
         if self.max_batch_tokens is not None and padded > self.max_batch_tokens:
             return False
-        if self.order == ORDER_ARRIVAL:
+        if self.order is Order.ARRIVAL:
             return True
         real = job.tokens + sum(member.tokens for member in batch)
         return real >= self.min_batch_fill * padded

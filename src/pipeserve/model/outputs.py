@@ -1,8 +1,7 @@
-"""Pipeline outputs: made plain in the model process, serialised to JSON in the front.
+"""Pipeline outputs made plain before they cross the pipe.
 
-`to_plain` runs in the model process: tensors become numpy arrays (so unpickling in the front
-never imports torch), numpy scalars become Python numbers. `dumps` runs in the front: orjson
-writes numpy arrays natively, without a round trip through Python lists.
+Tensors become numpy arrays (so unpickling in the front never imports torch), numpy scalars
+become Python numbers. The front writes the arrays to JSON natively (front/jsonio.py).
 """
 
 from __future__ import annotations
@@ -10,9 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import orjson
-
-_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def to_plain(value: Any) -> Any:
@@ -39,18 +35,3 @@ def _plain_array(array: np.ndarray) -> Any:
     if array.dtype == np.float16:
         array = array.astype(np.float32)
     return np.ascontiguousarray(array)
-
-
-def _fallback(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def dumps(value: Any) -> bytes:
-    """JSON bytes for a response body."""
-    return orjson.dumps(value, default=_fallback, option=_ORJSON_OPTIONS)

@@ -45,7 +45,7 @@ def decode_audio(data: bytes, rate: int) -> np.ndarray:
         samples = samples.reshape(-1, channels).mean(axis=1)
     if source_rate != rate and len(samples) > 1:  # linear resampling: no torchaudio needed
         duration = len(samples) / source_rate
-        target = np.linspace(0.0, duration, int(round(duration * rate)), endpoint=False)
+        target = np.linspace(0.0, duration, round(duration * rate), endpoint=False)
         samples = np.interp(target, np.arange(len(samples)) / source_rate, samples).astype(np.float32)
     return samples
 

@@ -7,13 +7,7 @@ response ever carries a traceback, a file path or an exception repr.
 
 from __future__ import annotations
 
-import re
-
-# Exit codes of the front process.
-EXIT_OK = 0
-EXIT_CRASH_LOOP = 1  # the worker kept dying: let the service manager take over
-EXIT_USAGE = 2  # argparse's convention
-EXIT_LOAD_FAILED = 3  # the model (or custom pipeline) could not be loaded
+from pipeserve.ipc import ErrorKind
 
 
 class PipeserveError(Exception):
@@ -97,32 +91,13 @@ class InferenceFailed(PipeserveError):
     default_message = "inference failed"
 
 
-# Error kinds that cross the pipe from the model process (as plain strings, never pickled
-# exceptions), and the public error each one becomes.
-KIND_BAD_INPUT = "bad_input"
-KIND_OUT_OF_MEMORY = "out_of_memory"
-KIND_INTERNAL = "internal"
-
-_ERROR_FOR_KIND: dict[str, type[PipeserveError]] = {
-    KIND_BAD_INPUT: BadRequest,
-    KIND_OUT_OF_MEMORY: InputTooLargeForMemory,
-    KIND_INTERNAL: InferenceFailed,
+_ERROR_FOR_KIND: dict[ErrorKind, type[PipeserveError]] = {
+    ErrorKind.BAD_INPUT: BadRequest,
+    ErrorKind.OUT_OF_MEMORY: InputTooLargeForMemory,
+    ErrorKind.INTERNAL: InferenceFailed,
 }
 
 
-def error_for_kind(kind: str, message: str) -> PipeserveError:
+def error_for_kind(kind: ErrorKind, message: str) -> PipeserveError:
+    """The public error for an input that failed in the model process."""
     return _ERROR_FOR_KIND.get(kind, InferenceFailed)(message)
-
-
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-~@+]+){2,}[/\\]?")
-_MAX_PUBLIC_MESSAGE = 300
-
-
-def public_message(text: str) -> str:
-    """The first line of an exception message, without file paths, short enough to show."""
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    first = _PATH.sub("<path>", first)
-    if len(first) > _MAX_PUBLIC_MESSAGE:
-        first = first[: _MAX_PUBLIC_MESSAGE - 1] + "…"
-    return first

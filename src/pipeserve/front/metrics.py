@@ -9,17 +9,15 @@ compute time of a batch) reach the front inside BatchResult: no second port, no 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from pipeserve.batcher import Job
-    from pipeserve.runtime import Runtime
+from pipeserve.front.batcher import Batcher, Dropped, Job, Refused
+from pipeserve.front.supervisor import Supervisor
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -44,9 +42,9 @@ class Metrics:
         self.batch_size = Histogram(
             "pipeserve_batch_size", "Inputs per batch.", buckets=_BATCH_BUCKETS, registry=self.registry)
 
-    def bind(self, runtime: Runtime) -> None:
-        """Expose the runtime's live state (gauges, drop counters) at scrape time."""
-        self.registry.register(_RuntimeCollector(runtime))
+    def bind(self, batcher: Batcher, supervisors: Sequence[Supervisor], started_at: float) -> None:
+        """Expose the live state (gauges, drop counters) at scrape time."""
+        self.registry.register(_StateCollector(batcher, supervisors, started_at))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -65,24 +63,25 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _RuntimeCollector(Collector):
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+class _StateCollector(Collector):
+    def __init__(self, batcher: Batcher, supervisors: Sequence[Supervisor], started_at: float) -> None:
+        self.batcher = batcher
+        self.supervisors = supervisors
+        self.started_at = started_at
 
     def collect(self) -> Iterator[Metric]:
-        runtime = self.runtime
-        batcher = runtime.batcher
+        batcher = self.batcher
         yield _gauge("pipeserve_queue_depth", "Inputs waiting for a worker.", batcher.depth)
         yield _gauge("pipeserve_in_flight", "Inputs in a batch that a worker is running.", batcher.in_flight)
         dropped = CounterMetricFamily("pipeserve_dropped_jobs", "Inputs dropped before compute, by reason.",
                                       labels=["reason"])
-        for reason in ("disconnected", "expired"):
-            dropped.add_metric([reason], batcher.dropped.get(reason, 0))
+        for dropped_reason in Dropped:
+            dropped.add_metric([dropped_reason.value], batcher.dropped[dropped_reason])
         yield dropped
         refused = CounterMetricFamily("pipeserve_refused_requests", "Requests refused with 503 at admission.",
                                       labels=["reason"])
-        for reason in ("queue_full", "queue_wait", "deadline"):
-            refused.add_metric([reason], batcher.refused.get(reason, 0))
+        for refused_reason in Refused:
+            refused.add_metric([refused_reason.value], batcher.refused[refused_reason])
         yield refused
         yield CounterMetricFamily("pipeserve_batches", "Batches completed.", value=batcher.batches)
         restarts = CounterMetricFamily("pipeserve_worker_restarts", "Model process restarts.",
@@ -91,7 +90,7 @@ class _RuntimeCollector(Collector):
                                labels=["worker"])
         load = GaugeMetricFamily("pipeserve_model_load_seconds", "How long the worker took to load and warm up.",
                                  labels=["worker"])
-        for supervisor in runtime.supervisors:
+        for supervisor in self.supervisors:
             label = [str(supervisor.index)]
             restarts.add_metric(label, supervisor.restarts)
             up.add_metric(label, 1.0 if supervisor.serving else 0.0)
@@ -101,7 +100,7 @@ class _RuntimeCollector(Collector):
         yield up
         yield load
         yield _gauge("pipeserve_uptime_seconds", "Seconds since the front started.",
-                     time.time() - runtime.started_at)
+                     time.time() - self.started_at)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -15,7 +15,8 @@ import socket
 import time
 from typing import Any
 
-from pipeserve import ipc, model_proc
+from pipeserve import ipc
+from pipeserve.ipc import ExitCode
 
 log = logging.getLogger("pipeserve.supervisor")
 
@@ -57,23 +58,27 @@ def describe_exit(exitcode: int | None) -> str:
             name = f"signal {-exitcode}"
         hint = " — out of memory?" if -exitcode == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
-    return {
-        model_proc.EXIT_SHUTDOWN: "exited normally",
-        model_proc.EXIT_LOAD_FAILED: "failed to load the model",
-        model_proc.EXIT_MEMORY_LIMIT: "exceeded --max-worker-memory and exited for a restart",
-        model_proc.EXIT_PIPE_CLOSED: "lost its pipe to the front",
-    }.get(exitcode, f"exited with code {exitcode}")
+    descriptions: dict[int, str] = {
+        ExitCode.OK: "exited normally",
+        ExitCode.LOAD_FAILED: "failed to load the model",
+        ExitCode.MEMORY_LIMIT: "exceeded --max-worker-memory and exited for a restart",
+        ExitCode.PIPE_CLOSED: "lost its pipe to the front",
+    }
+    return descriptions.get(exitcode, f"exited with code {exitcode}")
 
 
 class WorkerProcess:
     """One model process and the pipe to it."""
 
-    def __init__(self, spec: ipc.WorkerSpec, context: Any) -> None:
+    def __init__(self, spec: ipc.WorkerSpec, context: Any,
+                 entry_point: str = ipc.MODEL_ENTRY_POINT) -> None:
         self.spec = spec
         self._context = context
+        self._entry_point = entry_point
         self.process: Any = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._exit_task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[ipc.Ready] | None = None
         self._pending: tuple[int, asyncio.Future[ipc.BatchResult]] | None = None
         self.exited: asyncio.Future[WorkerDied] | None = None
@@ -90,9 +95,10 @@ class WorkerProcess:
         self.exited = loop.create_future()
         parent_end, child_end = self._context.Pipe(duplex=True)
         self.process = self._context.Process(
-            target=model_proc.main, args=(child_end, self.spec),
+            target=ipc.run_entry_point, args=(self._entry_point, child_end, self.spec),
             name=f"pipeserve-worker-{self.spec.worker_index}")
-        self.process.start()
+        # Spawning forks, execs and writes the preparation data to a pipe: off the event loop.
+        await asyncio.to_thread(self.process.start)
         self.started_at = time.monotonic()
         child_end.close()  # so that we see EOF when the child dies
         sock = socket.socket(fileno=os.dup(parent_end.fileno()))
@@ -179,7 +185,7 @@ class WorkerProcess:
 
     def _on_sentinel(self) -> None:
         asyncio.get_running_loop().remove_reader(self.process.sentinel)
-        asyncio.ensure_future(self._finish_exit())
+        self._exit_task = asyncio.create_task(self._finish_exit())
 
     async def _finish_exit(self) -> None:
         # Read what the child wrote before it died (a result sent just before a planned exit)

@@ -1,0 +1,229 @@
+"""How to call each kind of pipeline on a batch, and get back one plain output per input.
+
+Runs in the model process. transformers pipelines nest one input and a list differently
+(FillMaskPipeline returns `outputs[0]` for a one-element list) and pad batched per-token outputs
+(feature-extraction); an adapter hides that, so one input's answer has the same shape, and the
+same values, whether it ran alone or in a batch of 32. Which adapter a task uses is declared in
+its registry entry (tasks.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pipeserve.ipc import InputKind, ParamSpec
+from pipeserve.model import media, pooling
+from pipeserve.model.outputs import to_plain
+from pipeserve.model.tasks import Task
+
+WARMUP_TEXT = "Warm up the model."
+
+
+class BatchCall:
+    """A loaded callable: `call(inputs, parameters)` -> one plain output per input.
+
+    The base class serves a --pipeline factory's callable as it is.
+    """
+
+    input_kind = InputKind.TEXT
+
+    def __init__(self, function: Callable[..., Any], task: str = "custom") -> None:
+        self.function = function
+        self.task = task
+
+    def __call__(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        results = list(self.run(inputs, parameters))
+        if len(results) != len(inputs):
+            raise RuntimeError(f"pipeline returned {len(results)} outputs for {len(inputs)} inputs")
+        return [to_plain(result) for result in results]
+
+    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        return self.function(inputs, **parameters)  # type: ignore[no-any-return]
+
+    def schema(self) -> tuple[tuple[ParamSpec, ...], bool]:
+        """(the keywords the callable takes, whether it also takes any other keyword)."""
+        try:
+            signature = inspect.signature(self.function)
+        except (TypeError, ValueError):
+            return (), True
+        open_ = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+        return tuple(ParamSpec(name) for name in explicit_keywords(self.function)), open_
+
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        """Inputs and parameters for one warm-up call, or None to skip it."""
+        custom = getattr(self.function, "warmup_inputs", None)
+        return (list(custom), {}) if custom is not None else None
+
+
+class PipelineCall(BatchCall):
+    """A transformers Pipeline, called with the whole batch as a list and batch_size=len."""
+
+    def __init__(self, pipe: Any, task: Task) -> None:
+        super().__init__(pipe, task.name)
+        self.pipe: Any = pipe  # the same object, typed for its attributes
+        self.entry = task
+        self.input_kind = task.input_kind
+        _cap_tokenizer_length(pipe)
+
+    def with_defaults(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(self.entry.defaults)
+        for name, value in parameters.items():
+            default = merged.get(name)
+            both_dicts = isinstance(default, dict) and isinstance(value, dict)
+            merged[name] = {**default, **value} if both_dicts else value  # type: ignore[dict-item]
+        return merged
+
+    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        return self.function(inputs, batch_size=len(inputs), **self.with_defaults(parameters))  # type: ignore[no-any-return]
+
+    def schema(self) -> tuple[tuple[ParamSpec, ...], bool]:
+        """The task's documented parameters, plus the others the pipeline names (unchecked).
+
+        `_sanitize_parameters` names them, except what it forwards through `**kwargs`: to the
+        tokenizer (`**tokenizer_kwargs`) or to `generate` (`**generate_kwargs`), whose keywords
+        can be listed too; a pipeline that reads any other bare `**kwargs` is open.
+        """
+        documented = {spec.name: spec for spec in self.entry.parameters}
+        if not self.entry.introspect:
+            return tuple(documented.values()), False
+        sanitize = self.pipe._sanitize_parameters
+        names = list(explicit_keywords(sanitize, takes_inputs=False))
+        forwarded = next((p.name for p in inspect.signature(sanitize).parameters.values()
+                          if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        open_ = False
+        if forwarded is not None:
+            if "token" in forwarded and getattr(self.pipe, "tokenizer", None) is not None:
+                names += explicit_keywords(type(self.pipe.tokenizer).__call__)
+            elif "generate" in forwarded:
+                from transformers import GenerationConfig  # noqa: PLC0415
+
+                names += list(GenerationConfig().to_dict())
+            else:
+                open_ = True
+        for name in names:
+            documented.setdefault(name, ParamSpec(name))
+        return tuple(sorted(documented.values(), key=lambda spec: spec.name)), open_
+
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        return [WARMUP_TEXT], dict(self.entry.warmup_parameters)
+
+
+class FillMaskCall(PipelineCall):
+    """FillMaskPipeline returns outputs[0] for a one-element list: undo that."""
+
+    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        results = super().run(inputs, parameters)
+        return [results] if len(inputs) == 1 else results
+
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        return [f"Warm up the {self.pipe.tokenizer.mask_token} model."], {}
+
+
+class TextGenerationCall(PipelineCall):
+    """Batched generation pads on the left, and needs a pad token (the EOS token will do)."""
+
+    def __init__(self, pipe: Any, task: Task) -> None:
+        super().__init__(pipe, task)
+        tokenizer = getattr(pipe, "tokenizer", None)
+        if tokenizer is not None:
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer.padding_side = "left"
+
+
+class FeatureExtractionCall(PipelineCall):
+    """Embeddings: per-token without the padding a batch adds, or pooled into one vector.
+
+    A batched feature-extraction call pads every input to the longest one and returns the pad
+    positions too; we cut each output back to its own token count, so a per-token answer, and
+    a mean over tokens, never depends on what else was in the batch. `pooling` and `normalize`
+    default to the model's own sentence-transformers configuration, as the Hugging Face
+    Inference API does, and to per-token output otherwise. Asking the pipeline for tensors skips
+    its conversion to nested Python lists (orjson writes arrays directly).
+    """
+
+    def __init__(self, pipe: Any, task: Task, sentence: pooling.SentencePooling) -> None:
+        super().__init__(pipe, task)
+        self.sentence = sentence
+        if sentence.max_seq_length and pipe.tokenizer.model_max_length > sentence.max_seq_length:
+            pipe.tokenizer.model_max_length = sentence.max_seq_length
+
+    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        options = dict(parameters)
+        mode = options.pop("pooling", self.sentence.mode)
+        normalize = options.pop("normalize", self.sentence.normalize)
+        results = [np.asarray(to_plain(r))
+                   for r in super().run(inputs, {**options, "return_tensors": True})]
+        if len(inputs) > 1:
+            lengths = self._token_counts(inputs, options)
+            left = getattr(self.pipe.tokenizer, "padding_side", "right") == "left"
+            results = [r[:, -n:] if left else r[:, :n] for r, n in zip(results, lengths, strict=True)]
+        return [pooling.pool(tokens, mode.lower(), normalize) for tokens in results]
+
+    def _token_counts(self, inputs: list[Any], parameters: dict[str, Any]) -> list[int]:
+        parameters = self.with_defaults(parameters)
+        tokenize_kwargs = dict(parameters.get("tokenize_kwargs") or {})
+        if parameters.get("truncation") is not None:
+            tokenize_kwargs["truncation"] = parameters["truncation"]
+        encoded = self.pipe.tokenizer(inputs, **tokenize_kwargs)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+
+class ImageCall(PipelineCall):
+    """Image tasks: each input arrives as the bytes of an encoded image (PNG, JPEG, …)."""
+
+    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        return super().run([media.decode_image(item) for item in inputs], parameters)
+
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        from PIL import Image  # noqa: PLC0415 - only image models need Pillow
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (127, 127, 127)).save(buffer, format="PNG")
+        return [buffer.getvalue()], dict(self.entry.warmup_parameters)
+
+
+class AudioCall(PipelineCall):
+    """Audio tasks: each input arrives as the bytes of a WAV file (any format with ffmpeg)."""
+
+    def __init__(self, pipe: Any, task: Task) -> None:
+        super().__init__(pipe, task)
+        self.sampling_rate = int(getattr(pipe.feature_extractor, "sampling_rate", 16000))
+
+    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+        return super().run([media.decode_audio(item, self.sampling_rate) for item in inputs], parameters)
+
+    def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
+        silence = media.encode_wav(np.zeros(self.sampling_rate, dtype=np.float32), self.sampling_rate)
+        return [silence], dict(self.entry.warmup_parameters)
+
+
+def _cap_tokenizer_length(pipe: Any) -> None:
+    """Make the tokenizer truncate at what the model's position embeddings can take.
+
+    A tokenizer saved without `model_max_length` reports a huge one, and truncation then
+    does nothing; the model's config knows the real limit.
+    """
+    tokenizer = getattr(pipe, "tokenizer", None)
+    config = getattr(getattr(pipe, "model", None), "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if tokenizer is None or not isinstance(positions, int):
+        return
+    # RoBERTa-style models reserve the first two positions (padding offset).
+    usable = positions - 2 if "roberta" in str(getattr(config, "model_type", "")) else positions
+    tokenizer.model_max_length = min(tokenizer.model_max_length, usable)
+
+
+def explicit_keywords(function: Callable[..., Any], takes_inputs: bool = True) -> tuple[str, ...]:
+    """The named keyword parameters of a callable, without self and its inputs parameter."""
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [p.name for p in inspect.signature(function).parameters.values()
+             if p.kind in keyword_kinds]
+    if names and names[0] == "self":
+        names = names[1:]
+    return tuple(names[1:] if takes_inputs else names)

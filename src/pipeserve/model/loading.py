@@ -1,0 +1,86 @@
+"""Loading what the model process serves: a transformers pipeline, or a --pipeline factory.
+
+Runs in the model process; the only module that imports transformers at load time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from typing import Any
+
+from pipeserve import ipc
+from pipeserve.model import adapters, pooling
+from pipeserve.model.tasks import task_for, task_for_architecture
+
+
+def load_custom(spec: ipc.WorkerSpec) -> adapters.BatchCall:
+    """Call the --pipeline factory (with the WorkerSpec if it takes an argument)."""
+    module_name, _, attr = (spec.pipeline or "").partition(":")
+    factory: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        factory = getattr(factory, part)
+    function = factory(spec) if inspect.signature(factory).parameters else factory()
+    if not callable(function):
+        raise TypeError(f"{spec.pipeline} returned {type(function).__name__}, not a callable")
+    return adapters.BatchCall(function, spec.task or "custom")
+
+
+def load_transformers(spec: ipc.WorkerSpec, device: str, torch: Any) -> adapters.PipelineCall:
+    """A transformers pipeline for the model, wrapped in its task's adapter."""
+    from transformers import pipeline  # noqa: PLC0415
+
+    kwargs: dict[str, Any] = {"device": device}
+    if spec.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, spec.dtype)
+    elif device != "cpu":
+        kwargs["dtype"] = "auto"
+    pipe = pipeline(spec.task or infer_task(spec.model), model=spec.model, **kwargs)
+    task = task_for(str(pipe.task))
+    adapter = getattr(adapters, task.adapter)
+    if adapter is adapters.FeatureExtractionCall:
+        local = os.path.isdir(spec.model)
+        sentence = pooling.read_sentence_pooling(spec.model) if local else pooling.SentencePooling()
+        return adapters.FeatureExtractionCall(pipe, task, sentence)
+    return adapter(pipe, task)  # type: ignore[no-any-return]
+
+
+def infer_task(model: str) -> str:
+    """The task for a model: from its config's architectures when it is a local folder.
+
+    transformers infers a task only through the hub, which a local path (or an offline machine)
+    does not have. A sentence-transformers folder, or a bare encoder (`BertModel`), is served as
+    feature-extraction.
+    """
+    if not os.path.isdir(model):
+        from transformers.pipelines import get_task  # noqa: PLC0415 - a hub id: ask the hub
+
+        return str(get_task(model))
+    if os.path.exists(os.path.join(model, "modules.json")):
+        return "feature-extraction"
+    config_path = os.path.join(model, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError("no config.json in the model folder")
+    with open(config_path) as handle:
+        architectures = json.load(handle).get("architectures") or []
+    if _has_audio_feature_extractor(model) and any(a.endswith("ForSequenceClassification")
+                                                   for a in architectures):
+        return "audio-classification"  # e.g. Wav2Vec2ForSequenceClassification
+    for architecture in architectures:
+        task = task_for_architecture(architecture)
+        if task is not None:
+            return task
+    if architectures and architectures[0].endswith("Model"):
+        return "feature-extraction"
+    raise ValueError(f"cannot infer a task from architectures {architectures}; pass --task")
+
+
+def _has_audio_feature_extractor(model: str) -> bool:
+    path = os.path.join(model, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as handle:
+        preprocessor = json.load(handle)
+    return "sampling_rate" in preprocessor and "image_processor_type" not in preprocessor
