@@ -85,7 +85,7 @@ async def _one(session: aiohttp.ClientSession, url: str, text: str, recorder: _R
         async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
             await response.read()
             status: int | str = response.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         status = type(exc).__name__
     if measured:
         recorder.record(status, time.perf_counter() - started)

@@ -179,7 +179,7 @@ def machine() -> dict[str, str]:
         commit = "unknown"
     return {"commit": commit, "cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
             "torch": str(torch.__version__), "transformers": transformers.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import inspect
 import json
 import os
 import re
@@ -17,18 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blockbuster import blockbuster_ctx
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 SERVER_START_TIMEOUT_S = 120.0
 _LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 
-WORDS = (
-    "the a an and or of to in on at for with is are was were be been this that these those it "
-    "i you he she we they my your his her our their good bad great terrible happy sad movie film "
-    "book food day night time world hello test paris france capital city man woman king queen "
-    "love hate like dog cat red blue green big small new old first last very not no yes"
-).split()
+WORDS = ["the", "a", "an", "and", "or", "of", "to", "in", "on", "at", "for", "with", "is", "are", "was", "were", "be", "been", "this", "that", "these", "those", "it", "i", "you", "he", "she", "we", "they", "my", "your", "his", "her", "our", "their", "good", "bad", "great", "terrible", "happy", "sad", "movie", "film", "book", "food", "day", "night", "time", "world", "hello", "test", "paris", "france", "capital", "city", "man", "woman", "king", "queen", "love", "hate", "like", "dog", "cat", "red", "blue", "green", "big", "small", "new", "old", "first", "last", "very", "not", "no", "yes"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
@@ -42,6 +39,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls_on_the_event_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In-process async tests run the front's code on their loop: any blocking call there
+    (a sleep, a blocking socket or file read) fails the test, as it would stall every client."""
+    function = getattr(request.node, "obj", None)
+    if not inspect.iscoroutinefunction(function):
+        yield
+        return
+    with blockbuster_ctx("pipeserve"):
+        yield
 
 
 @dataclass

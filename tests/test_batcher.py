@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from pipeserve.front import errors
-from pipeserve.front.batcher import Batcher, Dropped, resolve
+from pipeserve.front.batcher import Batcher, Dropped, Refused, resolve
 
 FAR = 1e9  # a deadline that never passes
 
@@ -34,13 +34,25 @@ async def test_takes_what_is_queued_up_to_the_size_limit() -> None:
     assert batcher.in_flight == 6
 
 
+async def _settle() -> None:
+    """Let every ready task run until it waits again (no time passes on the fake clock)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
 async def test_waits_for_the_delay_counted_from_the_first_item() -> None:
-    batcher = Batcher(max_batch_size=8, max_batch_delay_s=0.2, max_queue=100)
+    clock = Clock()
+    batcher = Batcher(max_batch_size=8, max_batch_delay_s=10, max_queue=100, clock=clock)
     _submit(batcher, ["a"])
     task = asyncio.ensure_future(batcher.next_batch())
-    await asyncio.sleep(0.05)
+    await _settle()
     assert not task.done()
-    _submit(batcher, ["b", "c"])
+    clock.now += 9.9
+    _submit(batcher, ["b"])  # wakes the batcher, but 0.1 s of a's delay is left: keep waiting
+    await _settle()
+    assert not task.done()
+    clock.now += 0.2
+    _submit(batcher, ["c"])  # a's delay has passed: the batch closes with what is queued
     batch = await asyncio.wait_for(task, 1)
     assert [job.input for job in batch] == ["a", "b", "c"]
 
@@ -109,6 +121,19 @@ async def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
     assert batcher.retry_after() == 60  # clamped
 
 
+async def test_a_request_whose_deadline_the_backlog_cannot_meet_is_refused() -> None:
+    clock = Clock()
+    batcher = Batcher(max_batch_size=4, max_batch_delay_s=0, max_queue=1000, clock=clock)
+    _submit(batcher, ["x"] * 4)
+    batcher.finished(await batcher.next_batch(), compute_seconds=1.0)  # 4 items/s measured
+    _submit(batcher, ["y"] * 8)  # 2 s of backlog
+    with pytest.raises(errors.Overloaded, match="cannot drain before this request's deadline"):
+        _submit(batcher, ["z"], deadline=clock.now + 1)
+    assert batcher.refused == {Refused.DEADLINE: 1} and batcher.depth == 8
+    _submit(batcher, ["z"], deadline=clock.now + 10)  # a deadline the backlog can meet
+    assert batcher.depth == 9
+
+
 async def test_closed_door_refuses_with_the_reason() -> None:
     batcher = Batcher(max_batch_size=8, max_batch_delay_s=0, max_queue=10)
     batcher.close("the server is shutting down")
@@ -146,7 +171,7 @@ async def test_a_cancelled_next_batch_loses_no_job() -> None:
     batcher = Batcher(max_batch_size=4, max_batch_delay_s=5, max_queue=10)
     _submit(batcher, ["a"])
     waiting = asyncio.ensure_future(batcher.next_batch())
-    await asyncio.sleep(0.01)
+    await _settle()
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting

@@ -9,8 +9,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import loadgen  # noqa: E402
-from workload import make_texts  # noqa: E402
+import loadgen
+from workload import make_texts
 
 
 def test_workload_is_seeded_and_mixed() -> None:

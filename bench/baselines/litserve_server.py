@@ -10,7 +10,7 @@ import sys
 import litserve as ls
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import load_embedder, text_of, threads_from_env  # noqa: E402
+from common import load_embedder, text_of, threads_from_env
 
 
 class EmbeddingAPI(ls.LitAPI):

@@ -8,7 +8,6 @@ import json
 import os
 
 from aiohttp import web
-
 from common import load_embedder, text_of, threads_from_env
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from pipeserve.front import errors, metrics
 from pipeserve.front.api import hf
 from pipeserve.front.jsonio import json_response
-from pipeserve.front.runtime import RUNTIME, Runtime
+from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, Runtime
 
 log = logging.getLogger("pipeserve.http")
 access_log = logging.getLogger("pipeserve.access")
@@ -38,7 +38,7 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     """Give every response an X-Request-Id; turn every error into JSON without internals."""
     client_id = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     started = time.perf_counter()
     response: web.StreamResponse
     try:
@@ -66,12 +66,12 @@ def _account(request: web.Request, status: int, seconds: float) -> None:
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     request.app[RUNTIME].metrics.observe_request(route, status, seconds)
-    batch_size = request.get("batch_size")
+    batch_size = request.get(BATCH_SIZE) or None
     access_log.info("%s %s %d %.1fms batch=%s id=%s", request.method, request.path, status,
-                    seconds * 1000, batch_size if batch_size is not None else "-", request["request_id"],
+                    seconds * 1000, batch_size if batch_size is not None else "-", request[REQUEST_ID],
                     extra={"method": request.method, "path": request.path, "status": status,
                            "latency_ms": round(seconds * 1000, 3), "batch_size": batch_size,
-                           "request_id": request["request_id"]})
+                           "request_id": request[REQUEST_ID]})
 
 
 # Routes a load balancer or service manager probes without credentials.

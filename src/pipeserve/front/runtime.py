@@ -217,3 +217,5 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+REQUEST_ID = web.RequestKey("request_id", str)
+BATCH_SIZE = web.RequestKey("batch_size", int)  # the largest batch a request's inputs ran in

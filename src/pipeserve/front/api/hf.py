@@ -18,7 +18,7 @@ from aiohttp import web
 from pipeserve.front import errors, params
 from pipeserve.front.batcher import Job
 from pipeserve.front.jsonio import json_response
-from pipeserve.front.runtime import RUNTIME
+from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME
 from pipeserve.ipc import InputKind
 
 TIMEOUT_HEADER = "X-Request-Timeout"
@@ -37,11 +37,11 @@ async def predict(request: web.Request) -> web.Response:
     inputs, parameters, single = parse_body(await request.read(), request.content_type,
                                             config.max_items, model.input_kind)
     parameters_key = params.check_parameters(parameters, model.schema, model.open_parameters)
-    jobs = runtime.batcher.submit(inputs, parameters, parameters_key, request["request_id"], deadline)
+    jobs = runtime.batcher.submit(inputs, parameters, parameters_key, request[REQUEST_ID], deadline)
     try:
         results = await gather_results(jobs, timeout, single)
     finally:
-        request["batch_size"] = max(job.batch_size for job in jobs) or None
+        request[BATCH_SIZE] = max(job.batch_size for job in jobs)
     return json_response(results[0] if single else results)
 
 

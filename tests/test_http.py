@@ -1,0 +1,147 @@
+"""The HTTP face in-process: aiohttp's test client against the real app and runtime, with a small
+torch-free model process (tests/children.py) behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from children import GATE_ENV
+from pipeserve.front.config import Config
+from pipeserve.front.runtime import Runtime
+from pipeserve.http import create_app
+
+WAIT_S = 30.0
+Start = Callable[..., Awaitable[tuple[TestClient[Any, Any], Runtime]]]
+
+
+@pytest.fixture
+async def start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[Start]:
+    """Start the app on a loopback port with a child entry point and settings; stop it after."""
+    monkeypatch.setenv(GATE_ENV, str(tmp_path / "gate"))
+    started: list[tuple[TestClient[Any, Any], Runtime]] = []
+
+    async def make(child: str = "echo", wait_ready: bool = True, **settings: Any) -> tuple[TestClient[Any, Any], Runtime]:
+        runtime = Runtime(Config(pipeline="unused:unused", **settings), entry_point=f"children:{child}")
+        client: TestClient[Any, Any] = TestClient(TestServer(create_app(runtime)))
+        await client.start_server()
+        runtime.start()
+        started.append((client, runtime))
+        if wait_ready:
+            await until(runtime, lambda: runtime.unavailable_reason() is None)
+        return client, runtime
+
+    yield make
+    for client, runtime in started:
+        await runtime.stop()
+        await client.close()
+
+
+async def until(runtime: Runtime, predicate: Callable[[], bool]) -> None:
+    async def wait() -> None:
+        while not predicate():
+            runtime.changed.clear()
+            await runtime.changed.wait()
+
+    await asyncio.wait_for(wait(), WAIT_S)
+
+
+async def test_json_inputs_are_answered_in_order(start: Start) -> None:
+    client, _ = await start()
+    response = await client.post("/", json={"inputs": ["a", "b"], "parameters": {"suffix": "!"}})
+    assert response.status == 200 and await response.json() == ["a!", "b!"]
+    single = await client.post("/", data="raw text", headers={"Content-Type": "text/plain"})
+    assert await single.json() == "raw text"
+
+
+@pytest.mark.parametrize(("document", "fragment"), [
+    ({"inputs": "x", "parameters": {"bogus": 1}}, "unknown parameter 'bogus'; accepted: suffix"),
+    ({"inputs": "x", "parameters": {"suffix": 3}}, "parameter 'suffix' must be a string"),
+    ({"inputs": "x", "parameters": {"batch_size": 2}}, "'batch_size' is set by the server"),
+    ({"inputs": 1}, '"inputs" must be a string, not a number'),
+])
+async def test_parameters_are_validated_from_the_schema_the_child_sent(
+        start: Start, document: Any, fragment: str) -> None:
+    client, _ = await start()
+    response = await client.post("/", json=document)
+    body = await response.json()
+    assert response.status == 400 and fragment in body["error"], body
+    assert response.headers["X-Request-Id"]
+
+
+async def test_a_failed_input_of_a_list_names_its_index(start: Start) -> None:
+    client, _ = await start()
+    response = await client.post("/", json={"inputs": ["fine", "BAD"]})
+    assert response.status == 400 and await response.json() == {"error": "bad input", "index": 1}
+
+
+async def test_routing_errors_are_json(start: Start) -> None:
+    client, _ = await start()
+    missing = await client.get("/nope")
+    assert missing.status == 404 and await missing.json() == {"error": "not found"}
+    wrong = await client.get("/")
+    assert wrong.status == 405 and "POST" in wrong.headers["Allow"]
+
+
+async def test_while_loading_requests_get_503_before_their_body_is_parsed(start: Start, tmp_path: Path) -> None:
+    client, runtime = await start("slow_load", wait_ready=False)
+    ready = await client.get("/ready")
+    assert ready.status == 503 and await ready.json() == {"status": "unavailable", "reason": "loading"}
+    early = await client.post("/", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert early.status == 503 and int(early.headers["Retry-After"]) >= 1
+    assert (await early.json())["error"] == "the model is loading"
+    (tmp_path / "gate").touch()
+    await until(runtime, lambda: runtime.unavailable_reason() is None)
+    assert (await client.get("/ready")).status == 200
+
+
+async def test_info_reports_the_loaded_schema_and_every_public_setting(start: Start) -> None:
+    client, _ = await start(max_batch_size=7, api_key="secret")
+    info = await (await client.get("/info", headers={"Authorization": "Bearer secret"})).json()
+    assert info["parameters"] == ["suffix"] and info["task"] == "echo"
+    assert info["settings"]["max_batch_size"] == 7 and "api_key" not in info["settings"]
+    assert set(info["settings"]) == {name for name in Config.__dataclass_fields__
+                                     if name not in ("api_key", "api_key_file")}
+
+
+async def test_drain_gives_up_at_its_timeout_while_a_batch_still_runs(
+        start: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pipeserve")
+    client, runtime = await start(drain_timeout=0.2)
+    held = asyncio.ensure_future(client.post("/", json={"inputs": "GATE"}))
+    await _poll(lambda: runtime.batcher.in_flight == 1)
+    assert await runtime.drain() is False
+    assert "drain incomplete: 0 queued, 1 running" in caplog.text
+    (tmp_path / "gate").touch()
+    response = await held
+    assert response.status == 200  # the batch still finishes; the drain only stopped waiting
+
+
+async def test_a_second_signal_cuts_the_drain_short(start: Start, tmp_path: Path) -> None:
+    client, runtime = await start(drain_timeout=3600)
+    held = asyncio.ensure_future(client.post("/", json={"inputs": "GATE"}))
+    await _poll(lambda: runtime.batcher.in_flight == 1)
+    runtime.request_stop("SIGTERM")
+    draining = asyncio.ensure_future(runtime.drain())
+    await _poll(lambda: runtime.draining)
+    refused = await client.post("/", json={"inputs": "late"})
+    assert refused.status == 503 and (await refused.json())["error"] == "the server is shutting down"
+    runtime.request_stop("SIGTERM")
+    assert await asyncio.wait_for(draining, WAIT_S) is False
+    (tmp_path / "gate").touch()
+    await held
+
+
+async def _poll(predicate: Callable[[], bool]) -> None:
+    """For what no event announces: check every 10 ms, fail after WAIT_S."""
+    async def wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(wait(), WAIT_S)
