@@ -1,11 +1,12 @@
-# The two commands a newcomer needs: `make run` and `make test`. Both create ./.venv.
+# The commands a newcomer needs: `make run`, `make test` and `make check` (lint and types).
+# Each creates ./.venv.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch first, pinned: its CPU build lies on local disk; an open range would pull a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run test bench clean
+.PHONY: run test check bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# The gates CI runs beside the tests: ruff over the code and its tests, mypy --strict over src/.
+check: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 
 # Not part of the tests: minutes of load on every core. Writes bench/RESULTS.md.
 bench: $(VENV)/.installed

@@ -101,3 +101,18 @@ def test_no_import_cycles_between_pipeserve_modules() -> None:
 def test_every_module_is_short_enough_to_read_in_one_sitting() -> None:
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
     assert long == {}
+
+
+def test_the_documented_request_path_names_functions_that_exist() -> None:
+    document = (REPO_ROOT / "ARCHITECTURE.md").read_text()
+    path = document.split("## One request's path", 1)[1].split("```")[1]
+    steps = [line for line in path.splitlines() if line.strip()]
+    assert 0 < len(steps) <= 8
+    named = 0
+    for line in steps:
+        for module, function in __import__("re").findall(r"([\w/]+)\.(\w+)(?=[:( ])", line):
+            candidates = [path for name, path in MODULES.items() if name.replace(".", "/").endswith(module)]
+            assert candidates, f"{module} is not a module"
+            assert any(f"def {function}(" in path.read_text() for path in candidates), f"{module}.{function}"
+            named += 1
+    assert named >= 7
