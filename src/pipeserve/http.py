@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from pipeserve.front import errors, metrics
-from pipeserve.front.api import hf
+from pipeserve.front.api import hf, openai, tei
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, Runtime
 
@@ -41,21 +41,22 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     response: web.StreamResponse
+    envelope = envelope_for(request.path)
     try:
         response = await handler(request)
     except errors.PipeserveError as exc:
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         log.log(level, "request %s: %d %s", request_id, exc.status, exc.message)
-        response = json_response(exc.body(), exc.status, exc.headers())
+        response = json_response(envelope(exc.status, exc.message, exc.index), exc.status, exc.headers())
     except web.HTTPException as exc:  # routing (404, 405) and aiohttp's own body limit (413)
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         message = _HTTP_MESSAGES.get(exc.status, exc.reason)
-        response = json_response({"error": message}, exc.status, headers)
+        response = json_response(envelope(exc.status, message, None), exc.status, headers)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("request %s: unexpected error", request_id)
-        response = json_response({"error": "internal server error"}, 500)
+        response = json_response(envelope(500, "internal server error", None), 500)
     response.headers[REQUEST_ID_HEADER] = request_id
     _account(request, response.status, time.perf_counter() - started)
     return response
@@ -94,6 +95,15 @@ def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.
     return check
 
 
+def envelope_for(path: str) -> errors.Envelope:
+    """Errors answer in the envelope of the API dialect the request came through."""
+    if path.startswith("/v1/"):
+        return errors.openai_body
+    if path in tei.PATHS:
+        return errors.tei_body
+    return errors.hf_body
+
+
 _HTTP_MESSAGES = {
     404: "not found",
     405: "method not allowed",
@@ -116,7 +126,8 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    return json_response(request.app[RUNTIME].info())
+    runtime = request.app[RUNTIME]
+    return json_response({**runtime.info(), **tei.info_fields(runtime)})
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
@@ -132,6 +143,8 @@ def create_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=runtime.config.max_body_bytes)
     app[RUNTIME] = runtime
     hf.add_routes(app)
+    openai.add_routes(app)
+    tei.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/info", info)

@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # The model process the front starts, named (as gunicorn names a worker class) so that the
 # front never imports model code; tests name torch-free children the same way.
 MODEL_ENTRY_POINT = "pipeserve.model_proc:main"
@@ -70,6 +70,14 @@ class ErrorKind(enum.StrEnum):
     @property
     def status(self) -> int:
         return {"bad_input": 400, "out_of_memory": 413, "internal": 500}[self.value]
+
+
+class Op(enum.StrEnum):
+    """What a batch asks of the model process: the pipeline, or only its tokenizer."""
+
+    PIPELINE = "pipeline"
+    TOKENIZE = "tokenize"  # input: text -> [{"id", "text", "special", "start", "stop"}]
+    DECODE = "decode"  # input: a list of token ids -> text
 
 
 class ParamType(enum.StrEnum):
@@ -131,6 +139,9 @@ class Ready:
     # True when the pipeline also takes keywords it does not name (a custom **kwargs).
     open_parameters: bool = False
     input_kind: InputKind = InputKind.TEXT
+    # Facts of the loaded model for the API dialects' /info and routes (plain JSON values):
+    # max_input_length, labels, hidden_size, pooling, normalize, has_tokenizer, prompts.
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,11 +152,13 @@ class Batch:
     inputs: list[Any]
     parameters: dict[str, Any]
     request_ids: list[str] = field(default_factory=list)  # for the model process's log lines
+    op: Op = Op.PIPELINE
 
 
 @dataclass(frozen=True)
 class Ok:
     value: Any
+    tokens: int | None = None  # the input's token count, where the adapter knows it (usage)
 
 
 @dataclass(frozen=True)

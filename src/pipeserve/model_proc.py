@@ -136,6 +136,7 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
         parameters=parameters,
         open_parameters=open_parameters,
         input_kind=call.input_kind,
+        details=call.details(),
     )
     log.info("loaded %s (%s) on %s in %.1fs", spec.model or spec.pipeline, call.task, device,
              ready.load_seconds)
@@ -185,11 +186,14 @@ def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
     oom_seen = False
     largest_fit = 0
 
+    operation = _OPERATIONS[batch.op]
+
     def attempt(indices: Sequence[int]) -> None:
         nonlocal calls, oom_seen, largest_fit
         calls += 1
         try:
-            results = call([batch.inputs[i] for i in indices], batch.parameters)
+            results = operation(call, [batch.inputs[i] for i in indices], batch.parameters)
+            counts = call.token_counts() if batch.op is ipc.Op.PIPELINE else None
         except BaseException as exc:  # classified below; never kills the worker
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -205,8 +209,8 @@ def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
             attempt(indices[middle:])
             return
         largest_fit = max(largest_fit, len(indices))
-        for index, value in zip(indices, results, strict=True):
-            outcomes[index] = ipc.Ok(value)
+        for position, (index, value) in enumerate(zip(indices, results, strict=True)):
+            outcomes[index] = ipc.Ok(value, counts[position] if counts else None)
 
     attempt(range(len(batch.inputs)))
     return ipc.BatchResult(
@@ -219,6 +223,19 @@ def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
     )
 
 
+def _run_pipeline(call: BatchCall, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+    return call(inputs, parameters)
+
+
+def _tokenize(call: BatchCall, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+    return call.tokenize(inputs, parameters)
+
+
+def _decode(call: BatchCall, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
+    return call.decode(inputs, parameters)
+
+
+_OPERATIONS = {ipc.Op.PIPELINE: _run_pipeline, ipc.Op.TOKENIZE: _tokenize, ipc.Op.DECODE: _decode}
 _BAD_INPUT_TYPES = (ValueError, TypeError, KeyError, UnicodeError)
 
 

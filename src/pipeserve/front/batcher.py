@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeserve.front import errors
+from pipeserve.ipc import Op
 
 
 class Dropped(enum.StrEnum):
@@ -61,7 +62,13 @@ LENGTH_WINDOW = 256
 
 def estimate_tokens(item: Any) -> int:
     """A cheap token-count estimate for batching (about 4 characters a token for text)."""
-    return len(item) // 4 + 2 if isinstance(item, str) else 1
+    if isinstance(item, str):
+        return len(item) // 4 + 2
+    if isinstance(item, dict):  # a text pair (rerank, predict)
+        return sum(len(value) // 4 for value in item.values() if isinstance(value, str)) + 3
+    if isinstance(item, list):  # token ids (decode)
+        return len(item)
+    return 1
 
 
 @dataclass(eq=False)
@@ -73,8 +80,10 @@ class Job:
     enqueued_at: float
     deadline: float
     future: asyncio.Future[Any] = field(repr=False)
-    tokens: int = 1
+    tokens: int = 1  # estimated, for length-aware batching
     batch_size: int = 0  # set when a batch takes it, for the access log
+    op: Op = Op.PIPELINE
+    token_count: int | None = None  # counted by the model process, where it reports it (usage)
 
 
 def resolve(job: Job, value: Any = None, error: BaseException | None = None) -> None:
@@ -126,19 +135,21 @@ class Batcher:
         self._closed_reason = None
 
     def submit(self, inputs: list[Any], parameters: dict[str, Any], parameters_key: str,
-               request_id: str, deadline: float) -> list[Job]:
+               request_id: str, deadline: float, op: Op = Op.PIPELINE, admitted: bool = False) -> list[Job]:
         """Queue one job per input, all or none; raise Unavailable/Overloaded without waiting."""
         if self._closed_reason is not None:
             raise errors.Unavailable(self._closed_reason, retry_after=self.retry_after())
         now = self._clock()
         self._drop_dead_head()
-        refusal = self._refusal(len(inputs), now, deadline)
+        # `admitted`: the next window of a request the door already took (see api/common.py).
+        refusal = None if admitted else self._refusal(len(inputs), now, deadline)
         if refusal is not None:
             self.refused[refusal] += 1
             raise errors.Overloaded(_REFUSAL_MESSAGES[refusal], retry_after=self.retry_after())
         loop = asyncio.get_running_loop()
-        jobs = [Job(item, parameters, parameters_key, request_id, now, deadline, loop.create_future(),
-                    estimate_tokens(item))
+        key = parameters_key if op is Op.PIPELINE else f"{op}:{parameters_key}"
+        jobs = [Job(item, parameters, key, request_id, now, deadline, loop.create_future(),
+                    estimate_tokens(item), op=op)
                 for item in inputs]
         self._queue.extend(jobs)
         self._idle.clear()

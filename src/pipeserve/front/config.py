@@ -241,9 +241,20 @@ class Config:
         "Restart a worker cleanly, between batches, once its RSS exceeds this (e.g. 4G).", "SIZE",
         shown="no limit")
     max_body_bytes: int = setting(
-        1024 * 1024, parse_size, "Largest request body; larger gets 413.", "SIZE", shown="1M")
+        16 * 1024 * 1024, parse_size,
+        "Largest request body; larger gets 413 (room for a client batch of --max-items chunks).",
+        "SIZE", shown="16M")
     max_items: int = setting(
-        64, _positive_int, "Most inputs in one request; more gets 413.", "N")
+        2048, _positive_int,
+        "Most inputs in one request; more gets 413. A request enters the queue a window at a time.",
+        "N")
+    max_input_bytes: int = setting(
+        256 * 1024, parse_size, "Largest single input (UTF-8 text or a file); larger gets 413.",
+        "SIZE", shown="256K")
+    served_model_name: str | None = setting(
+        None, _optional_text,
+        "The model name the OpenAI and TEI APIs report (and /v1/models lists).", "NAME",
+        shown="the model folder's or hub id's last part")
     api_key: str | None = setting(
         None, _optional_text,
         "Require 'Authorization: Bearer <key>' on every route but /health and /ready.", "KEY",

@@ -83,7 +83,7 @@ class Dispatcher:
             job.batch_size = len(jobs)
         batch = ipc.Batch(batch_id=next(_batch_ids), inputs=[job.input for job in jobs],
                           parameters=jobs[0].parameters,
-                          request_ids=[job.request_id for job in jobs])
+                          request_ids=[job.request_id for job in jobs], op=jobs[0].op)
         try:
             result = await worker.run(batch, self.batch_timeout)
         except asyncio.CancelledError:  # the server stops before this batch finished
@@ -112,6 +112,7 @@ class Dispatcher:
         self.pipeline_calls += result.pipeline_calls
         for job, outcome in zip(jobs, result.outcomes, strict=True):
             if isinstance(outcome, ipc.Ok):
+                job.token_count = outcome.tokens
                 resolve(job, outcome.value)
             else:
                 resolve(job, error=errors.error_for_kind(outcome.kind, outcome.message))

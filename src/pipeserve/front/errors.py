@@ -7,7 +7,12 @@ response ever carries a traceback, a file path or an exception repr.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pipeserve.ipc import ErrorKind
+
+# (status, public message, failed input's index) -> the JSON body of an error response.
+Envelope = Callable[[int, str, "int | None"], dict[str, object]]
 
 
 class PipeserveError(Exception):
@@ -26,12 +31,6 @@ class PipeserveError(Exception):
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
-    def body(self) -> dict[str, object]:
-        body: dict[str, object] = {"error": self.message}
-        if self.index is not None:
-            body["index"] = self.index
-        return body
-
     def at_index(self, index: int) -> PipeserveError:
         """The same error, marked as belonging to input `index` of a list request."""
         return type(self)(self.message, retry_after=self.retry_after, index=index)
@@ -48,6 +47,11 @@ class Unauthorized(PipeserveError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(PipeserveError):
+    status = 404
+    default_message = "not found"
 
 
 class PayloadTooLarge(PipeserveError):
@@ -101,3 +105,35 @@ _ERROR_FOR_KIND: dict[ErrorKind, type[PipeserveError]] = {
 def error_for_kind(kind: ErrorKind, message: str) -> PipeserveError:
     """The public error for an input that failed in the model process."""
     return _ERROR_FOR_KIND.get(kind, InferenceFailed)(message)
+
+
+# --- the envelope each API dialect wraps an error in -------------------------------------------
+
+
+def hf_body(status: int, message: str, index: int | None = None) -> dict[str, object]:
+    """The Inference API's (and pipeserve's own): {"error": message[, "index": i]}."""
+    body: dict[str, object] = {"error": message}
+    if index is not None:
+        body["index"] = index
+    return body
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
+                 504: "timeout_error"}
+
+
+def openai_body(status: int, message: str, index: int | None = None) -> dict[str, object]:
+    """OpenAI's: {"error": {"message", "type", "param", "code"}} (the openai SDK reads it)."""
+    return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
+                      "param": "input" if index is not None else None, "code": None}}
+
+
+# text-embeddings-inference's error_type names, lower-cased as huggingface_hub matches them.
+_TEI_TYPES = {400: "validation", 401: "unauthorized", 404: "validation", 405: "validation",
+              413: "validation", 503: "overloaded", 504: "backend"}
+
+
+def tei_body(status: int, message: str, index: int | None = None) -> dict[str, object]:
+    """text-embeddings-inference's: {"error": message, "error_type": kind}."""
+    return {"error": message, "error_type": _TEI_TYPES.get(status, "backend")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,19 @@ _UNAVAILABLE_MESSAGES = {
     "loading": "the model is loading",
     "restarting": "the model process is restarting",
 }
+
+
+EMBEDDED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def served_model_name(config: Config) -> str:
+    """What the OpenAI and TEI APIs call the model: the flag, else the id or folder's name."""
+    if config.served_model_name:
+        return config.served_model_name
+    if config.model:
+        path = config.model.rstrip("/")
+        return os.path.basename(path) if os.path.isdir(path) else path
+    return config.pipeline or EMBEDDED_MODEL_NAME
 
 
 def default_model_path() -> str:
@@ -65,6 +79,7 @@ class Runtime:
         self.config = config
         # A custom pipeline may need no model at all: only the plain server defaults to one.
         self.model = config.model or ("" if config.pipeline else default_model_path())
+        self.served_model_name = served_model_name(config)
         self.batcher = Batcher(
             config.max_batch_size, config.max_batch_delay_ms / 1000, config.max_queue,
             max_queue_wait_s=None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000,
@@ -170,6 +185,10 @@ class Runtime:
             retry = max((s.retry_after() for s in self.supervisors), default=1)
             message = _UNAVAILABLE_MESSAGES.get(reason or "", "the model is not available")
             raise errors.Unavailable(message, retry_after=retry)
+        return self._loaded
+
+    def loaded_model(self) -> LoadedModel | None:
+        """The model a worker loaded, whether or not one serves right now (for /info)."""
         return self._loaded
 
     def status_line(self) -> str:

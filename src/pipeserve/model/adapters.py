@@ -59,6 +59,20 @@ class BatchCall:
         custom = getattr(self.function, "warmup_inputs", None)
         return (list(custom), {}) if custom is not None else None
 
+    def token_counts(self) -> list[int] | None:
+        """The token count of each input of the last call, where the adapter knows it."""
+        return None
+
+    def tokenize(self, texts: list[str], parameters: dict[str, Any]) -> list[Any]:
+        raise ValueError("this pipeline has no tokenizer")
+
+    def decode(self, ids: list[list[int]], parameters: dict[str, Any]) -> list[Any]:
+        raise ValueError("this pipeline has no tokenizer")
+
+    def details(self) -> dict[str, Any]:
+        """Facts of the loaded model that the front's API dialects report (plain JSON values)."""
+        return {"has_tokenizer": False}
+
 
 class PipelineCall(BatchCall):
     """A transformers Pipeline, called with the whole batch as a list and batch_size=len."""
@@ -79,7 +93,55 @@ class PipelineCall(BatchCall):
         return merged
 
     def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        return self.function(inputs, batch_size=len(inputs), **self.with_defaults(parameters))  # type: ignore[no-any-return]
+        results = self.function(inputs, batch_size=len(inputs), **self.with_defaults(parameters))
+        shape = OUTPUT_SHAPES.get(self.entry.output)
+        return [shape(result) for result in results] if shape else list(results)
+
+    def tokenize(self, texts: list[str], parameters: dict[str, Any]) -> list[Any]:
+        """Each text's tokens as text-embeddings-inference's /tokenize gives them."""
+        tokenizer = self._tokenizer()
+        add_special = bool(parameters.get("add_special_tokens", True))
+        encoded = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True,
+                            return_special_tokens_mask=True, truncation=True)
+        answers = []
+        for index, text in enumerate(texts):
+            ids = encoded["input_ids"][index]
+            tokens = []
+            for token_id, (start, stop), special in zip(
+                    ids, encoded["offset_mapping"][index], encoded["special_tokens_mask"][index], strict=True):
+                if special:
+                    tokens.append({"id": token_id, "text": tokenizer.convert_ids_to_tokens(token_id),
+                                   "special": True, "start": None, "stop": None})
+                else:
+                    tokens.append({"id": token_id, "text": text[start:stop], "special": False,
+                                   "start": start, "stop": stop})
+            answers.append(tokens)
+        return answers
+
+    def decode(self, ids: list[list[int]], parameters: dict[str, Any]) -> list[Any]:
+        tokenizer = self._tokenizer()
+        skip = bool(parameters.get("skip_special_tokens", True))
+        if any(not 0 <= token < len(tokenizer) for sequence in ids for token in sequence):
+            raise ValueError(f"token ids must be from 0 to {len(tokenizer) - 1}")
+        return [tokenizer.decode(sequence, skip_special_tokens=skip) for sequence in ids]
+
+    def _tokenizer(self) -> Any:
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        return tokenizer
+
+    def details(self) -> dict[str, Any]:
+        config = getattr(getattr(self.pipe, "model", None), "config", None)
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        id2label = getattr(config, "id2label", None) or {}
+        return {
+            "has_tokenizer": tokenizer is not None,
+            "max_input_length": int(tokenizer.model_max_length) if tokenizer is not None else None,
+            "labels": [str(id2label[key]) for key in sorted(id2label)],
+            "hidden_size": getattr(config, "hidden_size", None),
+            "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        }
 
     def schema(self) -> tuple[tuple[ParamSpec, ...], bool]:
         """The task's documented parameters, plus the others the pipeline names (unchecked).
@@ -150,20 +212,50 @@ class FeatureExtractionCall(PipelineCall):
     def __init__(self, pipe: Any, task: Task, sentence: pooling.SentencePooling) -> None:
         super().__init__(pipe, task)
         self.sentence = sentence
+        self._counts: list[int] | None = None
         if sentence.max_seq_length and pipe.tokenizer.model_max_length > sentence.max_seq_length:
             pipe.tokenizer.model_max_length = sentence.max_seq_length
 
     def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
         options = dict(parameters)
-        mode = options.pop("pooling", self.sentence.mode)
+        mode = str(options.pop("pooling", self.sentence.mode)).lower()
         normalize = options.pop("normalize", self.sentence.normalize)
-        results = [np.asarray(to_plain(r))
-                   for r in super().run(inputs, {**options, "return_tensors": True})]
+        dimensions = options.pop("dimensions", None)
+        inputs = self._with_prompt(inputs, options.pop("prompt_name", None))
+        side = options.pop("truncation_direction", None)
+        tokenizer = self.pipe.tokenizer
+        saved_side = tokenizer.truncation_side
+        try:  # a batch shares its parameters, so the side holds for the whole call
+            tokenizer.truncation_side = side.lower() if side else saved_side
+            results = [np.asarray(to_plain(r))
+                       for r in super().run(inputs, {**options, "return_tensors": True})]
+            self._counts = self._token_counts(inputs, options)
+        finally:
+            tokenizer.truncation_side = saved_side
         if len(inputs) > 1:
-            lengths = self._token_counts(inputs, options)
-            left = getattr(self.pipe.tokenizer, "padding_side", "right") == "left"
-            results = [r[:, -n:] if left else r[:, :n] for r, n in zip(results, lengths, strict=True)]
-        return [pooling.pool(tokens, mode.lower(), normalize) for tokens in results]
+            left = getattr(tokenizer, "padding_side", "right") == "left"
+            results = [r[:, -n:] if left else r[:, :n] for r, n in zip(results, self._counts, strict=True)]
+        vectors = [pooling.pool(tokens, mode, normalize and dimensions is None) for tokens in results]
+        if dimensions is not None:
+            vectors = [pooling.truncate(vector, dimensions, normalize) for vector in vectors]
+        return vectors
+
+    def token_counts(self) -> list[int] | None:
+        return self._counts
+
+    def _with_prompt(self, inputs: list[Any], prompt_name: str | None) -> list[Any]:
+        """Prefix each text with the model's named prompt (sentence-transformers' `prompts`)."""
+        if prompt_name is None:
+            return inputs
+        prompt = self.sentence.prompts.get(prompt_name)
+        if prompt is None:
+            known = ", ".join(sorted(self.sentence.prompts)) or "none"
+            raise ValueError(f"unknown prompt_name {prompt_name!r}; this model's prompts: {known}")
+        return [prompt + text for text in inputs]
+
+    def details(self) -> dict[str, Any]:
+        return {**super().details(), "pooling": self.sentence.mode, "normalize": self.sentence.normalize,
+                "prompts": sorted(self.sentence.prompts)}
 
     def _token_counts(self, inputs: list[Any], parameters: dict[str, Any]) -> list[int]:
         parameters = self.with_defaults(parameters)
@@ -201,6 +293,24 @@ class AudioCall(PipelineCall):
     def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
         silence = media.encode_wav(np.zeros(self.sampling_rate, dtype=np.float32), self.sampling_rate)
         return [silence], dict(self.entry.warmup_parameters)
+
+
+def _label_list(result: Any) -> list[Any]:
+    """text-classification: every input answers a list of {label, score}, best first."""
+    labels = result if isinstance(result, list) else [result]
+    return sorted(labels, key=lambda item: -float(item["score"]))
+
+
+def _zero_shot_labels(result: Any) -> list[dict[str, Any]]:
+    """zero-shot: the pipeline's {sequence, labels, scores} as [{label, score}], best first."""
+    return [{"label": label, "score": score}
+            for label, score in zip(result["labels"], result["scores"], strict=True)]
+
+
+OUTPUT_SHAPES: dict[str, Callable[[Any], Any]] = {
+    "label_list": _label_list,
+    "zero_shot_labels": _zero_shot_labels,
+}
 
 
 def _cap_tokenizer_length(pipe: Any) -> None:

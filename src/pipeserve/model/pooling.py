@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +19,7 @@ class SentencePooling:
     mode: str = "none"
     normalize: bool = False
     max_seq_length: int | None = None
+    prompts: dict[str, str] = field(default_factory=dict)  # name -> text put before an input
 
 
 def read_sentence_pooling(model: str) -> SentencePooling:
@@ -46,7 +47,24 @@ def read_sentence_pooling(model: str) -> SentencePooling:
     if os.path.isfile(bert_config):
         with open(bert_config) as handle:
             max_seq_length = json.load(handle).get("max_seq_length")
-    return SentencePooling(mode, normalize, max_seq_length)
+    prompts: dict[str, str] = {}
+    st_config = os.path.join(model, "config_sentence_transformers.json")
+    if os.path.isfile(st_config):
+        with open(st_config) as handle:
+            prompts = {str(k): str(v) for k, v in (json.load(handle).get("prompts") or {}).items()}
+    return SentencePooling(mode, normalize, max_seq_length, prompts)
+
+
+def truncate(vector: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
+    """The first `dimensions` values of a sentence vector, re-normalised (Matryoshka models)."""
+    if vector.ndim != 1:
+        raise ValueError("dimensions needs a pooled embedding (pooling mean, cls or max)")
+    if dimensions > vector.shape[0]:
+        raise ValueError(f"dimensions must be at most {vector.shape[0]}, the model's embedding size")
+    cut = vector[:dimensions]
+    if normalize:
+        cut = cut / max(float(np.linalg.norm(cut)), 1e-12)
+    return np.ascontiguousarray(cut, dtype=np.float32)
 
 
 def pool(tokens: np.ndarray, mode: str, normalize: bool) -> np.ndarray:

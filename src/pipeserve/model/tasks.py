@@ -46,6 +46,9 @@ POOLING_MODES = ("mean", "cls", "max", "none")
 POOLING = _choice("pooling", *POOLING_MODES)
 NORMALIZE = _boolean("normalize")
 TOKENIZE_KWARGS = ParamSpec("tokenize_kwargs", ParamType.OBJECT)
+DIMENSIONS = _integer("dimensions", 1)  # Matryoshka: keep the first N values, then re-normalise
+TRUNCATION_DIRECTION = _choice("truncation_direction", "left", "right")
+PROMPT_NAME = ParamSpec("prompt_name", ParamType.STRING)  # a key of the model's sentence-transformers prompts
 GENERATION = (
     _integer("max_new_tokens", 1), _integer("max_length", 1), _integer("min_new_tokens", 0),
     _integer("num_beams", 1), _integer("num_return_sequences", 1), _boolean("do_sample"),
@@ -75,14 +78,19 @@ class Task:
     introspect: bool = True
     # Model class-name suffixes from which this task is inferred for a local folder.
     architectures: tuple[str, ...] = ()
+    # How each input's output is reshaped to the Hugging Face Inference API's shape for the task
+    # (a name in adapters.OUTPUT_SHAPES; "" keeps the pipeline's own).
+    output: str = ""
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("feature-extraction", adapter="FeatureExtractionCall", defaults={"truncation": True},
-         parameters=(POOLING, NORMALIZE, TRUNCATION, TOKENIZE_KWARGS), introspect=False),
+         parameters=(POOLING, NORMALIZE, TRUNCATION, TOKENIZE_KWARGS, DIMENSIONS, TRUNCATION_DIRECTION,
+                     PROMPT_NAME), introspect=False),
+    # Each input answers a list of {label, score}, best first, even with top_k=1.
     Task("text-classification", defaults={"truncation": True},
          parameters=(TOP_K, FUNCTION_TO_APPLY, TRUNCATION),
-         architectures=("ForSequenceClassification",)),
+         architectures=("ForSequenceClassification",), output="label_list"),
     Task("token-classification", parameters=(AGGREGATION_STRATEGY,),
          architectures=("ForTokenClassification",)),
     # fill-mask takes tokenizer options in a dict of their own.
@@ -90,8 +98,11 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          parameters=(TOP_K, TARGETS), architectures=("ForMaskedLM",)),
     # The zero-shot pipeline reads a bare **kwargs itself: only its documented keywords.
     Task("zero-shot-classification", parameters=(CANDIDATE_LABELS, HYPOTHESIS_TEMPLATE, MULTI_LABEL),
-         introspect=False, warmup_parameters={"candidate_labels": ["warm", "up"]}),
+         introspect=False, warmup_parameters={"candidate_labels": ["warm", "up"]},
+         output="zero_shot_labels"),
+    # The generated text without the prompt, as TGI and the Inference API answer by default.
     Task("text-generation", adapter="TextGenerationCall", parameters=GENERATION,
+         defaults={"return_full_text": False},
          warmup_parameters={"max_new_tokens": 1}, architectures=("ForCausalLM", "LMHeadModel")),
     Task("image-classification", adapter="ImageCall", input_kind=InputKind.IMAGE,
          parameters=(TOP_K, FUNCTION_TO_APPLY), architectures=("ForImageClassification",)),

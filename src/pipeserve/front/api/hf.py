@@ -1,82 +1,62 @@
 """The Hugging Face Inference API dialect: `POST /` with a raw body or `{"inputs", "parameters"}`.
 
-Translates a request into one job per input and the jobs' results into the response; validation
-of parameters comes from the loaded task's schema (front/params.py).
+Answers in the shape the Inference API gives for each task, as huggingface_hub's
+InferenceClient parses it (the model process shapes each task's output; tasks.py). The client
+sends some feature-extraction options at the JSON root rather than under `parameters`; they
+are accepted there too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from pipeserve.front import errors, params
-from pipeserve.front.batcher import Job
+from pipeserve.front import errors
+from pipeserve.front.api import common
 from pipeserve.front.jsonio import json_response
-from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME
 from pipeserve.ipc import InputKind
 
-TIMEOUT_HEADER = "X-Request-Timeout"
-# Top-level JSON fields: the Hugging Face Inference API's; `options` is accepted and ignored.
-_JSON_FIELDS = frozenset({"inputs", "parameters", "options"})
+# Fields the client puts at the JSON root, and the pipeline parameter each one is.
+ROOT_PARAMETERS = {"normalize": "normalize", "truncate": "truncation",
+                   "truncation_direction": "truncation_direction", "prompt_name": "prompt_name",
+                   "dimensions": "dimensions"}
+# Tasks whose answer stays a list of per-input answers for one input too (InferenceClient's
+# text_classification takes element [0] of what it parses).
+NESTED_SINGLE = frozenset({"text-classification"})
+# `options` (the hosted API's use_cache / wait_for_model) is accepted and ignored.
+JSON_FIELDS = frozenset({"inputs", "parameters", "options", "stream", "encoding_format", *ROOT_PARAMETERS})
 
 
 async def predict(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    config = runtime.config
-    timeout = request_timeout(request, config.request_timeout)
-    deadline = time.monotonic() + timeout
     # First: while no model is loaded, what inputs and parameters it takes is not known yet.
-    model = runtime.serving_model()
+    model = common.serving_model(request)
     # request.read() raises 413 past client_max_size (--max-body-bytes).
-    inputs, parameters, single = parse_body(await request.read(), request.content_type,
-                                            config.max_items, model.input_kind)
-    parameters_key = params.check_parameters(parameters, model.schema, model.open_parameters)
-    jobs = runtime.batcher.submit(inputs, parameters, parameters_key, request[REQUEST_ID], deadline)
-    try:
-        results = await gather_results(jobs, timeout, single)
-    finally:
-        request[BATCH_SIZE] = max(job.batch_size for job in jobs)
-    return json_response(results[0] if single else results)
+    inputs, parameters, single = parse_body(await request.read(), request.content_type, model.input_kind)
+    jobs = await common.run_jobs(request, model, inputs, parameters)
+    answers = common.results(jobs)
+    unwrap = single and model.ready.task not in NESTED_SINGLE
+    return json_response(answers[0] if unwrap else answers)
 
 
-def request_timeout(request: web.Request, server_timeout: float) -> float:
-    """The server's timeout, or the shorter one the request's X-Request-Timeout asks for."""
-    header = request.headers.get(TIMEOUT_HEADER)
-    if header is None:
-        return server_timeout
-    try:
-        value = float(header)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise errors.BadRequest(f"{TIMEOUT_HEADER} must be a number of seconds > 0")
-    return min(value, server_timeout)
-
-
-def parse_body(body: bytes, content_type: str, max_items: int,
-               kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
+def parse_body(body: bytes, content_type: str, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
     """(inputs, parameters, single) from a raw body or a JSON {"inputs", "parameters"}.
 
     Text pipelines take strings. Image and audio pipelines take the bytes of a file: the raw
-    body (Content-Type image/* or audio/*), or base64 strings in JSON.
+    body (whatever its Content-Type, as the client sends bytes without one), or base64 strings
+    in JSON.
     """
     if not body:
         raise errors.BadRequest("empty body: send the input, or JSON {\"inputs\": ...}")
     if content_type == "application/json" or content_type.endswith("+json"):
-        return _parse_json(body, max_items, kind)
-    if content_type.startswith(("image/", "audio/")) or kind is not InputKind.TEXT:
-        if kind is InputKind.TEXT:
-            raise errors.BadRequest(f"this model takes text, not {content_type}")
-        if not content_type.startswith(f"{kind.value}/"):
-            raise errors.BadRequest(f"this model takes {kind.value}s: send the file as the body with "
-                                    f"Content-Type {kind.value}/..., or base64 in JSON")
+        return _parse_json(body, kind)
+    if kind is not InputKind.TEXT:
         return [body], {}, True
+    if content_type.startswith(("image/", "audio/")):
+        raise errors.BadRequest(f"this model takes text, not {content_type}")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -84,20 +64,22 @@ def parse_body(body: bytes, content_type: str, max_items: int,
     return [text], {}, True
 
 
-def _parse_json(body: bytes, max_items: int, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
+def _parse_json(body: bytes, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
     document = load_json_object(body, '{"inputs": ..., "parameters": {...}}')
-    unknown = sorted(set(document) - _JSON_FIELDS)
+    unknown = sorted(set(document) - JSON_FIELDS)
     if unknown:
         raise errors.BadRequest(f"unknown field {unknown[0]!r}; expected inputs, parameters")
     if "inputs" not in document:
         raise errors.BadRequest('missing "inputs"')
+    if document.get("stream"):
+        raise errors.BadRequest('"stream": true is not served on POST / yet')
+    if document.get("encoding_format") not in (None, "float"):
+        raise errors.BadRequest('"encoding_format" must be "float" here (base64: POST /v1/embeddings)')
     inputs = document["inputs"]
     single = not isinstance(inputs, list)
     items = [inputs] if single else inputs
     if not items:
         raise errors.BadRequest('"inputs" is an empty list')
-    if len(items) > max_items:
-        raise errors.PayloadTooLarge(f"{len(items)} inputs; at most {max_items} per request")
     where = ['"inputs"'] if single else [f'"inputs"[{index}]' for index in range(len(items))]
     for place, item in zip(where, items, strict=True):
         if not isinstance(item, str):
@@ -110,6 +92,9 @@ def _parse_json(body: bytes, max_items: int, kind: InputKind) -> tuple[list[Any]
         parameters = {}
     if not isinstance(parameters, dict):
         raise errors.BadRequest(f'"parameters" must be an object, not {json_type(parameters)}')
+    for field, name in ROOT_PARAMETERS.items():
+        if document.get(field) is not None:
+            parameters = {**parameters, name: document[field]}
     return items, parameters, single
 
 
@@ -141,28 +126,6 @@ def json_type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
              int: "a number", float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-async def gather_results(jobs: list[Job], timeout: float, single: bool) -> list[Any]:
-    """Wait for every job; the first failed input's error becomes the response."""
-    futures = [job.future for job in jobs]
-    try:
-        _, pending = await asyncio.wait(futures, timeout=timeout)
-    finally:
-        # Timed out, or the client went away (aiohttp cancels the handler): jobs still queued
-        # are dropped by the batcher and never computed.
-        for future in futures:
-            if not future.done():
-                future.cancel()
-    if pending:
-        raise errors.RequestTimeout()
-    failures = [future.exception() for future in futures]  # retrieve every one, not just the first
-    for index, error in enumerate(failures):
-        if error is not None:
-            if isinstance(error, errors.PipeserveError) and not single:
-                raise error.at_index(index)
-            raise error
-    return [future.result() for future in futures]
 
 
 def add_routes(app: web.Application) -> None:
