@@ -20,7 +20,8 @@ from typing import Any
 from aiohttp import web
 
 from pipeserve.front import errors, metrics
-from pipeserve.front.api import hf, openai, tei
+from pipeserve.front.api import hf, openai, openapi, tei
+from pipeserve.front.api.routes import ANY_JSON, Route, add_routes, obj
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, Runtime
 
@@ -75,17 +76,14 @@ def _account(request: web.Request, status: int, seconds: float) -> None:
                            "request_id": request[REQUEST_ID]})
 
 
-# Routes a load balancer or service manager probes without credentials.
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
-
-
 def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """Middleware: every route but PUBLIC_PATHS needs `Authorization: Bearer <key>`."""
+    """Middleware: every route but the public ones (/health, /ready) needs `Authorization: Bearer <key>`."""
     expected = key.encode()
+    public_paths = frozenset(route.path for route in ROUTES if route.public)
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
+        if request.path not in public_paths:
             scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken does not reveal how much of the key matched.
             if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
@@ -135,6 +133,26 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    secured = bool(request.app[RUNTIME].config.required_api_key())
+    return json_response(openapi.document(ROUTES, secured))
+
+
+_STATUS = {"type": "string"}
+OPERATIONS = (
+    Route("GET", "/health", health, "The front process is alive", "ops", public=True,
+          response=obj({"status": {"type": "string", "enum": ["ok"]}}, required=["status"])),
+    Route("GET", "/ready", ready, "A model process is loaded and serving (503 otherwise)", "ops", public=True,
+          response=obj({"status": _STATUS, "reason": _STATUS}, required=["status"])),
+    Route("GET", "/info", info, "Model, settings, versions, workers, counters; TEI's fields", "ops",
+          response={"type": "object"}),
+    Route("GET", "/metrics", prometheus_metrics, "Prometheus metrics (text exposition)", "ops",
+          response={"type": "string"}, media="text/plain"),
+    Route("GET", "/openapi.json", openapi_document, "This document", "ops", response={"type": "object"}),
+)
+ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *tei.ROUTES)
+
+
 def create_app(runtime: Runtime) -> web.Application:
     middlewares: list[Any] = [request_id_and_errors]
     api_key = runtime.config.required_api_key()
@@ -142,11 +160,5 @@ def create_app(runtime: Runtime) -> web.Application:
         middlewares.append(require_api_key(api_key))
     app = web.Application(middlewares=middlewares, client_max_size=runtime.config.max_body_bytes)
     app[RUNTIME] = runtime
-    hf.add_routes(app)
-    openai.add_routes(app)
-    tei.add_routes(app)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/info", info)
-    app.router.add_get("/metrics", prometheus_metrics)
+    add_routes(app, ROUTES)
     return app

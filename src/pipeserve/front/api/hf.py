@@ -12,11 +12,11 @@ import base64
 import binascii
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from pipeserve.front import errors
 from pipeserve.front.api import common
+from pipeserve.front.api.routes import ANY_JSON, Route, json_type, obj, parse_object
 from pipeserve.front.jsonio import json_response
 from pipeserve.ipc import InputKind
 
@@ -27,8 +27,19 @@ ROOT_PARAMETERS = {"normalize": "normalize", "truncate": "truncation",
 # Tasks whose answer stays a list of per-input answers for one input too (InferenceClient's
 # text_classification takes element [0] of what it parses).
 NESTED_SINGLE = frozenset({"text-classification"})
-# `options` (the hosted API's use_cache / wait_for_model) is accepted and ignored.
-JSON_FIELDS = frozenset({"inputs", "parameters", "options", "stream", "encoding_format", *ROOT_PARAMETERS})
+_TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+REQUEST = obj({
+    "inputs": {**_TEXTS, "description": "a text (or a base64 file for image and audio models), or a list"},
+    "parameters": {"type": "object", "description": "the pipeline's keyword arguments (GET /info lists them)"},
+    "options": {"type": "object", "description": "accepted and ignored (the hosted API's caching options)"},
+    "stream": {"type": "boolean", "enum": [False]},
+    "encoding_format": {"type": "string", "enum": ["float"]},
+    "normalize": {"type": "boolean"},
+    "truncate": {"type": "boolean"},
+    "truncation_direction": {"type": "string", "enum": ["left", "right", "Left", "Right"]},
+    "prompt_name": {"type": "string"},
+    "dimensions": {"type": "integer", "minimum": 1},
+}, required=["inputs"])
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -65,12 +76,7 @@ def parse_body(body: bytes, content_type: str, kind: InputKind) -> tuple[list[An
 
 
 def _parse_json(body: bytes, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
-    document = load_json_object(body, '{"inputs": ..., "parameters": {...}}')
-    unknown = sorted(set(document) - JSON_FIELDS)
-    if unknown:
-        raise errors.BadRequest(f"unknown field {unknown[0]!r}; expected inputs, parameters")
-    if "inputs" not in document:
-        raise errors.BadRequest('missing "inputs"')
+    document = parse_object(body, REQUEST)
     if document.get("stream"):
         raise errors.BadRequest('"stream": true is not served on POST / yet')
     if document.get("encoding_format") not in (None, "float"):
@@ -98,17 +104,6 @@ def _parse_json(body: bytes, kind: InputKind) -> tuple[list[Any], dict[str, Any]
     return items, parameters, single
 
 
-def load_json_object(body: bytes, expected: str) -> dict[str, Any]:
-    """The JSON object a body holds, or BadRequest saying what was expected."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise errors.BadRequest(f"invalid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise errors.BadRequest(f"JSON body must be an object: {expected}")
-    return document
-
-
 def _base64_file(text: str, where: str, kind: InputKind) -> bytes:
     """The bytes of a base64 string, or of a data: URL (data:image/png;base64,...)."""
     if text.startswith("data:") and "," in text:
@@ -122,11 +117,8 @@ def _base64_file(text: str, where: str, kind: InputKind) -> bytes:
     return data
 
 
-def json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/", predict)
+ROUTES = (
+    Route("POST", "/", predict, "Run the pipeline (the Hugging Face Inference API)", "hf",
+          request=REQUEST, response=ANY_JSON,
+          raw_bodies=("text/plain", "application/octet-stream")),
+)

@@ -15,21 +15,41 @@ from aiohttp import web
 
 from pipeserve.front import errors
 from pipeserve.front.api import common
-from pipeserve.front.api.hf import json_type, load_json_object
+from pipeserve.front.api.routes import Route, json_type, obj, parse_object
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
 
-EMBEDDING_FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user"})
 ENCODING_FORMATS = ("float", "base64")
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer"}}
+EMBEDDINGS_REQUEST = obj({
+    "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        {**_TOKEN_IDS, "description": "refused: token ids are not served"},
+                        {"type": "array", "items": _TOKEN_IDS, "description": "refused"}]},
+    "model": {"type": "string", "description": "any name: the served model answers"},
+    "encoding_format": {"type": "string", "enum": list(ENCODING_FORMATS)},
+    "dimensions": {"type": "integer", "minimum": 1},
+    "user": {"type": "string"},
+}, required=["input"])
+EMBEDDINGS_RESPONSE = obj({
+    "object": {"type": "string", "enum": ["list"]},
+    "data": {"type": "array", "items": obj({
+        "object": {"type": "string", "enum": ["embedding"]},
+        "index": {"type": "integer", "minimum": 0},
+        "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]},
+    }, required=["object", "index", "embedding"])},
+    "model": {"type": "string"},
+    "usage": obj({"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}},
+                 required=["prompt_tokens", "total_tokens"]),
+}, required=["object", "data", "model", "usage"])
+MODEL_CARD = obj({"id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
+                  "created": {"type": "integer"}, "owned_by": {"type": "string"}},
+                 required=["id", "object", "created", "owned_by"])
 
 
 async def embeddings(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/v1/embeddings", "feature-extraction")
-    document = load_json_object(await request.read(), '{"input": ..., "model": ...}')
-    unknown = sorted(set(document) - EMBEDDING_FIELDS)
-    if unknown:
-        raise errors.BadRequest(f"unknown field {unknown[0]!r}; expected {', '.join(sorted(EMBEDDING_FIELDS))}")
+    document = parse_object(await request.read(), EMBEDDINGS_REQUEST)
     texts = embedding_inputs(document.get("input"))
     encoding = document.get("encoding_format") or "float"
     if encoding not in ENCODING_FORMATS:
@@ -87,9 +107,14 @@ async def get_model(request: web.Request) -> web.Response:
     return json_response(card)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", get_model)
+ROUTES = (
+    Route("POST", "/v1/embeddings", embeddings, "Embeddings (OpenAI)", "openai",
+          request=EMBEDDINGS_REQUEST, response=EMBEDDINGS_RESPONSE),
+    Route("GET", "/v1/models", list_models, "The served model (OpenAI)", "openai",
+          response=obj({"object": {"type": "string", "enum": ["list"]},
+                        "data": {"type": "array", "items": MODEL_CARD}}, required=["object", "data"])),
+    Route("GET", "/v1/models/{model:.+}", get_model, "One model by name (OpenAI)", "openai",
+          response=MODEL_CARD),
+)
 
 

@@ -15,23 +15,36 @@ from aiohttp import web
 from pipeserve import __version__
 from pipeserve.front import errors
 from pipeserve.front.api import common
-from pipeserve.front.api.hf import json_type, load_json_object
+from pipeserve.front.api.routes import Route, Schema, boolean, json_type, obj, parse_object
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import LoadedModel, Runtime
 from pipeserve.ipc import Op
 
-PATHS = frozenset({"/embed", "/embed_all", "/predict", "/rerank", "/tokenize", "/decode"})
 _TRUNCATION = {"truncate": "truncation", "truncation_direction": "truncation_direction"}
-
-
-def _document(body: bytes, allowed: frozenset[str], required: str) -> dict[str, Any]:
-    document = load_json_object(body, f'{{"{required}": ...}}')
-    unknown = sorted(set(document) - allowed)
-    if unknown:
-        raise errors.BadRequest(f"unknown field {unknown[0]!r}; expected {', '.join(sorted(allowed))}")
-    if required not in document:
-        raise errors.BadRequest(f'missing "{required}"')
-    return document
+_TEXTS: Schema = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+_TRUNCATE: dict[str, Schema] = {"truncate": {"type": "boolean"},
+             "truncation_direction": {"type": "string", "enum": ["left", "right", "Left", "Right"]}}
+_VECTORS = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+_PREDICTIONS = {"type": "array", "items": obj({"score": {"type": "number"}, "label": {"type": "string"}},
+                                              required=["score", "label"])}
+EMBED_REQUEST = obj({"inputs": _TEXTS, "normalize": {"type": "boolean"}, "prompt_name": {"type": "string"},
+                     "dimensions": {"type": "integer", "minimum": 1}, **_TRUNCATE}, required=["inputs"])
+EMBED_ALL_REQUEST = obj({"inputs": _TEXTS, "prompt_name": {"type": "string"}, **_TRUNCATE}, required=["inputs"])
+_SEQUENCE = {"oneOf": [{"type": "string"},
+                       {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2}]}
+PREDICT_REQUEST = obj({"inputs": {"oneOf": [_SEQUENCE, {"type": "array", "items": _SEQUENCE, "minItems": 1}]},
+                       "raw_scores": {"type": "boolean"}, **_TRUNCATE}, required=["inputs"])
+RERANK_REQUEST = obj({"query": {"type": "string"},
+                      "texts": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                      "raw_scores": {"type": "boolean"}, "return_text": {"type": "boolean"}, **_TRUNCATE},
+                     required=["query", "texts"])
+TOKENIZE_REQUEST = obj({"inputs": _TEXTS, "add_special_tokens": {"type": "boolean"}}, required=["inputs"])
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+DECODE_REQUEST = obj({"ids": {"oneOf": [_IDS, {"type": "array", "items": _IDS, "minItems": 1}]},
+                      "skip_special_tokens": {"type": "boolean"}}, required=["ids"])
+_TOKEN = obj({"id": {"type": "integer"}, "text": {"type": "string"}, "special": {"type": "boolean"},
+              "start": {"type": ["integer", "null"]}, "stop": {"type": ["integer", "null"]}},
+             required=["id", "text", "special", "start", "stop"])
 
 
 def _texts(value: Any, field: str = "inputs") -> tuple[list[str], bool]:
@@ -57,13 +70,10 @@ def _pooling(model: LoadedModel) -> str:
     return "mean" if pooling == "none" else str(pooling)
 
 
-_EMBED_FIELDS = frozenset({"inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "dimensions"})
-
-
 async def embed(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/embed", "feature-extraction")
-    document = _document(await request.read(), _EMBED_FIELDS, "inputs")
+    document = parse_object(await request.read(), EMBED_REQUEST)
     texts, _ = _texts(document["inputs"])
     parameters = {"pooling": _pooling(model), "normalize": document.get("normalize", True),
                   **_truncation(document)}
@@ -77,7 +87,7 @@ async def embed(request: web.Request) -> web.Response:
 async def embed_all(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/embed_all", "feature-extraction")
-    document = _document(await request.read(), _EMBED_FIELDS - {"normalize", "dimensions"}, "inputs")
+    document = parse_object(await request.read(), EMBED_ALL_REQUEST)
     texts, _ = _texts(document["inputs"])
     parameters = {"pooling": "none", "normalize": False, **_truncation(document)}
     if document.get("prompt_name") is not None:
@@ -87,9 +97,7 @@ async def embed_all(request: web.Request) -> web.Response:
 
 
 def _classifier_parameters(document: dict[str, Any], function: str) -> dict[str, Any]:
-    raw = document.get("raw_scores", False)
-    if not isinstance(raw, bool):
-        raise errors.BadRequest('"raw_scores" must be true or false')
+    raw = boolean(document, "raw_scores", False)
     return {"top_k": None, "function_to_apply": "none" if raw else function, **_truncation(document)}
 
 
@@ -105,7 +113,7 @@ def _sequence(value: Any, where: str) -> Any:
 async def predict(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/predict", "text-classification")
-    document = _document(await request.read(), frozenset({"inputs", "raw_scores", *_TRUNCATION}), "inputs")
+    document = parse_object(await request.read(), PREDICT_REQUEST)
     value = document["inputs"]
     batch = isinstance(value, list) and bool(value) and all(isinstance(item, list) for item in value)
     items = [_sequence(item, f'"inputs"[{i}]') for i, item in enumerate(value)] if batch \
@@ -118,9 +126,6 @@ async def predict(request: web.Request) -> web.Response:
     return json_response(answers if batch else answers[0])
 
 
-_RERANK_FIELDS = frozenset({"query", "texts", "raw_scores", "return_text", *_TRUNCATION})
-
-
 async def rerank(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/rerank", "text-classification")
@@ -128,14 +133,12 @@ async def rerank(request: web.Request) -> web.Response:
     if len(labels) != 1:
         raise errors.BadRequest(f"/rerank needs a reranker (a text-classification model with one output, "
                                 f"num_labels=1); this model has {len(labels)} labels: use /predict")
-    document = _document(await request.read(), _RERANK_FIELDS, "texts")
+    document = parse_object(await request.read(), RERANK_REQUEST)
     query = document.get("query")
     if not isinstance(query, str):
         raise errors.BadRequest(f'"query" must be a string, not {json_type(query)}')
     texts, _ = _texts(document["texts"], "texts")
-    return_text = document.get("return_text", False)
-    if not isinstance(return_text, bool):
-        raise errors.BadRequest('"return_text" must be true or false')
+    return_text = boolean(document, "return_text", False)
     pairs = [{"text": query, "text_pair": text} for text in texts]
     jobs = await common.run_jobs(request, model, pairs, _classifier_parameters(document, "sigmoid"))
     ranked = []
@@ -149,18 +152,16 @@ async def rerank(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    document = _document(await request.read(), frozenset({"inputs", "add_special_tokens"}), "inputs")
+    document = parse_object(await request.read(), TOKENIZE_REQUEST)
     texts, _ = _texts(document["inputs"])
-    add_special = document.get("add_special_tokens", True)
-    if not isinstance(add_special, bool):
-        raise errors.BadRequest('"add_special_tokens" must be true or false')
+    add_special = boolean(document, "add_special_tokens", True)
     jobs = await common.run_jobs(request, model, texts, {"add_special_tokens": add_special}, Op.TOKENIZE)
     return json_response(common.results(jobs))  # always nested, one token list per input
 
 
 async def decode(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    document = _document(await request.read(), frozenset({"ids", "skip_special_tokens"}), "ids")
+    document = parse_object(await request.read(), DECODE_REQUEST)
     ids = document["ids"]
     if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         sequences = [ids]
@@ -169,9 +170,7 @@ async def decode(request: web.Request) -> web.Response:
         sequences = ids
     else:
         raise errors.BadRequest('"ids" must be a non-empty list of token ids, or a list of such lists')
-    skip = document.get("skip_special_tokens", True)
-    if not isinstance(skip, bool):
-        raise errors.BadRequest('"skip_special_tokens" must be true or false')
+    skip = boolean(document, "skip_special_tokens", True)
     jobs = await common.run_jobs(request, model, sequences, {"skip_special_tokens": skip}, Op.DECODE)
     return json_response(common.results(jobs))
 
@@ -206,7 +205,20 @@ def info_fields(runtime: Runtime) -> dict[str, Any]:
     }
 
 
-def add_routes(app: web.Application) -> None:
-    for path, handler in (("/embed", embed), ("/embed_all", embed_all), ("/predict", predict),
-                          ("/rerank", rerank), ("/tokenize", tokenize), ("/decode", decode)):
-        app.router.add_post(path, handler)
+ROUTES = (
+    Route("POST", "/embed", embed, "Sentence embeddings, one vector per input (TEI)", "tei",
+          request=EMBED_REQUEST, response=_VECTORS),
+    Route("POST", "/embed_all", embed_all, "Token embeddings, a matrix per input (TEI)", "tei",
+          request=EMBED_ALL_REQUEST, response={"type": "array", "items": _VECTORS}),
+    Route("POST", "/predict", predict, "Classify a text or a text pair, or a batch of them (TEI)", "tei",
+          request=PREDICT_REQUEST, response={"oneOf": [_PREDICTIONS, {"type": "array", "items": _PREDICTIONS}]}),
+    Route("POST", "/rerank", rerank, "Rank texts against a query with a cross-encoder (TEI)", "tei",
+          request=RERANK_REQUEST,
+          response={"type": "array", "items": obj({"index": {"type": "integer"}, "score": {"type": "number"},
+                                                   "text": {"type": "string"}}, required=["index", "score"])}),
+    Route("POST", "/tokenize", tokenize, "Tokens of each text (TEI)", "tei",
+          request=TOKENIZE_REQUEST, response={"type": "array", "items": {"type": "array", "items": _TOKEN}}),
+    Route("POST", "/decode", decode, "Text of each token-id list (TEI)", "tei",
+          request=DECODE_REQUEST, response={"type": "array", "items": {"type": "string"}}),
+)
+PATHS = frozenset(route.path for route in ROUTES)

@@ -1,0 +1,85 @@
+"""Route declarations: each route's method, path, handler, and JSON schemas, declared once.
+
+The handlers parse their bodies against the same declaration (`parse_object`: unknown and
+missing fields), `add_routes` registers them, and `openapi.py` describes them in
+`GET /openapi.json`, so the description cannot drift from what the server does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from pipeserve.front import errors
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Schema = dict[str, Any]
+ANY_JSON: Schema = {}
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    dialect: str  # hf, openai, tei or ops: which error envelope it answers in
+    request: Schema | None = None  # the JSON body's schema (an object), if it takes one
+    response: Schema = field(default_factory=dict)  # the 200 body's schema
+    raw_bodies: tuple[str, ...] = ()  # other media types the body may have (text/plain, ...)
+    public: bool = False  # reachable without the API key
+    media: str = "application/json"  # the 200 body's media type
+
+
+def add_routes(app: web.Application, routes: Sequence[Route]) -> None:
+    for route in routes:
+        app.router.add_route(route.method, route.path, route.handler)
+
+
+def obj(properties: dict[str, Schema], required: Sequence[str] = ()) -> Schema:
+    """An object schema that refuses fields it does not name."""
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+def json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def load_json_object(body: bytes, expected: str) -> dict[str, Any]:
+    """The JSON object a body holds, or BadRequest saying what was expected."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.BadRequest(f"invalid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise errors.BadRequest(f"JSON body must be an object: {expected}")
+    return document
+
+
+def parse_object(body: bytes, schema: Schema) -> dict[str, Any]:
+    """A JSON body as the route declares it: an object, its required fields, no unknown ones."""
+    properties = schema["properties"]
+    required = schema.get("required", [])
+    example = "{" + ", ".join(f'"{name}": ...' for name in required) + "}"
+    document = load_json_object(body, example)
+    unknown = sorted(set(document) - set(properties))
+    if unknown:
+        raise errors.BadRequest(f"unknown field {unknown[0]!r}; expected {', '.join(sorted(properties))}")
+    for name in required:
+        if name not in document:
+            raise errors.BadRequest(f'missing "{name}"')
+    return document
+
+
+def boolean(document: dict[str, Any], name: str, default: bool) -> bool:
+    value = document.get(name, default)
+    if not isinstance(value, bool):
+        raise errors.BadRequest(f'"{name}" must be true or false, not {json_type(value)}')
+    return value

@@ -1,0 +1,53 @@
+"""GET /openapi.json describes every route the server registers, and schemathesis finds no
+5xx and no response that breaks the description, against a live server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Server
+
+CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+          "response_schema_conformance,response_headers_conformance")
+
+
+@pytest.fixture(scope="module")
+def embedding_server(tiny_models: dict[str, Path]) -> Iterator[Server]:
+    server = Server(["--model", str(tiny_models["feature-extraction"])])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def test_the_document_lists_exactly_the_registered_routes(embedding_server: Server) -> None:
+    from pipeserve.http import ROUTES
+
+    document = embedding_server.request("GET", "/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    described = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
+    declared = {(route.method, route.path.replace("{model:.+}", "{model}")) for route in ROUTES}
+    assert described == declared
+    embeddings = document["paths"]["/v1/embeddings"]["post"]
+    assert embeddings["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/OpenAIError"}
+    assert "input" in embeddings["requestBody"]["content"]["application/json"]["schema"]["required"]
+
+
+def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(embedding_server: Server) -> None:
+    st = shutil.which("st", path=str(Path(sys.executable).parent))
+    assert st is not None, "schemathesis is a test dependency"
+    result = subprocess.run(
+        [st, "run", f"http://127.0.0.1:{embedding_server.port}/openapi.json", "--checks", CHECKS,
+         "--max-examples", "25", "--workers", "1", "--seed", "1", "--no-color",
+         "--suppress-health-check", "filter_too_much"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+    assert embedding_server.request("GET", "/ready").status == 200  # still serving afterwards
