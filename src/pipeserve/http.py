@@ -21,7 +21,7 @@ from aiohttp import web
 
 from pipeserve.front import errors, metrics
 from pipeserve.front.api import hf, openai, openapi, tei
-from pipeserve.front.api.routes import ANY_JSON, Route, add_routes, obj
+from pipeserve.front.api.routes import Route, add_routes, obj
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, Runtime
 
