@@ -80,7 +80,9 @@ async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[An
         key = orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS).decode()
     timeout = request_timeout(request, config.request_timeout)
     deadline = time.monotonic() + timeout
-    window = config.max_batch_size * config.worker_count()
+    # Two batches' worth per worker: enough for length-aware batching to choose from, few
+    # enough that a request arriving meanwhile waits behind one window, not the whole batch.
+    window = 2 * config.max_batch_size * config.worker_count()
     batcher = runtime.batcher
 
     def submit(items: Sequence[Any], admitted: bool) -> list[Job]:
