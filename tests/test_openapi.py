@@ -51,3 +51,13 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(embedd
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
     assert embedding_server.request("GET", "/ready").status == 200  # still serving afterwards
+
+
+def test_the_readme_documents_every_route() -> None:
+    from conftest import REPO_ROOT
+    from pipeserve.http import ROUTES
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    for route in ROUTES:
+        path = route.path.replace("{model:.+}", "{model}")
+        assert f"`{route.method} {path}`" in readme, f"{route.method} {path}"

@@ -254,7 +254,7 @@ class Config:
     served_model_name: str | None = setting(
         None, _optional_text,
         "The model name the OpenAI and TEI APIs report (and /v1/models lists).", "NAME",
-        shown="the model folder's or hub id's last part")
+        shown="a local folder's name, a hub id as given, sentence-transformers/all-MiniLM-L6-v2 for the embedded model")
     api_key: str | None = setting(
         None, _optional_text,
         "Require 'Authorization: Bearer <key>' on every route but /health and /ready.", "KEY",
