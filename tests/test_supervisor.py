@@ -225,6 +225,30 @@ async def test_the_blocking_call_guard_is_on_for_async_tests() -> None:
         load_config([], environ={})
 
 
+async def test_a_load_past_the_load_timeout_gives_up_with_its_own_exit_code(
+        slots: Callable[..., Slot], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(GATE_ENV, str(tmp_path / "never"))
+    slot = slots("slow_load", load_timeout=0.3)  # its gate is never opened
+    await asyncio.wait_for(slot.task, WAIT_S)
+    ((code, reason),) = slot.fatal
+    assert code is ExitCode.LOAD_TIMEOUT and "did not load within --load-timeout 0.3s" in reason
+    assert slot.supervisor.worker is not None and slot.supervisor.worker.exited is not None
+    died = await asyncio.wait_for(asyncio.shield(slot.supervisor.worker.exited), WAIT_S)
+    assert "SIGKILL" in died.cause  # the hung load was killed, not left behind
+
+
+async def test_deaths_after_serving_do_not_count_toward_the_crash_loop_budget(slots: Callable[..., Slot]) -> None:
+    slot = slots("echo", Backoff(initial=0.01), max_restarts=1)
+    for restarts in range(4):  # four deaths, each after a completed batch: never a crash loop
+        await slot.until(lambda: slot.supervisor.serving)
+        assert await slot.result(slot.submit("served")[0]) == "served"
+        with pytest.raises(errors.WorkerCrashed):
+            await slot.result(slot.submit("CRASH")[0])
+        await slot.until(lambda n=restarts: slot.supervisor.restarts == n + 1)
+    assert slot.fatal == []
+    await slot.until(lambda: slot.supervisor.serving)
+
+
 def test_backoff_doubles_to_its_ceiling_and_resets() -> None:
     backoff = Backoff(initial=0.5, maximum=4)
     assert [backoff.next_delay() for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]

@@ -40,6 +40,7 @@ class ExitCode(enum.IntEnum):
     CRASH_LOOP = 1  # the front: a worker kept dying, let the service manager take over
     USAGE = 2  # argparse's convention
     LOAD_FAILED = 3  # the model (or custom pipeline) could not be loaded
+    LOAD_TIMEOUT = 4  # the front: a load (or a restart's load) ran past --load-timeout
     MEMORY_LIMIT = 75  # EX_TEMPFAIL: a worker grew past --max-worker-memory; restart at once
     PIPE_CLOSED = 76  # a worker lost its pipe: the front went away
 

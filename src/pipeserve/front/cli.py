@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import signal
+import time
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -26,6 +27,7 @@ log = logging.getLogger("pipeserve")
 _CONNECTION_CLOSE_TIMEOUT_S = 2.0
 _STATUS_REFRESH_S = 5.0  # how often STATUS= is refreshed while nothing changes
 _LOAD_EXTENSION_S = 30.0  # EXTEND_TIMEOUT_USEC granted at a time while the model loads
+_GIVE_UP_GRACE_S = 10.0  # after --load-timeout: killing the worker and exiting
 
 
 async def serve(config: Config) -> int:
@@ -88,6 +90,8 @@ async def _notify_systemd(runtime: Runtime, notifier: systemd.Notifier) -> None:
     tick = min(_STATUS_REFRESH_S, watchdog) if watchdog else _STATUS_REFRESH_S
     ready_sent = False
     last_status = ""
+    # Never ask systemd to wait for the load past --load-timeout (plus the time to give up).
+    load_deadline = time.monotonic() + runtime.config.load_timeout + _GIVE_UP_GRACE_S
     while True:
         reason = runtime.unavailable_reason()
         fields: dict[str, object] = {}
@@ -98,7 +102,9 @@ async def _notify_systemd(runtime: Runtime, notifier: systemd.Notifier) -> None:
             fields["READY"] = 1
             ready_sent = True
         elif reason == "loading" and not ready_sent:
-            fields["EXTEND_TIMEOUT_USEC"] = int(max(_LOAD_EXTENSION_S, 2 * tick) * 1_000_000)
+            extension = min(max(_LOAD_EXTENSION_S, 2 * tick), load_deadline - time.monotonic())
+            if extension > 0:
+                fields["EXTEND_TIMEOUT_USEC"] = int(extension * 1_000_000)
         if watchdog and runtime.exit_code == ExitCode.OK:
             fields["WATCHDOG"] = 1
         if fields:

@@ -230,10 +230,14 @@ class Config:
     drain_timeout: float = setting(
         30.0, _non_negative_float,
         "On SIGTERM/SIGINT, seconds to let queued and running jobs finish.", "S")
+    load_timeout: float = setting(
+        600.0, _positive_float,
+        "Seconds a model process may take to load and warm up (a download included), at start or "
+        "on a restart, before the server gives up and exits 4.", "S")
     max_restarts: int = setting(
         5, _non_negative_int,
-        "Worker deaths tolerated within --restart-window before the server gives up and exits 1.",
-        "N")
+        "Crash-loop deaths (while loading, or before completing a batch since ready) tolerated "
+        "within --restart-window before the server gives up and exits 1.", "N")
     restart_window: float = setting(
         60.0, _positive_float, "Window in seconds for --max-restarts.", "S")
     max_worker_memory: int | None = setting(

@@ -42,6 +42,7 @@ class Dispatcher:
         self._on_batch = on_batch
         self._oom_cap: tuple[int, float] | None = None  # (size, until)
         self.pipeline_calls = 0
+        self.completed = 0  # batches the current worker completed (its outcomes came back)
 
     async def serve(self, worker: WorkerProcess, on_kill: Callable[[], None]) -> WorkerDied:
         """Feed batches to the worker until it dies; return how it died.
@@ -49,6 +50,7 @@ class Dispatcher:
         `on_kill` is called when a batch overruns its timeout and the worker is killed for it.
         """
         assert worker.exited is not None
+        self.completed = 0
         while True:
             next_batch = asyncio.ensure_future(self.batcher.next_batch(self._batch_limit()))
             waiters: set[asyncio.Future[Any]] = {next_batch, worker.exited}
@@ -105,6 +107,7 @@ class Dispatcher:
             assert worker.exited is not None
             return await asyncio.shield(worker.exited)
         self._settle(jobs, result)
+        self.completed += 1
         self._observe(jobs, started_at, result.compute_seconds)
         return None
 

@@ -21,7 +21,7 @@ from pipeserve.front import errors
 from pipeserve.front.batcher import Batcher
 from pipeserve.front.config import Config
 from pipeserve.front.dispatch import BatchObserver, Dispatcher
-from pipeserve.front.worker import LoadFailed, WorkerDied, WorkerProcess
+from pipeserve.front.worker import LoadFailed, LoadTimedOut, WorkerDied, WorkerProcess
 from pipeserve.ipc import ExitCode, WorkerState
 
 log = logging.getLogger("pipeserve.supervisor")
@@ -119,7 +119,12 @@ class Supervisor:
             worker = WorkerProcess(self.spec, self._context, self._entry_point)
             self.worker = worker
             try:
-                ready = await worker.start()
+                ready = await worker.start(self.config.load_timeout)
+            except LoadTimedOut:
+                name = self.spec.model or self.spec.pipeline
+                self._give_up(ExitCode.LOAD_TIMEOUT, f"model {name!r} did not load within --load-timeout "
+                                                     f"{self.config.load_timeout:g}s; giving up")
+                return
             except LoadFailed as exc:
                 worker.kill()
                 log.debug("load failure detail:\n%s", exc.detail)
@@ -158,8 +163,11 @@ class Supervisor:
                 log.warning("answered %d queued jobs with 503 while the worker restarts", failed)
         planned = died.exitcode == ExitCode.MEMORY_LIMIT
         now = time.monotonic()
+        # A crash loop is a worker that cannot stay up: it died loading, or before it finished
+        # one batch since it became ready. A worker killed after serving is restarted every time.
+        looping = worker.ready_at is None or self.dispatcher.completed == 0
         if not planned:
-            if self._crash_loop(now):
+            if looping and self._crash_loop(now):
                 return False
             if now - worker.started_at >= HEALTHY_STRETCH_S:
                 self._backoff.reset()

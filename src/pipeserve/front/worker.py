@@ -44,6 +44,10 @@ class LoadFailed(Exception):
         self.detail = detail
 
 
+class LoadTimedOut(Exception):
+    """The model process did not send Ready within --load-timeout; it has been killed."""
+
+
 class BatchTimeout(Exception):
     """A batch ran past --batch-timeout; the worker has been killed."""
 
@@ -83,13 +87,14 @@ class WorkerProcess:
         self._pending: tuple[int, asyncio.Future[ipc.BatchResult]] | None = None
         self.exited: asyncio.Future[WorkerDied] | None = None
         self.started_at = 0.0
+        self.ready_at: float | None = None
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    async def start(self) -> ipc.Ready:
-        """Spawn the process and wait for Ready; raises LoadFailed or WorkerDied."""
+    async def start(self, load_timeout: float) -> ipc.Ready:
+        """Spawn the process and wait for Ready; raises LoadFailed, LoadTimedOut or WorkerDied."""
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self.exited = loop.create_future()
@@ -108,7 +113,13 @@ class WorkerProcess:
         self._reader_task = asyncio.create_task(self._read_loop(reader))
         loop.add_reader(self.process.sentinel, self._on_sentinel)
         log.info("worker[%d] pid=%d starting", self.spec.worker_index, self.process.pid)
-        return await self._ready
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ready), load_timeout)
+        except TimeoutError:
+            self.kill()
+            # Its death will settle _ready with WorkerDied, which nobody waits for any more.
+            self._ready.add_done_callback(lambda future: future.cancelled() or future.exception())
+            raise LoadTimedOut() from None
 
     async def run(self, batch: ipc.Batch, timeout: float) -> ipc.BatchResult:
         """Send one batch and wait for its result; raises WorkerDied or BatchTimeout."""
@@ -173,6 +184,7 @@ class WorkerProcess:
                     f"worker speaks protocol {message.protocol_version}, "
                     f"front speaks {ipc.PROTOCOL_VERSION}", ""))
             elif not self._ready.done():
+                self.ready_at = time.monotonic()
                 self._ready.set_result(message)
         elif isinstance(message, ipc.Fatal):
             if not self._ready.done():
