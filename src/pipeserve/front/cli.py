@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from pipeserve import logs
-from pipeserve.front import systemd
+from pipeserve.front import connections, systemd
 from pipeserve.front.config import Config, load_config
 from pipeserve.front.runtime import Runtime
 from pipeserve.http import create_app
@@ -36,10 +36,11 @@ async def serve(config: Config) -> int:
     runtime = Runtime(config)
     notifier = systemd.Notifier()
     runner = web.AppRunner(create_app(runtime), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=_CONNECTION_CLOSE_TIMEOUT_S)
+                           shutdown_timeout=_CONNECTION_CLOSE_TIMEOUT_S,
+                           keepalive_timeout=config.keepalive_timeout)
     await runner.setup()
     try:
-        await _listen(runner, config)
+        servers = await _listen(runner, runtime)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         await runner.cleanup()
@@ -56,20 +57,25 @@ async def serve(config: Config) -> int:
         await runtime.drain()
     await runtime.stop()
     notifications.cancel()
+    for server in servers:
+        server.close()
     await runner.cleanup()
     notifier.close()
     log.info("stopped (exit code %d)", runtime.exit_code)
     return int(runtime.exit_code)
 
 
-async def _listen(runner: web.AppRunner, config: Config) -> None:
-    """Serve on the sockets systemd passed (socket activation), or bind --host:--port."""
+async def _listen(runner: web.AppRunner, runtime: Runtime) -> list[asyncio.Server]:
+    """Serve on the sockets systemd passed (socket activation), or bind --host:--port; every
+    connection behind the guard (connections.py)."""
+    config = runtime.config
     passed = systemd.listen_sockets()
-    sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in passed] or [
-        web.TCPSite(runner, config.host, config.port, reuse_address=True)]
-    for site in sites:
-        await site.start()
-    for address in runner.addresses:
+    limit = connections.connection_bound(config.max_connections, connections.raise_descriptor_limit())
+    assert runner.server is not None
+    servers = await connections.listen(runner.server, passed, config.host, config.port, limit,
+                                       config.header_timeout, runtime.connections)
+    addresses = [sock.getsockname() for server in servers for sock in server.sockets]
+    for address in addresses:
         if isinstance(address, (str, bytes)):  # a unix socket passed by systemd
             log.info("listening on unix:%s (front pid=%d)", address, os.getpid())
         else:
@@ -78,6 +84,7 @@ async def _listen(runner: web.AppRunner, config: Config) -> None:
     if not passed and not config.required_api_key() and not _is_loopback(config.host):
         log.warning("listening on %s without --api-key: anyone who can reach it can use the model",
                     config.host)
+    return servers
 
 
 async def _notify_systemd(runtime: Runtime, notifier: systemd.Notifier) -> None:

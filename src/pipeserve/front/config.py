@@ -259,6 +259,20 @@ class Config:
         None, _optional_text,
         "The model name the OpenAI and TEI APIs report (and /v1/models lists).", "NAME",
         shown="a local folder's name, a hub id as given, sentence-transformers/all-MiniLM-L6-v2 for the embedded model")
+    max_connections: int = setting(
+        1000, _positive_int,
+        "Most open client connections; beyond it a connection is answered 503 and closed at once "
+        "(lowered to fit the open-files limit).", "N")
+    header_timeout: float = setting(
+        10.0, _positive_float,
+        "Seconds a new connection has to send a whole request head; then 408 and close.", "S")
+    body_timeout: float = setting(
+        30.0, _positive_float,
+        "Seconds a request has to send its whole body once its head is in; then 408.", "S")
+    keepalive_timeout: float = setting(
+        15.0, _positive_float,
+        "Seconds an idle keep-alive connection stays open; a later request on it must complete "
+        "its head within this time of the last response.", "S")
     api_key: str | None = setting(
         None, _optional_text,
         "Require 'Authorization: Bearer <key>' on every route but /health and /ready.", "KEY",

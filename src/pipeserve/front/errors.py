@@ -66,6 +66,11 @@ class InputTooLargeForMemory(PipeserveError):
     default_message = "input too large for the model's memory"
 
 
+class BodyTimeout(PipeserveError):
+    status = 408
+    default_message = "request body not received in time (--body-timeout)"
+
+
 class Unavailable(PipeserveError):
     """The model is not serving right now (loading, restarting, draining): retry later."""
 

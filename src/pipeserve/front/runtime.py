@@ -22,6 +22,7 @@ from pipeserve import __version__, ipc
 from pipeserve.front import errors
 from pipeserve.front.batcher import Batcher
 from pipeserve.front.config import Config, public_settings
+from pipeserve.front.connections import ConnectionStats
 from pipeserve.front.metrics import Metrics
 from pipeserve.front.supervisor import Supervisor
 from pipeserve.ipc import ExitCode, WorkerState
@@ -95,6 +96,7 @@ class Runtime:
             for index in range(config.worker_count())
         ]
         self.started_at = time.time()
+        self.connections = ConnectionStats()
         self.draining = False
         self.exit_code = ExitCode.OK
         self.stop_requested = asyncio.Event()
@@ -231,6 +233,7 @@ class Runtime:
                 "in_flight": self.batcher.in_flight,
                 "dropped": {reason.value: count for reason, count in self.batcher.dropped.items()},
                 "refused": {reason.value: count for reason, count in self.batcher.refused.items()},
+                "connections": dict(vars(self.connections)),
             },
         }
 

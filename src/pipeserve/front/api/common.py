@@ -44,6 +44,15 @@ def serving_model(request: web.Request) -> LoadedModel:
     return request.app[RUNTIME].serving_model()
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within --body-timeout (408 after); 413 past --max-body-bytes."""
+    timeout = request.app[RUNTIME].config.body_timeout
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise errors.BodyTimeout() from None
+
+
 def check_input_sizes(inputs: Sequence[Any], limit: int) -> None:
     """413 for one input over --max-input-bytes (the body limit admits whole client batches)."""
     for index, item in enumerate(inputs):

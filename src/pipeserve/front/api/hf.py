@@ -46,7 +46,7 @@ async def predict(request: web.Request) -> web.Response:
     # First: while no model is loaded, what inputs and parameters it takes is not known yet.
     model = common.serving_model(request)
     # request.read() raises 413 past client_max_size (--max-body-bytes).
-    inputs, parameters, single = parse_body(await request.read(), request.content_type, model.input_kind)
+    inputs, parameters, single = parse_body(await common.read_body(request), request.content_type, model.input_kind)
     jobs = await common.run_jobs(request, model, inputs, parameters)
     answers = common.results(jobs)
     unwrap = single and model.ready.task not in NESTED_SINGLE

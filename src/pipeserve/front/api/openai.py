@@ -49,7 +49,7 @@ MODEL_CARD = obj({"id": {"type": "string"}, "object": {"type": "string", "enum":
 async def embeddings(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/v1/embeddings", "feature-extraction")
-    document = parse_object(await request.read(), EMBEDDINGS_REQUEST)
+    document = parse_object(await common.read_body(request), EMBEDDINGS_REQUEST)
     texts = embedding_inputs(document.get("input"))
     encoding = document.get("encoding_format") or "float"
     if encoding not in ENCODING_FORMATS:

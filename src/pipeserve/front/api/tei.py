@@ -73,7 +73,7 @@ def _pooling(model: LoadedModel) -> str:
 async def embed(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/embed", "feature-extraction")
-    document = parse_object(await request.read(), EMBED_REQUEST)
+    document = parse_object(await common.read_body(request), EMBED_REQUEST)
     texts, _ = _texts(document["inputs"])
     parameters = {"pooling": _pooling(model), "normalize": document.get("normalize", True),
                   **_truncation(document)}
@@ -87,7 +87,7 @@ async def embed(request: web.Request) -> web.Response:
 async def embed_all(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/embed_all", "feature-extraction")
-    document = parse_object(await request.read(), EMBED_ALL_REQUEST)
+    document = parse_object(await common.read_body(request), EMBED_ALL_REQUEST)
     texts, _ = _texts(document["inputs"])
     parameters = {"pooling": "none", "normalize": False, **_truncation(document)}
     if document.get("prompt_name") is not None:
@@ -113,7 +113,7 @@ def _sequence(value: Any, where: str) -> Any:
 async def predict(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/predict", "text-classification")
-    document = parse_object(await request.read(), PREDICT_REQUEST)
+    document = parse_object(await common.read_body(request), PREDICT_REQUEST)
     value = document["inputs"]
     batch = isinstance(value, list) and bool(value) and all(isinstance(item, list) for item in value)
     items = [_sequence(item, f'"inputs"[{i}]') for i, item in enumerate(value)] if batch \
@@ -133,7 +133,7 @@ async def rerank(request: web.Request) -> web.Response:
     if len(labels) != 1:
         raise errors.BadRequest(f"/rerank needs a reranker (a text-classification model with one output, "
                                 f"num_labels=1); this model has {len(labels)} labels: use /predict")
-    document = parse_object(await request.read(), RERANK_REQUEST)
+    document = parse_object(await common.read_body(request), RERANK_REQUEST)
     query = document.get("query")
     if not isinstance(query, str):
         raise errors.BadRequest(f'"query" must be a string, not {json_type(query)}')
@@ -152,7 +152,7 @@ async def rerank(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    document = parse_object(await request.read(), TOKENIZE_REQUEST)
+    document = parse_object(await common.read_body(request), TOKENIZE_REQUEST)
     texts, _ = _texts(document["inputs"])
     add_special = boolean(document, "add_special_tokens", True)
     jobs = await common.run_jobs(request, model, texts, {"add_special_tokens": add_special}, Op.TOKENIZE)
@@ -161,7 +161,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def decode(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    document = parse_object(await request.read(), DECODE_REQUEST)
+    document = parse_object(await common.read_body(request), DECODE_REQUEST)
     ids = document["ids"]
     if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         sequences = [ids]
