@@ -145,3 +145,46 @@ async def _poll(predicate: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(wait(), WAIT_S)
+
+
+async def test_the_api_key_guards_every_route_but_liveness_and_readiness(start: Start) -> None:
+    from pipeserve.http import ROUTES
+
+    client, _ = await start(api_key="the-key")
+    for route in ROUTES:
+        path = route.path.replace("{model:.+}", "some-model")
+        response = await client.request(route.method, path, json={})
+        if route.public:
+            assert response.status == 200, route.path
+            continue
+        body = await response.json()
+        assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer", route.path
+        message = body["error"]["message"] if route.dialect == "openai" else body["error"]
+        assert message == "missing or invalid API key", (route.path, body)
+    wrong = await client.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status == 401
+
+
+async def test_neither_the_key_nor_bodies_reach_the_log(start: Start, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client, _ = await start(api_key="sekrit-key-123")
+    headers = {"Authorization": "Bearer sekrit-key-123"}
+    for document in ({"inputs": "private words here"}, {"inputs": "private words here", "parameters": {"x": 1}},
+                     {"inputs": "BAD private words here"}):
+        await client.post("/", json=document, headers=headers)
+    await client.post("/", data=b"{private words here", headers={**headers, "Content-Type": "application/json"})
+    await client.post("/", json={"inputs": "x"}, headers={"Authorization": "Bearer wrong-sekrit"})
+    assert caplog.records, "the requests were logged"
+    assert "sekrit" not in caplog.text and "private words" not in caplog.text
+
+
+async def test_deeply_nested_json_is_a_400_on_every_json_route(start: Start) -> None:
+    from pipeserve.http import ROUTES
+
+    client, _ = await start()
+    nested = b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    for route in ROUTES:
+        if route.request is None:
+            continue
+        response = await client.post(route.path, data=nested, headers={"Content-Type": "application/json"})
+        assert response.status == 400, route.path
