@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # The model process the front starts, named (as gunicorn names a worker class) so that the
 # front never imports model code; tests name torch-free children the same way.
 MODEL_ENTRY_POINT = "pipeserve.model_proc:main"
@@ -121,6 +121,7 @@ class WorkerSpec:
     worker_index: int = 0
     # With --devices cuda:N: CUDA_VISIBLE_DEVICES for this worker, which then uses cuda:0.
     visible_devices: str | None = None
+    max_running_sequences: int = 32  # generated sequences sharing one decoding step
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,58 @@ class BatchResult:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """Start one generated sequence, streamed back token by token in Step messages.
+
+    `prompt` is the text to continue, or None with `messages` (a chat, rendered by the
+    tokenizer's chat template in the model process). `parameters` are checked by the front:
+    max_new_tokens, do_sample, temperature, top_p, top_k, seed, stop, ignore_eos.
+    """
+
+    stream_id: int
+    prompt: str | None
+    parameters: dict[str, Any]
+    request_id: str = "-"
+    messages: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a sequence at the next step (its client went away, or its deadline passed)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class Token:
+    stream_id: int
+    id: int
+    text: str  # this token's share of the decoded text (may be "" mid-character)
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """A sequence is over: finished, cancelled, or failed (`error`)."""
+
+    stream_id: int
+    finish_reason: str  # length | eos_token | stop_sequence | cancelled | error
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None = None
+    error: Failed | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decoding step of every running sequence: each new token, and the sequences that ended."""
+
+    tokens: list[Token]
+    ended: list[StreamEnd] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Finish nothing more and exit 0."""
 
@@ -197,9 +250,9 @@ class Fatal:
     detail: str = field(default="", repr=False)  # the traceback, for --log-level debug
 
 
-ToWorker = Batch | Shutdown
-FromWorker = Ready | BatchResult | Fatal
-_MESSAGE_TYPES = (Ready, Batch, BatchResult, Shutdown, Fatal)
+ToWorker = Batch | Generate | Cancel | Shutdown
+FromWorker = Ready | BatchResult | Step | Fatal
+_MESSAGE_TYPES = (Ready, Batch, BatchResult, Generate, Cancel, Step, Shutdown, Fatal)
 
 
 class ProtocolError(Exception):

@@ -22,6 +22,7 @@ from pipeserve import ipc, logs
 from pipeserve.ipc import ErrorKind, ExitCode
 from pipeserve.model import loading
 from pipeserve.model.adapters import BatchCall
+from pipeserve.model.generation import Engine
 
 log = logging.getLogger("pipeserve.worker")
 
@@ -155,8 +156,14 @@ def _resolve_device(device: str, torch: Any) -> str:
 
 
 def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
+    """Answer messages; while sequences are being generated, one decoding step between reads."""
+    engine = call.engine(spec.max_running_sequences)
     while True:
         try:
+            # Block for the next message only when no sequence waits for its next step.
+            if engine is not None and engine.active and not conn.poll(0):
+                _send(conn, _step(engine))
+                continue
             message = ipc.decode(conn.recv_bytes())
         except (EOFError, OSError):
             log.info("pipe closed by the front; exiting")
@@ -164,6 +171,11 @@ def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
         if isinstance(message, ipc.Shutdown):
             log.info("shutdown requested")
             return ExitCode.OK
+        if isinstance(message, (ipc.Generate, ipc.Cancel)):
+            ended = _stream_message(engine, message)
+            if ended is not None:
+                _send(conn, ipc.Step([], [ended]))
+            continue
         if not isinstance(message, ipc.Batch):
             log.error("unexpected message %s", type(message).__name__)
             continue
@@ -176,6 +188,30 @@ def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
             log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB; exiting for a clean restart",
                         result.rss_bytes >> 20, spec.max_worker_memory >> 20)
             return ExitCode.MEMORY_LIMIT
+
+
+def _stream_message(engine: Engine | None, message: ipc.Generate | ipc.Cancel) -> ipc.StreamEnd | None:
+    if isinstance(message, ipc.Cancel):
+        if engine is not None:
+            engine.cancel(message.stream_id)
+        return None
+    if engine is None:
+        return ipc.StreamEnd(message.stream_id, "error", 0, 0,
+                             error=ipc.Failed(ErrorKind.BAD_INPUT, "this model does not generate text"))
+    return engine.add(message)
+
+
+def _step(engine: Engine) -> ipc.Step:
+    """One decoding step; a step that raises ends every sequence with an error, not the worker."""
+    try:
+        return engine.step()
+    except Exception as exc:  # noqa: BLE001 - classified like a batch's failure
+        out_of_memory = _is_out_of_memory(exc)
+        if out_of_memory:
+            _release_memory()
+        log.error("generation step failed\n%s", "".join(traceback.format_exception(exc)).rstrip())
+        kind = ErrorKind.OUT_OF_MEMORY if out_of_memory else ErrorKind.INTERNAL
+        return ipc.Step([], engine.fail_all(ipc.Failed(kind, "generation failed")))
 
 
 def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:

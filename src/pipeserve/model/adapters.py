@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeserve.ipc import InputKind, ParamSpec
 from pipeserve.model import media, pooling
+from pipeserve.model.generation import Engine
 from pipeserve.model.outputs import to_plain
 from pipeserve.model.tasks import Task
 
@@ -72,6 +73,10 @@ class BatchCall:
     def details(self) -> dict[str, Any]:
         """Facts of the loaded model that the front's API dialects report (plain JSON values)."""
         return {"has_tokenizer": False}
+
+    def engine(self, max_running: int) -> Engine | None:
+        """The continuous-batching engine for streamed generation, where the task generates text."""
+        return None
 
 
 class PipelineCall(BatchCall):
@@ -187,7 +192,10 @@ class FillMaskCall(PipelineCall):
 
 
 class TextGenerationCall(PipelineCall):
-    """Batched generation pads on the left, and needs a pad token (the EOS token will do)."""
+    """Batched generation pads on the left, and needs a pad token (the EOS token will do).
+
+    Streamed generation (TGI's and OpenAI's routes) runs on the continuous-batching engine.
+    """
 
     def __init__(self, pipe: Any, task: Task) -> None:
         super().__init__(pipe, task)
@@ -196,6 +204,9 @@ class TextGenerationCall(PipelineCall):
             if tokenizer.pad_token is None and tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token
             tokenizer.padding_side = "left"
+
+    def engine(self, max_running: int) -> Engine | None:
+        return Engine(self.pipe.model, self.pipe.tokenizer, max_running)
 
 
 class FeatureExtractionCall(PipelineCall):

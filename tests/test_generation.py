@@ -1,0 +1,122 @@
+"""The continuous-batching engine in-process (the model process's side), on the tiny GPT-2:
+sequences that join, leave and are cancelled mid-flight generate exactly what they would alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeserve import ipc
+
+
+@pytest.fixture(scope="module")
+def gpt2(task_models: dict[str, Path]) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = task_models["text-generation"]
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _engine(gpt2: tuple[Any, Any], max_running: int = 8) -> Any:
+    from pipeserve.model.generation import Engine
+
+    return Engine(*gpt2, max_running=max_running)
+
+
+def _alone(gpt2: tuple[Any, Any], prompt: str, new: int) -> list[int]:
+    """What transformers' own generate() gives for this prompt alone, greedily."""
+    import torch
+
+    model, tokenizer = gpt2
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return [int(t) for t in out[0, ids.shape[1]:]]
+
+
+def _run(engine: Any, until_idle: bool = True, steps: int = 10_000) -> tuple[dict[int, list[int]], dict[int, Any]]:
+    tokens: dict[int, list[int]] = {}
+    ended: dict[int, Any] = {}
+    for _ in range(steps):
+        if until_idle and not engine.active:
+            break
+        step = engine.step()
+        for token in step.tokens:
+            tokens.setdefault(token.stream_id, []).append(token.id)
+        for end in step.ended:
+            ended[end.stream_id] = end
+    return tokens, ended
+
+
+GREEDY = {"max_new_tokens": 6, "ignore_eos": True}
+
+
+def test_sequences_that_join_midway_generate_what_they_would_alone(gpt2: tuple[Any, Any]) -> None:
+    engine = _engine(gpt2)
+    prompts = {1: "the good movie", 2: "a", 3: "hello world this is a much longer prompt than the others"}
+    engine.add(ipc.Generate(1, prompts[1], GREEDY))
+    first, _ = _run(engine, until_idle=False, steps=3)  # 1 is three tokens in when 2 and 3 join
+    engine.add(ipc.Generate(2, prompts[2], GREEDY))
+    engine.add(ipc.Generate(3, prompts[3], {**GREEDY, "max_new_tokens": 9}))
+    rest, ended = _run(engine)
+    tokens = {1: first[1] + rest[1], 2: rest[2], 3: rest[3]}
+    for stream_id, prompt in prompts.items():
+        assert tokens[stream_id] == _alone(gpt2, prompt, len(tokens[stream_id])), stream_id
+    assert {s: (e.finish_reason, e.generated_tokens) for s, e in ended.items()} == {
+        1: ("length", 6), 2: ("length", 6), 3: ("length", 9)}
+    assert engine.cache is None and not engine.running  # everything left
+
+
+def test_a_cancelled_sequence_leaves_and_the_others_continue(gpt2: tuple[Any, Any]) -> None:
+    engine = _engine(gpt2)
+    for stream_id in (1, 2, 3):
+        engine.add(ipc.Generate(stream_id, f"the {stream_id} dog", {**GREEDY, "max_new_tokens": 8}))
+    _run(engine, until_idle=False, steps=2)
+    engine.cancel(2)
+    tokens, ended = _run(engine)
+    assert ended[2].finish_reason == "cancelled" and ended[2].generated_tokens == 2
+    assert ended[1].finish_reason == ended[3].finish_reason == "length"
+    assert len(tokens[1]) == 6 and 2 not in tokens  # two before the cancel, six after
+
+
+def test_at_most_max_running_sequences_share_a_step(gpt2: tuple[Any, Any]) -> None:
+    engine = _engine(gpt2, max_running=2)
+    for stream_id in range(5):
+        engine.add(ipc.Generate(stream_id, "the cat", {**GREEDY, "max_new_tokens": 3}))
+    widths, ended = [], []
+    while engine.active:
+        step = engine.step()
+        widths.append(len(engine.running) + len(step.ended))
+        ended += [end.stream_id for end in step.ended]
+    assert max(widths) == 2 and sorted(ended) == [0, 1, 2, 3, 4]
+
+
+def test_seeded_sampling_repeats_and_stop_sequences_end_early(gpt2: tuple[Any, Any]) -> None:
+    sampled = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "top_p": 0.9, "top_k": 20,
+               "seed": 7, "ignore_eos": True}
+    runs = []
+    for _ in range(2):
+        engine = _engine(gpt2)
+        engine.add(ipc.Generate(1, "the good movie", sampled))
+        engine.add(ipc.Generate(2, "a bad film", {**sampled, "seed": 8}))
+        tokens, ended = _run(engine)
+        runs.append(tokens)
+        assert ended[1].seed == 7
+    assert runs[0] == runs[1] and runs[0][1] != runs[0][2]
+    model, tokenizer = gpt2
+    first_word = tokenizer.decode(runs[0][1][:1], skip_special_tokens=True).strip()
+    engine = _engine(gpt2)
+    engine.add(ipc.Generate(1, "the good movie", {**sampled, "stop": [first_word]}))
+    tokens, ended = _run(engine)
+    assert ended[1].finish_reason == "stop_sequence" and len(tokens[1]) == 1
+
+
+def test_a_chat_without_a_template_ends_with_a_bad_input_error(gpt2: tuple[Any, Any]) -> None:
+    engine = _engine(gpt2)
+    gpt2[1].chat_template = None
+    end = engine.add(ipc.Generate(1, None, GREEDY, messages=[{"role": "user", "content": "hi"}]))
+    assert end is not None and end.error is not None and end.error.kind is ipc.ErrorKind.BAD_INPUT
+    assert "chat template" in end.error.message and not engine.active
