@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from pipeserve.front import errors, metrics
-from pipeserve.front.api import hf, openai, openapi, tei
+from pipeserve.front.api import hf, openai, openapi, tei, tgi
 from pipeserve.front.api.routes import Route, add_routes, obj
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, Runtime
@@ -97,7 +97,7 @@ def envelope_for(path: str) -> errors.Envelope:
     """Errors answer in the envelope of the API dialect the request came through."""
     if path.startswith("/v1/"):
         return errors.openai_body
-    if path in tei.PATHS:
+    if path in tei.PATHS or path in tgi.PATHS:
         return errors.tei_body
     return errors.hf_body
 
@@ -150,7 +150,7 @@ OPERATIONS = (
           response={"type": "string"}, media="text/plain"),
     Route("GET", "/openapi.json", openapi_document, "This document", "ops", response={"type": "object"}),
 )
-ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *tei.ROUTES)
+ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *openai.GENERATION_ROUTES, *tei.ROUTES, *tgi.ROUTES)
 
 
 def create_app(runtime: Runtime) -> web.Application:

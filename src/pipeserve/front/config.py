@@ -11,146 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from pipeserve.front import parsers
+from pipeserve.front.parsers import parse_size
+
 ENV_PREFIX = "PIPESERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-# --- parsers: str -> value, raising ValueError with a message a user can act on ----------------
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise ValueError("must be an integer >= 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise ValueError("must be an integer >= 0")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text, 10)
-    except ValueError:
-        raise ValueError(f"must be an integer, not {text!r}") from None
-
-
-def _port(text: str) -> int:
-    value = _int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number 0-65535 (0 = any free port)")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"must be a number, not {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a finite number >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise ValueError("must be a number > 0")
-    return value
-
-
-def _optional_positive_float(text: str) -> float | None:
-    return None if text.strip().lower() in ("", "0", "none", "off") else _positive_float(text)
-
-
-def _secret_from_file(text: str) -> str:
-    """The contents of a file (e.g. a systemd credential), without the trailing newline."""
-    try:
-        with open(text, encoding="utf-8") as handle:
-            secret = handle.read().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read {text!r}: {exc.strerror}") from None
-    if not secret:
-        raise ValueError(f"{text!r} is empty")
-    return secret
-
-
-def _fraction(text: str) -> float:
-    value = _non_negative_float(text)
-    if value > 1:
-        raise ValueError("must be a number from 0 to 1")
-    return value
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        lowered = text.strip().lower()
-        if lowered not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}; got {text!r}")
-        return lowered
-
-    return parse
-
-
-def _devices(text: str) -> tuple[str, ...] | None:
-    if not text.strip():
-        return None
-    devices = tuple(_device(part) for part in text.split(","))
-    if "auto" in devices:
-        raise ValueError("list concrete devices (cpu, cuda:N), not auto")
-    return devices
-
-
-def _device(text: str) -> str:
-    lowered = text.strip().lower()
-    if lowered in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", lowered):
-        return lowered
-    raise ValueError(f"must be auto, cpu, cuda or cuda:N; got {text!r}")
-
-
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def parse_size(text: str) -> int:
-    """'4G', '512M', '1048576' -> bytes (binary units; an optional trailing 'B' or 'iB')."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
-    if not match:
-        raise ValueError(f"must be a size such as 512M or 4G, not {text!r}")
-    number, unit = match.groups()
-    value = int(float(number) * _SIZE_UNITS[unit])
-    if value < 1:
-        raise ValueError("must be a size > 0")
-    return value
-
-
-def _optional_size(text: str) -> int | None:
-    return None if text.strip().lower() in ("", "0", "none", "off") else parse_size(text)
-
-
-def _text(text: str) -> str:
-    return text
-
-
-def _optional_text(text: str) -> str | None:
-    return text or None
-
-
-def _pipeline_ref(text: str) -> str | None:
-    if not text:
-        return None
-    if not re.fullmatch(r"[\w.]+:[\w.]+", text):
-        raise ValueError(f"must be module:function, e.g. mypkg.pipes:make; got {text!r}")
-    return text
 
 
 # --- declarations ---------------------------------------------------------------------------------
@@ -172,76 +42,76 @@ class Config:
     """Everything the server can be told. Immutable once parsed."""
 
     model: str | None = setting(
-        None, _optional_text,
+        None, parsers.optional_text,
         "Hub id or local path of the model.", "ID_OR_PATH",
         shown="the embedded all-MiniLM-L6-v2")
     task: str | None = setting(
-        None, _optional_text,
+        None, parsers.optional_text,
         "Pipeline task, e.g. fill-mask.", "TASK", shown="what transformers infers from the model")
     pipeline: str | None = setting(
-        None, _pipeline_ref,
+        None, parsers.pipeline_ref,
         "Custom pipeline factory module:function, called once in the model process; it returns a "
         "callable taking (inputs: list, **parameters) and returning one output per input.",
         "MODULE:FUNC", shown="none")
-    host: str = setting("127.0.0.1", _text, "Address to bind.", "ADDR")
-    port: int = setting(8000, _port, "TCP port to bind (0 picks a free port).", "PORT")
+    host: str = setting("127.0.0.1", parsers.text, "Address to bind.", "ADDR")
+    port: int = setting(8000, parsers.port, "TCP port to bind (0 picks a free port).", "PORT")
     device: str = setting(
-        "auto", _device, "auto|cpu|cuda|cuda:N; auto = CUDA when available.", "DEV")
+        "auto", parsers.device, "auto|cpu|cuda|cuda:N; auto = CUDA when available.", "DEV")
     devices: tuple[str, ...] | None = setting(
-        None, _devices,
+        None, parsers.devices,
         "One model process per listed device, e.g. cuda:0,cuda:1 (each sees only its own GPU) "
         "or cpu,cpu; replaces --device and --workers.", "LIST", shown="none")
     dtype: str = setting(
-        "auto", _choice(*DTYPES),
+        "auto", parsers.choice(*DTYPES),
         "auto|float32|float16|bfloat16; auto = the model's own dtype on GPU, float32 on CPU.", "DTYPE")
     max_batch_size: int = setting(
-        32, _positive_int, "Most items in one pipeline call.", "N")
+        32, parsers.positive_int, "Most items in one pipeline call.", "N")
     max_batch_delay_ms: float = setting(
-        0.0, _non_negative_float,
+        0.0, parsers.non_negative_float,
         "Longest a batch waits for more items, counted from its first item's arrival "
         "(see README).", "MS", shown="0: take only what is already queued")
     max_batch_tokens: int = setting(
-        8192, _positive_int,
+        8192, parsers.positive_int,
         "Most padded tokens in one batch (longest input's estimate x batch size).", "N")
     batch_order: str = setting(
-        "length", _choice("length", "arrival"),
+        "length", parsers.choice("length", "arrival"),
         "length: batch inputs of similar length together (the oldest always goes next); "
         "arrival: first come, first batched.", "ORDER")
     min_batch_fill: float = setting(
-        0.85, _fraction,
+        0.85, parsers.fraction,
         "With --batch-order length, leave an input for the next batch rather than fill a batch "
         "below this share of real (unpadded) tokens; use 0 on a GPU, where padding is nearly free.",
         "F", shown="0.85, best measured on CPU")
     max_queue: int = setting(
-        128, _positive_int,
+        128, parsers.positive_int,
         "Most items waiting for the model; beyond it requests get 503 at once.", "N")
     max_queue_wait_ms: float | None = setting(
-        None, _optional_positive_float,
+        None, parsers.optional_positive_float,
         "Refuse new requests with 503 while the oldest queued input has waited longer than this.",
         "MS", shown="off")
     request_timeout: float = setting(
-        30.0, _positive_float,
+        30.0, parsers.positive_float,
         "Seconds a request may take before it gets 504 (a request's X-Request-Timeout header may "
         "only shorten it).", "S")
     batch_timeout: float = setting(
-        120.0, _positive_float,
+        120.0, parsers.positive_float,
         "Seconds one pipeline batch may run before its worker is killed and restarted and its "
         "requests get 504.", "S")
     drain_timeout: float = setting(
-        30.0, _non_negative_float,
+        30.0, parsers.non_negative_float,
         "On SIGTERM/SIGINT, seconds to let queued and running jobs finish.", "S")
     load_timeout: float = setting(
-        600.0, _positive_float,
+        600.0, parsers.positive_float,
         "Seconds a model process may take to load and warm up (a download included), at start or "
         "on a restart, before the server gives up and exits 4.", "S")
     max_restarts: int = setting(
-        5, _non_negative_int,
+        5, parsers.non_negative_int,
         "Crash-loop deaths (while loading, or before completing a batch since ready) tolerated "
         "within --restart-window before the server gives up and exits 1.", "N")
     restart_window: float = setting(
-        60.0, _positive_float, "Window in seconds for --max-restarts.", "S")
+        60.0, parsers.positive_float, "Window in seconds for --max-restarts.", "S")
     max_worker_memory: int | None = setting(
-        None, _optional_size,
+        None, parsers.optional_size,
         "Restart a worker cleanly, between batches, once its RSS exceeds this (e.g. 4G).", "SIZE",
         shown="no limit")
     max_body_bytes: int = setting(
@@ -249,49 +119,55 @@ class Config:
         "Largest request body; larger gets 413 (room for a client batch of --max-items chunks).",
         "SIZE", shown="16M")
     max_items: int = setting(
-        2048, _positive_int,
+        2048, parsers.positive_int,
         "Most inputs in one request; more gets 413. A request enters the queue a window at a time.",
         "N")
     max_input_bytes: int = setting(
         256 * 1024, parse_size, "Largest single input (UTF-8 text or a file); larger gets 413.",
         "SIZE", shown="256K")
     served_model_name: str | None = setting(
-        None, _optional_text,
+        None, parsers.optional_text,
         "The model name the OpenAI and TEI APIs report (and /v1/models lists).", "NAME",
         shown="a local folder's name, a hub id as given, sentence-transformers/all-MiniLM-L6-v2 for the embedded model")
+    max_running_sequences: int = setting(
+        32, parsers.positive_int,
+        "Generated sequences one model process decodes together (continuous batching); as many "
+        "more may wait in it, and beyond that a new stream gets 503 at once.", "N")
+    max_new_tokens: int = setting(
+        1024, parsers.positive_int, "Most tokens one request may ask to generate; more gets 400.", "N")
     max_connections: int = setting(
-        1000, _positive_int,
+        1000, parsers.positive_int,
         "Most open client connections; beyond it a connection is answered 503 and closed at once "
         "(lowered to fit the open-files limit).", "N")
     header_timeout: float = setting(
-        10.0, _positive_float,
+        10.0, parsers.positive_float,
         "Seconds a new connection has to send a whole request head; then 408 and close.", "S")
     body_timeout: float = setting(
-        30.0, _positive_float,
+        30.0, parsers.positive_float,
         "Seconds a request has to send its whole body once its head is in; then 408.", "S")
     keepalive_timeout: float = setting(
-        15.0, _positive_float,
+        15.0, parsers.positive_float,
         "Seconds an idle keep-alive connection stays open; a later request on it must complete "
         "its head within this time of the last response.", "S")
     api_key: str | None = setting(
-        None, _optional_text,
+        None, parsers.optional_text,
         "Require 'Authorization: Bearer <key>' on every route but /health and /ready.", "KEY",
         secret=True, shown="none")
     api_key_file: str | None = setting(
-        None, _secret_from_file,
+        None, parsers.secret_from_file,
         "Read the API key from this file (e.g. a systemd credential); wins over --api-key.",
         "PATH", secret=True, shown="none")
-    workers: int = setting(1, _positive_int, "Model processes behind the front.", "N")
+    workers: int = setting(1, parsers.positive_int, "Model processes behind the front.", "N")
     threads: int = setting(
-        0, _non_negative_int,
+        0, parsers.non_negative_int,
         "Torch threads per model process.", "N",
         shown="0 = the cores this process may use divided by --workers")
     log_format: str = setting(
-        "text", _choice("text", "json"),
+        "text", parsers.choice("text", "json"),
         "text: plain lines (no timestamps under systemd, whose journal stamps them); json: one "
         "object per line for log shippers.", "FORMAT")
     log_level: str = setting(
-        "info", _choice(*LOG_LEVELS), "debug|info|warning|error.", "LEVEL")
+        "info", parsers.choice(*LOG_LEVELS), "debug|info|warning|error.", "LEVEL")
 
     def required_api_key(self) -> str | None:
         return self.api_key_file or self.api_key

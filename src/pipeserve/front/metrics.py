@@ -17,11 +17,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from pipeserve.front.batcher import Batcher, Dropped, Job, Refused
+from pipeserve.front.streams import Stream, Streams
 from pipeserve.front.supervisor import Supervisor
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class Metrics:
@@ -41,10 +43,22 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram(
             "pipeserve_batch_size", "Inputs per batch.", buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "pipeserve_time_to_first_token_seconds", "From a stream's start to its first token.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram(
+            "pipeserve_inter_token_seconds", "Mean time between a stream's tokens, one sample per stream.",
+            buckets=_TOKEN_BUCKETS, registry=self.registry)
+        self.generated_tokens = Counter(
+            "pipeserve_generated_tokens", "Tokens generated for streams.", registry=self.registry)
+        self.streams_ended = Counter(
+            "pipeserve_streams", "Generated streams ended, by finish reason (cancelled: the client went "
+            "away or its deadline passed).", ["finish_reason"], registry=self.registry)
 
-    def bind(self, batcher: Batcher, supervisors: Sequence[Supervisor], started_at: float) -> None:
+    def bind(self, batcher: Batcher, supervisors: Sequence[Supervisor], started_at: float,
+             streams: Streams) -> None:
         """Expose the live state (gauges, drop counters) at scrape time."""
-        self.registry.register(_StateCollector(batcher, supervisors, started_at))
+        self.registry.register(_StateCollector(batcher, supervisors, started_at, streams))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -59,12 +73,23 @@ class Metrics:
         if compute_seconds is not None:
             self.inference_seconds.observe(compute_seconds)
 
+    def observe_stream(self, stream: Stream) -> None:
+        reason = stream.end.finish_reason if stream.end is not None else "cancelled"
+        self.streams_ended.labels(reason).inc()
+        self.generated_tokens.inc(stream.tokens)
+        if stream.first_token_at is not None:
+            self.time_to_first_token.observe(stream.first_token_at - stream.opened_at)
+            if stream.tokens > 1:
+                self.inter_token.observe((time.monotonic() - stream.first_token_at) / (stream.tokens - 1))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _StateCollector(Collector):
-    def __init__(self, batcher: Batcher, supervisors: Sequence[Supervisor], started_at: float) -> None:
+    def __init__(self, batcher: Batcher, supervisors: Sequence[Supervisor], started_at: float,
+                 streams: Streams) -> None:
+        self.streams = streams
         self.batcher = batcher
         self.supervisors = supervisors
         self.started_at = started_at
@@ -73,6 +98,8 @@ class _StateCollector(Collector):
         batcher = self.batcher
         yield _gauge("pipeserve_queue_depth", "Inputs waiting for a worker.", batcher.depth)
         yield _gauge("pipeserve_in_flight", "Inputs in a batch that a worker is running.", batcher.in_flight)
+        yield _gauge("pipeserve_running_sequences", "Generated streams open (running or waiting in a worker).",
+                     len(self.streams.open))
         dropped = CounterMetricFamily("pipeserve_dropped_jobs", "Inputs dropped before compute, by reason.",
                                       labels=["reason"])
         for dropped_reason in Dropped:

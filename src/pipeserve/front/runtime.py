@@ -24,6 +24,7 @@ from pipeserve.front.batcher import Batcher
 from pipeserve.front.config import Config, public_settings
 from pipeserve.front.connections import ConnectionStats
 from pipeserve.front.metrics import Metrics
+from pipeserve.front.streams import Streams
 from pipeserve.front.supervisor import Supervisor
 from pipeserve.ipc import ExitCode, WorkerState
 
@@ -88,11 +89,13 @@ class Runtime:
             min_batch_fill=config.min_batch_fill)
         self.metrics = Metrics()
         self.changed = asyncio.Event()  # a worker changed state, or a stop began
+        self.streams = Streams(config.max_running_sequences, self._serving_workers,
+                               observe=self.metrics.observe_stream)
         self.supervisors = [
             Supervisor(index, config, self.model, self.batcher, self._give_up,
                        functools.partial(self._serving, excluding=index),
                        on_batch=self.metrics.observe_batch, on_change=self._worker_changed,
-                       entry_point=entry_point)
+                       entry_point=entry_point, streams=self.streams)
             for index in range(config.worker_count())
         ]
         self.started_at = time.time()
@@ -104,7 +107,7 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded: LoadedModel | None = None
         self.stop_signal: str | None = None
-        self.metrics.bind(self.batcher, self.supervisors, self.started_at)
+        self.metrics.bind(self.batcher, self.supervisors, self.started_at, self.streams)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -137,20 +140,26 @@ class Runtime:
         """Refuse new work, then wait for queued and running jobs to finish; False if cut short."""
         self.draining = True
         self.batcher.close("the server is shutting down")
-        if self.batcher.depth or self.batcher.in_flight:
-            log.info("draining %d queued and %d running jobs (up to %gs)",
-                     self.batcher.depth, self.batcher.in_flight, self.config.drain_timeout)
-        idle = asyncio.ensure_future(self.batcher.wait_idle())
+        if self.batcher.depth or self.batcher.in_flight or self.streams.open:
+            log.info("draining %d queued and %d running jobs and %d streams (up to %gs)",
+                     self.batcher.depth, self.batcher.in_flight, len(self.streams.open),
+                     self.config.drain_timeout)
+        idle = asyncio.ensure_future(self._idle())
         cut = asyncio.ensure_future(self._drain_cut_short.wait())
         done, _ = await asyncio.wait({idle, cut}, timeout=self.config.drain_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         for task in (idle, cut):
             task.cancel()
         if idle not in done:
-            log.warning("drain incomplete: %d queued, %d running", self.batcher.depth,
-                        self.batcher.in_flight)
+            log.warning("drain incomplete: %d queued, %d running, %d streams", self.batcher.depth,
+                        self.batcher.in_flight, len(self.streams.open))
             return False
         return True
+
+    async def _idle(self) -> None:
+        await self.batcher.wait_idle()
+        await self.streams.wait_idle()
+        await self.batcher.wait_idle()  # a stream's last answer may have come with queued jobs
 
     async def stop(self) -> None:
         """Stop the supervisors and their workers; answer whatever is left with 503."""
@@ -163,6 +172,9 @@ class Runtime:
         self.batcher.fail_queued(lambda: errors.Unavailable("the server is shutting down"))
 
     # --- state for the HTTP layer -------------------------------------------------------------
+
+    def _serving_workers(self) -> list[Any]:
+        return [s.worker for s in self.supervisors if s.serving and s.worker is not None]
 
     def _serving(self, excluding: int | None = None) -> bool:
         return any(s.serving for s in self.supervisors if s.index != excluding)
@@ -234,6 +246,8 @@ class Runtime:
                 "dropped": {reason.value: count for reason, count in self.batcher.dropped.items()},
                 "refused": {reason.value: count for reason, count in self.batcher.refused.items()},
                 "connections": dict(vars(self.connections)),
+                "streams": {"open": len(self.streams.open), "cancelled": self.streams.cancelled,
+                            "refused": self.streams.refused},
             },
         }
 

@@ -21,6 +21,7 @@ from pipeserve.front import errors
 from pipeserve.front.batcher import Batcher
 from pipeserve.front.config import Config
 from pipeserve.front.dispatch import BatchObserver, Dispatcher
+from pipeserve.front.streams import Streams
 from pipeserve.front.worker import LoadFailed, LoadTimedOut, WorkerDied, WorkerProcess
 from pipeserve.ipc import ExitCode, WorkerState
 
@@ -58,7 +59,8 @@ def worker_spec(config: Config, model: str, index: int) -> ipc.WorkerSpec:
         model=model, task=config.task, pipeline=config.pipeline, device=device,
         visible_devices=visible, dtype=config.dtype, threads=config.torch_threads(),
         max_worker_memory=config.max_worker_memory, log_level=config.log_level,
-        log_format=config.log_format, worker_index=index)
+        log_format=config.log_format, worker_index=index,
+        max_running_sequences=config.max_running_sequences)
 
 
 class Supervisor:
@@ -69,7 +71,7 @@ class Supervisor:
                  on_batch: BatchObserver | None = None,
                  on_change: Callable[[], None] | None = None,
                  entry_point: str = ipc.MODEL_ENTRY_POINT,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None, streams: Streams | None = None) -> None:
         self.index = index
         self.config = config
         self.batcher = batcher
@@ -78,6 +80,7 @@ class Supervisor:
         self.dispatcher = Dispatcher(index, batcher, config.max_batch_size, config.batch_timeout,
                                      self.retry_after, on_batch)
         self._entry_point = entry_point
+        self._streams = streams
         self._context = multiprocess.get_context("spawn")
         self._on_fatal = on_fatal
         self._others_serving = others_serving
@@ -116,7 +119,7 @@ class Supervisor:
         first = True
         while not self.stopping():
             self.state = WorkerState.LOADING if first else WorkerState.RESTARTING
-            worker = WorkerProcess(self.spec, self._context, self._entry_point)
+            worker = WorkerProcess(self.spec, self._context, self._entry_point, self._streams)
             self.worker = worker
             try:
                 ready = await worker.start(self.config.load_timeout)

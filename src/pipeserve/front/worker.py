@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from pipeserve import ipc
+from pipeserve.front.streams import Streams
 from pipeserve.ipc import ExitCode
 
 log = logging.getLogger("pipeserve.supervisor")
@@ -75,10 +76,11 @@ class WorkerProcess:
     """One model process and the pipe to it."""
 
     def __init__(self, spec: ipc.WorkerSpec, context: Any,
-                 entry_point: str = ipc.MODEL_ENTRY_POINT) -> None:
+                 entry_point: str = ipc.MODEL_ENTRY_POINT, streams: Streams | None = None) -> None:
         self.spec = spec
         self._context = context
         self._entry_point = entry_point
+        self._streams = streams
         self.process: Any = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -143,6 +145,12 @@ class WorkerProcess:
         finally:
             self._pending = None
 
+    async def send(self, message: ipc.Generate | ipc.Cancel) -> None:
+        """Send a stream message; ConnectionError when the worker is gone."""
+        if self._writer is None or self.exited is None or self.exited.done():
+            raise ConnectionError("the model process has exited")
+        await ipc.write_message(self._writer, message)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process is not None and self.process.exitcode is None:
             try:
@@ -189,6 +197,9 @@ class WorkerProcess:
         elif isinstance(message, ipc.Fatal):
             if not self._ready.done():
                 self._ready.set_exception(LoadFailed(message.reason, message.detail))
+        elif isinstance(message, ipc.Step):
+            if self._streams is not None:
+                self._streams.deliver(message)
         elif isinstance(message, ipc.BatchResult):
             if self._pending and self._pending[0] == message.batch_id and not self._pending[1].done():
                 self._pending[1].set_result(message)
@@ -217,3 +228,5 @@ class WorkerProcess:
             if future is not None and not future.done():
                 future.set_exception(died)
         self.exited.set_result(died)
+        if self._streams is not None:
+            self._streams.worker_died(self, died.cause)

@@ -17,9 +17,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pipeserve import ipc
 from pipeserve.front import errors, params
 from pipeserve.front.batcher import Job
 from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, LoadedModel
+from pipeserve.front.streams import Stream
 from pipeserve.ipc import Op
 
 TIMEOUT_HEADER = "X-Request-Timeout"
@@ -142,3 +144,89 @@ def results(jobs: list[Job]) -> list[Any]:
 def batch_size(jobs: list[Job]) -> int:
     """The largest batch this request's inputs ran in (for the access log)."""
     return max((job.batch_size for job in jobs), default=0)
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+STOP_SEQUENCES_MAX = 4
+
+
+def generation_parameters(raw: dict[str, Any], limit: int, default_max_new_tokens: int) -> dict[str, Any]:
+    """The engine's parameters from a dialect's, checked: a 400 naming the first bad one.
+
+    `raw` holds max_new_tokens, do_sample, temperature, top_p, top_k, seed, stop, ignore_eos
+    (already renamed by the dialect); None means "the default".
+    """
+    out: dict[str, Any] = {"max_new_tokens": default_max_new_tokens}
+
+    def number(name: str, low: float, high: float | None = None, integer: bool = False) -> Any:
+        value = raw.get(name)
+        if value is None:
+            return None
+        ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and value >= low
+        if not ok or (high is not None and value > high):
+            kind = "an integer" if integer else "a number"
+            bound = f"from {low:g} to {high:g}" if high is not None else f">= {low:g}"
+            raise errors.BadRequest(f"{name!r} must be {kind} {bound}")
+        return value
+
+    max_new = number("max_new_tokens", 1, limit, integer=True)
+    if max_new is not None:
+        out["max_new_tokens"] = max_new
+    for name, low, high, integer in (("temperature", 0, 100, False), ("top_p", 0, 1, False),
+                                     ("top_k", 0, None, True), ("seed", 0, 2**63 - 1, True)):
+        value = number(name, low, high, integer)
+        if value is not None:
+            out[name] = value
+    if raw.get("top_p") == 0:
+        raise errors.BadRequest("'top_p' must be above 0")
+    for name in ("do_sample", "ignore_eos"):
+        value = raw.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise errors.BadRequest(f"{name!r} must be true or false")
+        if value is not None:
+            out[name] = value
+    stop = raw.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) \
+                or len(stops) > STOP_SEQUENCES_MAX:
+            raise errors.BadRequest(f"'stop' must be a non-empty string or a list of at most "
+                                    f"{STOP_SEQUENCES_MAX} of them")
+        out["stop"] = stops
+    return out
+
+
+def deadline(request: web.Request) -> float:
+    """When this request's time is up (--request-timeout, or a shorter X-Request-Timeout)."""
+    return time.monotonic() + request_timeout(request, request.app[RUNTIME].config.request_timeout)
+
+
+async def collect(request: web.Request, stream: Stream) -> tuple[list[ipc.Token], ipc.StreamEnd]:
+    """Every token of a stream and its end; the stream's error is raised (before anything is sent)."""
+    tokens: list[ipc.Token] = []
+    async for event in request.app[RUNTIME].streams.events(stream, deadline(request)):
+        if event.token is not None:
+            tokens.append(event.token)
+        if event.error is not None:
+            raise event.error
+        if event.end is not None:
+            return tokens, event.end
+    raise errors.InferenceFailed("the stream ended without an end")
+
+
+async def start_stream(request: web.Request, prompt: str | None, parameters: dict[str, Any],
+                       messages: list[dict[str, Any]] | None = None) -> Stream:
+    return await request.app[RUNTIME].streams.start(request[REQUEST_ID], prompt, parameters, messages)
+
+
+async def open_event_stream(request: web.Request) -> web.StreamResponse:
+    """A server-sent-events response, its headers sent."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    return response
+
+
+async def send_event(response: web.StreamResponse, data: bytes) -> None:
+    await response.write(b"data: " + data + b"\n\n")

@@ -12,12 +12,14 @@ import base64
 import binascii
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from pipeserve.front import errors
-from pipeserve.front.api import common
+from pipeserve.front.api import common, tgi
 from pipeserve.front.api.routes import ANY_JSON, Route, json_type, obj, parse_object
 from pipeserve.front.jsonio import json_response
+from pipeserve.front.runtime import RUNTIME
 from pipeserve.ipc import InputKind
 
 # Fields the client puts at the JSON root, and the pipeline parameter each one is.
@@ -32,7 +34,7 @@ REQUEST = obj({
     "inputs": {**_TEXTS, "description": "a text (or a base64 file for image and audio models), or a list"},
     "parameters": {"type": "object", "description": "the pipeline's keyword arguments (GET /info lists them)"},
     "options": {"type": "object", "description": "accepted and ignored (the hosted API's caching options)"},
-    "stream": {"type": "boolean", "enum": [False]},
+    "stream": {"type": "boolean", "description": "text-generation: stream tokens as TGI does"},
     "encoding_format": {"type": "string", "enum": ["float"]},
     "normalize": {"type": "boolean"},
     "truncate": {"type": "boolean"},
@@ -42,15 +44,43 @@ REQUEST = obj({
 }, required=["inputs"])
 
 
-async def predict(request: web.Request) -> web.Response:
+async def predict(request: web.Request) -> web.StreamResponse:
     # First: while no model is loaded, what inputs and parameters it takes is not known yet.
     model = common.serving_model(request)
     # request.read() raises 413 past client_max_size (--max-body-bytes).
-    inputs, parameters, single = parse_body(await common.read_body(request), request.content_type, model.input_kind)
+    body = await common.read_body(request)
+    if model.ready.task == "text-generation" and _is_json(request.content_type):
+        generation = _tgi_request(body, request.app[RUNTIME].config.max_new_tokens)
+        if generation is not None:  # streamed, or with details: as TGI answers on POST /
+            prompt, parameters, flags, stream = generation
+            if stream:
+                return await tgi.stream_events(request, prompt, parameters, flags)
+            return json_response([await tgi.answer(request, prompt, parameters, flags)])
+    inputs, parameters, single = parse_body(body, request.content_type, model.input_kind)
     jobs = await common.run_jobs(request, model, inputs, parameters)
     answers = common.results(jobs)
     unwrap = single and model.ready.task not in NESTED_SINGLE
     return json_response(answers[0] if unwrap else answers)
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def _tgi_request(body: bytes, limit: int) -> tuple[str, dict[str, Any], dict[str, bool], bool] | None:
+    """A text-generation request for the engine (stream, or details), or None for the pipeline."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # parse_body answers the 400
+    if not isinstance(document, dict):
+        return None
+    parameters = document.get("parameters")
+    details = isinstance(parameters, dict) and parameters.get("details") is True
+    if document.get("stream") is not True and not details:
+        return None
+    prompt, engine_parameters, flags = tgi.parse(parse_object(body, tgi.REQUEST), limit)
+    return prompt, engine_parameters, flags, document.get("stream") is True
 
 
 def parse_body(body: bytes, content_type: str, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
@@ -62,7 +92,7 @@ def parse_body(body: bytes, content_type: str, kind: InputKind) -> tuple[list[An
     """
     if not body:
         raise errors.BadRequest("empty body: send the input, or JSON {\"inputs\": ...}")
-    if content_type == "application/json" or content_type.endswith("+json"):
+    if _is_json(content_type):
         return _parse_json(body, kind)
     if kind is not InputKind.TEXT:
         return [body], {}, True
@@ -78,7 +108,7 @@ def parse_body(body: bytes, content_type: str, kind: InputKind) -> tuple[list[An
 def _parse_json(body: bytes, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
     document = parse_object(body, REQUEST)
     if document.get("stream"):
-        raise errors.BadRequest('"stream": true is not served on POST / yet')
+        raise errors.BadRequest('"stream": true needs a text-generation model')
     if document.get("encoding_format") not in (None, "float"):
         raise errors.BadRequest('"encoding_format" must be "float" here (base64: POST /v1/embeddings)')
     inputs = document["inputs"]

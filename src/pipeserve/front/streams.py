@@ -1,0 +1,170 @@
+"""Generated streams in the front: admission, routing of tokens to their requests, cancellation.
+
+A stream is one generated sequence. `Streams.open` is its door: a non-blocking check of what
+generation really costs (sequences per worker: --max-running-sequences decoding together plus
+as many waiting), then a `Generate` message to the serving worker with the fewest streams.
+Each `Step` from a worker is split per stream into that stream's queue, its tokens paired with
+the end that came in the same step, so a handler knows which token is the last one. A stream's
+queue holds at most its max_new_tokens tokens: a slow reader delays only its own stream. A
+worker's death ends each of its streams with an error within the time it takes to notice it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeserve import ipc
+from pipeserve.front import errors
+
+log = logging.getLogger("pipeserve.streams")
+
+WAITING_PER_RUNNING = 1  # sequences a worker may hold waiting, per one it can run
+
+
+@dataclass
+class Event:
+    """A token, with the stream's end when that token was its last; or an end alone, with the
+    public error when the stream failed."""
+
+    token: ipc.Token | None
+    end: ipc.StreamEnd | None = None
+    error: errors.PipeserveError | None = None
+
+
+@dataclass(eq=False)
+class Stream:
+    stream_id: int
+    worker: Any  # the WorkerProcess generating it
+    request_id: str
+    opened_at: float = field(default_factory=time.monotonic)
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    end: ipc.StreamEnd | None = None
+    tokens: int = 0
+    first_token_at: float | None = None
+
+
+class Streams:
+    """Every open stream of the front, by id."""
+
+    def __init__(self, max_running: int, serving_workers: Callable[[], list[Any]],
+                 observe: Callable[[Stream], None] | None = None) -> None:
+        self.max_running = max_running
+        self._serving_workers = serving_workers
+        self._observe = observe
+        self._ids = itertools.count(1)
+        self.open: dict[int, Stream] = {}
+        self.cancelled = 0  # streams whose client went away or whose deadline passed
+        self.refused = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- the door ------------------------------------------------------------------------------
+
+    async def start(self, request_id: str, prompt: str | None, parameters: dict[str, Any],
+                    messages: list[dict[str, Any]] | None = None) -> Stream:
+        """Open a stream on the least busy serving worker; 503 at once when all are full."""
+        workers = self._serving_workers()
+        if not workers:
+            raise errors.Unavailable("the model is not available")
+        load = {id(worker): 0 for worker in workers}
+        for stream in self.open.values():
+            if id(stream.worker) in load:
+                load[id(stream.worker)] += 1
+        worker = min(workers, key=lambda w: load[id(w)])
+        if load[id(worker)] >= self.max_running * (1 + WAITING_PER_RUNNING):
+            self.refused += 1
+            raise errors.Overloaded("server overloaded: every worker is generating its most sequences",
+                                    retry_after=1)
+        stream = Stream(next(self._ids), worker, request_id)
+        self.open[stream.stream_id] = stream
+        self._idle.clear()
+        try:
+            await worker.send(ipc.Generate(stream.stream_id, prompt, parameters, request_id, messages))
+        except (ConnectionError, OSError):
+            self._close(stream)
+            raise errors.WorkerCrashed("the model process is restarting", retry_after=1) from None
+        return stream
+
+    # --- from the workers ------------------------------------------------------------------------
+
+    def deliver(self, step: ipc.Step) -> None:
+        """Hand each token (and end) of a step to its stream."""
+        ends = {end.stream_id: end for end in step.ended}
+        for token in step.tokens:
+            stream = self.open.get(token.stream_id)
+            if stream is None:
+                continue  # cancelled meanwhile
+            if stream.first_token_at is None:
+                stream.first_token_at = time.monotonic()
+            stream.tokens += 1
+            end = ends.pop(token.stream_id, None)
+            stream.queue.put_nowait(Event(token, end, _error(end)))
+        for end in ends.values():
+            stream = self.open.get(end.stream_id)
+            if stream is not None:
+                stream.queue.put_nowait(Event(None, end, _error(end)))
+
+    def worker_died(self, worker: Any, cause: str) -> None:
+        """End every stream of a dead worker with an error event."""
+        message = f"the model process crashed ({cause}) while generating"
+        for stream in [s for s in self.open.values() if s.worker is worker]:
+            end = ipc.StreamEnd(stream.stream_id, "error", stream.tokens, 0,
+                                error=ipc.Failed(ipc.ErrorKind.INTERNAL, message))
+            stream.queue.put_nowait(Event(None, end, errors.WorkerCrashed(message, retry_after=1)))
+
+    # --- for the handler -----------------------------------------------------------------------
+
+    async def events(self, stream: Stream, deadline: float) -> AsyncIterator[Event]:
+        """The stream's events until its end; a deadline ends it with a timeout error event.
+
+        The stream is closed when the iteration stops, however it stops: a client that went
+        away (the handler is cancelled) cancels its sequence at the next step.
+        """
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    event = await asyncio.wait_for(stream.queue.get(), max(remaining, 0))
+                except TimeoutError:
+                    message = "request timed out while generating"
+                    end = ipc.StreamEnd(stream.stream_id, "error", stream.tokens, 0,
+                                        error=ipc.Failed(ipc.ErrorKind.INTERNAL, message))
+                    yield Event(None, end, errors.RequestTimeout(message))
+                    return
+                if event.end is not None:
+                    stream.end = event.end
+                yield event
+                if event.end is not None:
+                    return
+        finally:
+            await self._finish(stream)
+
+    async def _finish(self, stream: Stream) -> None:
+        if stream.end is None:  # not ended by the worker: cancel it there
+            self.cancelled += 1
+            try:
+                await stream.worker.send(ipc.Cancel(stream.stream_id))
+            except (ConnectionError, OSError):
+                pass  # the worker is gone, and its sequence with it
+        self._close(stream)
+
+    def _close(self, stream: Stream) -> None:
+        if self.open.pop(stream.stream_id, None) is not None and self._observe is not None:
+            self._observe(stream)
+        if not self.open:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+def _error(end: ipc.StreamEnd | None) -> errors.PipeserveError | None:
+    if end is None or end.error is None:
+        return None
+    return errors.error_for_kind(end.error.kind, end.error.message)

@@ -1,0 +1,202 @@
+"""Streamed generation against a real `python -m pipeserve` with a tiny GPT-2 that has a chat
+template: TGI's routes through huggingface_hub, OpenAI's through the openai SDK, continuous
+batching under concurrent streams, an abandoned stream, a deadline and a crash mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from huggingface_hub import InferenceClient
+
+from conftest import Server, wait_until
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(task_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2's tokenizer with a chat template, and room for 1024 positions."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("chat") / "tiny-chat"
+    folder.mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def generator(chat_model: Path) -> Iterator[Server]:
+    server = Server(["--model", str(chat_model), "--max-running-sequences", "8"])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def _hf(server: Server) -> InferenceClient:
+    return InferenceClient(model=f"http://127.0.0.1:{server.port}", timeout=60)
+
+
+def _openai(server: Server) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+
+
+LONG = {"max_new_tokens": 12, "ignore_eos": True}
+
+
+def test_inference_client_text_generation_plain_details_and_streamed(generator: Server) -> None:
+    client = _hf(generator)
+    text = client.text_generation("the good movie", max_new_tokens=5, do_sample=False)
+    detailed = client.text_generation("the good movie", max_new_tokens=5, do_sample=False, details=True)
+    assert detailed.details is not None and detailed.details.generated_tokens == len(detailed.details.tokens)
+    pieces = list(client.text_generation("the good movie", max_new_tokens=5, do_sample=False, stream=True))
+    events = list(client.text_generation("the good movie", max_new_tokens=5, do_sample=False, stream=True,
+                                         details=True))
+    assert "".join(pieces) == text == detailed.generated_text  # greedy: the same text every way
+    assert [e.token.text for e in events] == pieces and events[-1].generated_text == text
+    assert events[-1].details is not None and events[-1].details.finish_reason in ("length", "eos_token")
+    assert all(e.generated_text is None for e in events[:-1])
+
+
+def test_inference_client_chat_completion_plain_and_streamed(generator: Server) -> None:
+    client = _hf(generator)
+    messages = [{"role": "user", "content": "hello there"}]
+    plain = client.chat_completion(messages, max_tokens=6, temperature=0)
+    chunks = list(client.chat_completion(messages, max_tokens=6, temperature=0, stream=True))
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert plain.choices[0].message.content == streamed and plain.usage.completion_tokens >= 1
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_openai_completions_and_chat_plain_and_streamed(generator: Server) -> None:
+    client = _openai(generator)
+    completion = client.completions.create(model="m", prompt="the good movie", max_tokens=4, temperature=0)
+    assert completion.usage.completion_tokens == len(completion.choices) * 4 or \
+        completion.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="m", prompt="the good movie", max_tokens=4, temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == completion.choices[0].text
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=5, temperature=0, seed=3)
+    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                 max_completion_tokens=5, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == chat.usage.total_tokens
+    sampled = [client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                              max_completion_tokens=8, temperature=1.5, seed=11,
+                                              extra_body={"ignore_eos": True}).choices[0].message.content
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # the same seed, the same sample
+
+
+def test_bad_parameters_are_a_4xx_before_any_event(generator: Server, start_server: Any,
+                                                   task_models: dict[str, Path]) -> None:
+    import openai
+
+    client = _openai(generator)
+    with pytest.raises(openai.BadRequestError, match='"n" must be 1'):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="max_new_tokens"):
+        client.completions.create(model="m", prompt="x", max_tokens=10**6, stream=True)
+    reply = generator.request("POST", "/generate_stream", json.dumps({"inputs": "x", "parameters": {"top_p": 5}}),
+                              {"Content-Type": "application/json"})
+    assert reply.status == 400 and reply.headers["content-type"].startswith("application/json")
+    no_template = start_server("--model", str(task_models["text-generation"]))
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        _openai(no_template).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+
+
+async def _stream(session: aiohttp.ClientSession, port: int, prompt: str, parameters: dict[str, Any],
+                  abandon_after: int | None = None, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    events = []
+    async with session.post(f"http://127.0.0.1:{port}/generate_stream", headers=headers,
+                            json={"inputs": prompt, "parameters": parameters}) as response:
+        assert response.status == 200, await response.text()
+        async for line in response.content:
+            if line.startswith(b"data:"):
+                events.append(json.loads(line[5:]))
+                if abandon_after is not None and len(events) >= abandon_after:
+                    return events  # closes the connection mid-stream
+    return events
+
+
+def test_concurrent_streams_share_steps_and_an_abandoned_one_is_cancelled(generator: Server) -> None:
+    before = generator.info()["counters"]["streams"]
+
+    async def scenario() -> list[list[dict[str, Any]]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            abandoned = _stream(session, generator.port, "the cat", {"max_new_tokens": 400, "ignore_eos": True},
+                                abandon_after=1)
+            streams = [_stream(session, generator.port, f"the {word} movie", LONG)
+                       for word in ("good", "bad", "new", "old", "big", "small", "red", "blue")]
+            return list(await asyncio.gather(abandoned, *streams))
+
+    results = asyncio.run(scenario())
+    assert len(results[0]) == 1
+    for events in results[1:]:
+        assert len(events) == 12 and events[-1]["details"]["finish_reason"] == "length"
+        assert [e["index"] for e in events] == list(range(1, 13))
+    wait_until(lambda: generator.info()["counters"]["streams"]["open"] == 0, 30, message="streams closed")
+    after = generator.info()["counters"]["streams"]
+    assert after["cancelled"] == before["cancelled"] + 1
+    metrics = generator.request("GET", "/metrics").body.decode()
+    assert 'pipeserve_streams_total{finish_reason="cancelled"}' in metrics
+    assert "pipeserve_time_to_first_token_seconds_count" in metrics
+
+
+def test_a_deadline_ends_a_stream_with_an_error_event(generator: Server) -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            return await _stream(session, generator.port, "the", {"max_new_tokens": 1000, "ignore_eos": True},
+                                 headers={"X-Request-Timeout": "0.5"})
+
+    events = asyncio.run(scenario())
+    assert events[-1] == {"error": "request timed out while generating", "error_type": "incomplete_generation"}
+    assert len(events) > 1  # tokens came before the deadline
+
+
+def test_a_worker_killed_mid_stream_ends_it_with_an_error_and_restarts(start_server: Any, chat_model: Path) -> None:
+    server = start_server("--model", str(chat_model))
+    pid = server.worker_pid()
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            events: list[dict[str, Any]] = []
+            async with session.post(f"http://127.0.0.1:{server.port}/generate_stream",
+                                    json={"inputs": "the", "parameters": {"max_new_tokens": 1000,
+                                                                          "ignore_eos": True}}) as response:
+                async for line in response.content:
+                    if line.startswith(b"data:"):
+                        events.append(json.loads(line[5:]))
+                        if len(events) == 2:
+                            os.kill(pid, signal.SIGKILL)
+            return events
+
+    events = asyncio.run(scenario())
+    assert "crashed" in events[-1]["error"] and events[-1]["error_type"] == "incomplete_generation"
+    assert len(events) < 1000
+    server.wait_ready(60)
+    assert server.worker_pid() != pid
+    reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                           {"Content-Type": "application/json"})
+    assert reply.status == 200
