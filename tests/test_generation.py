@@ -106,7 +106,7 @@ def test_seeded_sampling_repeats_and_stop_sequences_end_early(gpt2: tuple[Any, A
         runs.append(tokens)
         assert ended[1].seed == 7
     assert runs[0] == runs[1] and runs[0][1] != runs[0][2]
-    model, tokenizer = gpt2
+    tokenizer = gpt2[1]
     first_word = tokenizer.decode(runs[0][1][:1], skip_special_tokens=True).strip()
     engine = _engine(gpt2)
     engine.add(ipc.Generate(1, "the good movie", {**sampled, "stop": [first_word]}))
