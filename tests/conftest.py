@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import inspect
 import json
@@ -12,11 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from blockbuster import blockbuster_ctx
 
@@ -115,6 +118,12 @@ class Server:
     def log(self) -> str:
         return "\n".join(self.lines)
 
+    def wait_log(self, fragment: str, timeout: float = 10.0) -> str:
+        """The first output line containing `fragment`, once it has been read (output reaches
+        `lines` through a reader thread, so a line can trail the response it was logged before)."""
+        return wait_until(lambda: next((line for line in list(self.lines) if fragment in line), None),
+                          timeout, message=f"a log line with {fragment!r}")
+
     def wait_listening(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while not self._listening.wait(0.1):
@@ -152,10 +161,13 @@ class Server:
         self.process.send_signal(sig)
 
     def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for the exit; then every line it wrote is in `lines`."""
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"server did not exit within {timeout}s:\n{self.log}") from None
+        self._reader.join(timeout)  # to the end of its output (a worker it left may hold the pipe)
+        return code
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -188,6 +200,154 @@ def start_server() -> Iterator[Callable[..., Server]]:
     yield start
     for server in servers:
         server.stop()
+
+
+# --- concurrent clients and held batches ---------------------------------------------------------
+#
+# A test that needs a request to stay in flight holds it on a gate: the custom pipeline's input
+# "WAIT:<path>" blocks until the file <path> exists, and the test creates the file to release it.
+# What the server does meanwhile (refuse, queue, time out, answer /health, drain) is then checked
+# on its own, with nothing racing a sleep.
+
+HELD_TIMEOUT_S = 30.0  # deadline for each wait on a held batch's way in and out
+
+
+@dataclass
+class Answer:
+    """One response to an async request: status, headers (lower-case names) and decoded JSON."""
+
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+def client_session(timeout: float = 60.0) -> aiohttp.ClientSession:
+    """A session with no connection limit, so that concurrent requests really are concurrent."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+async def post(session: aiohttp.ClientSession, server: Server, document: Any,
+               headers: dict[str, str] | None = None) -> Answer:
+    """POST a JSON document to the server's `/`."""
+    async with session.post(f"http://127.0.0.1:{server.port}/", json=document, headers=headers) as response:
+        body = await response.read()
+        return Answer(response.status, {k.lower(): v for k, v in response.headers.items()},
+                      json.loads(body) if body else None)
+
+
+async def post_all(server: Server, documents: Iterable[Any],
+                   headers: dict[str, str] | None = None) -> list[Answer]:
+    """POST every document at once, each as its own request; answers in the documents' order."""
+    async with client_session() as session:
+        return list(await asyncio.gather(*(post(session, server, d, headers) for d in documents)))
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = HELD_TIMEOUT_S,
+                     message: str = "condition") -> Any:
+    """`wait_until` off the event loop, so that the loop keeps sending and reading requests."""
+    return await asyncio.to_thread(wait_until, predicate, timeout, message=message)
+
+
+async def completed(tasks: Sequence[asyncio.Future[Any]], count: int,
+                    timeout: float = HELD_TIMEOUT_S) -> list[asyncio.Future[Any]]:
+    """Wait until at least `count` of `tasks` are done; return the done ones, in `tasks` order."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {task for task in tasks if not task.done()}
+    while len(tasks) - len(pending) < count:
+        remaining = deadline - loop.time()
+        if remaining <= 0 or not pending:
+            raise AssertionError(f"{len(tasks) - len(pending)} of {len(tasks)} requests answered; "
+                                 f"expected {count} within {timeout}s")
+        _, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+    return [task for task in tasks if task.done()]
+
+
+def input_count(documents: Iterable[Any]) -> int:
+    """How many jobs (queued or in-flight inputs) these {"inputs": ...} documents make."""
+    return sum(len(d["inputs"]) if isinstance(d["inputs"], list) else 1 for d in documents)
+
+
+def counters(server: Server) -> dict[str, Any]:
+    return server.info()["counters"]
+
+
+@dataclass
+class HeldBatch:
+    """Requests held in flight by a gate file until `release()` (or the end of `held_batch`)."""
+
+    gate: Path
+    tasks: list[asyncio.Task[Answer]]
+
+    def release(self) -> None:
+        self.gate.touch()
+
+    @property
+    def answers(self) -> list[Answer]:
+        return [task.result() for task in self.tasks]
+
+    @property
+    def answer(self) -> Answer:
+        (only,) = self.answers
+        return only
+
+
+@contextlib.asynccontextmanager
+async def held_batch(session: aiohttp.ClientSession, server: Server, gate: Path,
+                     document: Any = None, *, documents: Sequence[Any] | None = None,
+                     timeout: float = HELD_TIMEOUT_S) -> AsyncIterator[HeldBatch]:
+    """Post request(s) held on `gate` (by default one {"inputs": "WAIT:<gate>"}); once /info shows
+    all their inputs in flight, run the body; on the way out release the gate and await them.
+
+    Whatever the body saw answered before it ended was answered while the model was held.
+    """
+    if documents is None:
+        documents = [document if document is not None else {"inputs": f"WAIT:{gate}"}]
+    tasks = [asyncio.ensure_future(post(session, server, d)) for d in documents]
+    held = HeldBatch(gate, tasks)
+    expected = input_count(documents)
+    try:
+        await eventually(lambda: any(task.done() for task in tasks)
+                         or counters(server)["in_flight"] >= expected, timeout,
+                         message=f"{expected} held inputs in flight")
+        if any(task.done() for task in tasks):
+            raise AssertionError(f"a held request was answered before the gate was released: "
+                                 f"{[task.result() for task in tasks if task.done()]}")
+        yield held
+    except BaseException:
+        held.release()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    held.release()
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    if pending:
+        for task in pending:
+            task.cancel()
+        raise AssertionError(f"{len(pending)} held requests unanswered {timeout}s after the release")
+
+
+def restart_load_gate(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
+    """(env, armed, gate) for a server whose restarted workers can be held in their load: the
+    first load goes through; once `armed` exists, a load waits until `gate` exists."""
+    armed, gate = tmp_path / "load-gate-armed", tmp_path / "load-gate"
+    return {"TEST_LOAD_GATE": str(gate), "TEST_LOAD_GATE_ARMED": str(armed)}, armed, gate
+
+
+async def queue_behind_held_batch(server: Server, gate: Path, documents: Sequence[Any]
+                                  ) -> tuple[Answer, list[Answer]]:
+    """Hold the worker on `gate`, queue all `documents` behind it, then release: the documents'
+    batches form from a queue that holds every one of them (no arrival timing involved).
+    Returns the held request's answer and the documents' answers, in order."""
+    async with client_session() as session:
+        async with held_batch(session, server, gate) as held:
+            tasks = [asyncio.ensure_future(post(session, server, d)) for d in documents]
+            expected = input_count(documents)
+            await eventually(lambda: counters(server)["queue_depth"] == expected,
+                             message=f"{expected} inputs queued")
+        return held.answer, list(await asyncio.gather(*tasks))
 
 
 # --- tiny random models ------------------------------------------------------------------------

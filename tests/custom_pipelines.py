@@ -4,7 +4,9 @@
 so a test can see how inputs were batched. Inputs that are commands make it misbehave in the
 way a real model process can:
 
-    "SLEEP:<s>"   the whole call sleeps <s> seconds
+    "WAIT:<path>" the call blocks until the file <path> exists: a test holds a batch in flight
+                  for as long as it needs, and releases it by creating the file
+    "SLEEP:<s>"   the whole call sleeps <s> seconds (prefer WAIT: a sleep is no synchronisation)
     "HANG"        the call never returns
     "POISON..."   the call raises ValueError whenever this input is in the batch
     "RAISE"       the call raises RuntimeError carrying a file path (must not leak)
@@ -13,10 +15,18 @@ way a real model process can:
     "ALLOC:<mb>"  the process allocates and keeps <mb> MiB
     "OOM"         the call raises MemoryError whenever this input is in the batch
 
-Environment: TEST_LOAD_DELAY_S=s makes loading take that long; loading fails while the file
-TEST_FAIL_LOAD_IF_EXISTS names exists; TEST_CALL_DELAY_S=s makes
-every call take that long (a model with a fixed cost per batch); TEST_OOM_ABOVE=N raises MemoryError for any call of more than N inputs;
-TEST_PLAIN=1 turns the commands off (for fuzzing); TEST_SEEN_FILE=path appends every input the pipeline sees to that file.
+Environment:
+
+    TEST_LOAD_GATE=path        loading waits until that file exists
+    TEST_LOAD_GATE_ARMED=path2 with TEST_LOAD_GATE: only a load that starts while path2 exists
+                               waits, so the first load goes through and a test arms the gate
+                               to hold a restarted worker in its load
+    TEST_LOAD_DELAY_S=s        loading takes that long (prefer the gate)
+    TEST_FAIL_LOAD_IF_EXISTS   loading fails while the file it names exists
+    TEST_CALL_DELAY_S=s        every call takes that long (a model with a fixed cost per batch)
+    TEST_OOM_ABOVE=N           any call of more than N inputs raises MemoryError
+    TEST_PLAIN=1               turns the commands off (for fuzzing)
+    TEST_SEEN_FILE=path        every input the pipeline sees is appended to that file
 """
 
 from __future__ import annotations
@@ -27,6 +37,13 @@ import time
 from typing import Any
 
 _kept: list[bytearray] = []
+GATE_POLL_S = 0.01
+
+
+def wait_for_file(path: str) -> None:
+    """Block until the file at `path` exists (a test creates it to release us)."""
+    while not os.path.exists(path):
+        time.sleep(GATE_POLL_S)
 
 
 class EchoPipeline:
@@ -58,7 +75,9 @@ class EchoPipeline:
 
     @staticmethod
     def _act(text: str) -> None:
-        if text.startswith("SLEEP:"):
+        if text.startswith("WAIT:"):
+            wait_for_file(text.split(":", 1)[1])
+        elif text.startswith("SLEEP:"):
             time.sleep(float(text.split(":", 1)[1]))
         elif text == "HANG":
             while True:
@@ -81,6 +100,10 @@ class EchoPipeline:
 
 def make() -> EchoPipeline:
     time.sleep(float(os.environ.get("TEST_LOAD_DELAY_S", "0")))
+    gate = os.environ.get("TEST_LOAD_GATE")
+    armed = os.environ.get("TEST_LOAD_GATE_ARMED")
+    if gate and (not armed or os.path.exists(armed)):
+        wait_for_file(gate)
     marker = os.environ.get("TEST_FAIL_LOAD_IF_EXISTS")
     if marker and os.path.exists(marker):
         raise OSError("the model files went away")

@@ -20,8 +20,19 @@ from pipeserve.front.config import Config, build_parser, env_name, flag_name, lo
 
 def test_defaults() -> None:
     config = load_config([], environ={})
-    assert config == Config()
-    assert (config.host, config.port, config.max_batch_size) == ("127.0.0.1", 8000, 32)
+    assert (config.model, config.task, config.pipeline, config.served_model_name) == (None, None, None, None)
+    assert (config.host, config.port) == ("127.0.0.1", 8000)
+    assert (config.device, config.devices, config.dtype) == ("auto", None, "auto")
+    assert (config.max_batch_size, config.max_batch_delay_ms, config.max_batch_tokens) == (32, 0.0, 8192)
+    assert (config.batch_order, config.min_batch_fill) == ("length", 0.85)
+    assert (config.max_queue, config.max_queue_wait_ms) == (128, None)
+    assert (config.request_timeout, config.batch_timeout, config.drain_timeout) == (30.0, 120.0, 30.0)
+    assert (config.load_timeout, config.max_restarts, config.restart_window) == (600.0, 5, 60.0)
+    assert config.max_worker_memory is None
+    assert (config.max_body_bytes, config.max_items, config.max_input_bytes) == (16 << 20, 2048, 256 << 10)
+    assert (config.api_key, config.api_key_file) == (None, None)
+    assert (config.workers, config.threads, config.worker_count()) == (1, 0, 1)
+    assert (config.log_format, config.log_level) == ("text", "info")
 
 
 def test_flag_wins_over_environment_which_wins_over_default() -> None:

@@ -110,7 +110,7 @@ class NotifySocket:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(path)
         self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, dict[str, str]]] = []
+        self.messages: list[dict[str, str]] = []  # in the order they arrived
         self._stop = False
         self._thread = threading.Thread(target=self._receive, daemon=True)
         self._thread.start()
@@ -124,13 +124,15 @@ class NotifySocket:
             except OSError:
                 return
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append((time.monotonic(), fields))
+            self.messages.append(fields)
 
-    def first(self, key: str) -> float | None:
-        return next((at for at, fields in self.messages if key in fields), None)
+    def first(self, key: str, prefix: str = "") -> int | None:
+        """The position of the first message with `key` (whose value starts with `prefix`)."""
+        return next((index for index, fields in enumerate(list(self.messages))
+                     if key in fields and fields[key].startswith(prefix)), None)
 
     def values(self, key: str) -> list[str]:
-        return [fields[key] for _, fields in self.messages if key in fields]
+        return [fields[key] for fields in list(self.messages) if key in fields]
 
     def close(self) -> None:
         self._stop = True
@@ -145,17 +147,24 @@ def test_sd_notify_ready_status_watchdog_and_stopping(start_server: Any, tmp_pat
     address = "\0" + name if abstract else str(tmp_path / "notify.sock")
     notify = NotifySocket(address)
     try:
+        gate = tmp_path / "load-gate"
         env = {"NOTIFY_SOCKET": "@" + name if abstract else address, "WATCHDOG_USEC": "400000",
-               "TEST_LOAD_DELAY_S": "2"}
+               "TEST_LOAD_GATE": str(gate)}
         server = start_server(*ECHO, env=env, ready=False)
-        server.wait_listening()
-        ready_seen_at_503 = server.request("GET", "/ready").status == 503
+        try:
+            server.wait_listening()
+            # Bound and held in its load: loading is reported, readiness is not.
+            assert server.request("GET", "/ready").status == 503
+            wait_until(lambda: notify.first("STATUS", "loading") is not None, 10, message="STATUS=loading")
+            wait_until(lambda: notify.first("EXTEND_TIMEOUT_USEC") is not None, 10,
+                       message="EXTEND_TIMEOUT_USEC")
+            assert notify.first("READY") is None, "READY=1 before the model loaded"
+        finally:
+            gate.touch()
         server.wait_ready()
-        ready_at = wait_until(lambda: notify.first("READY"), 5, message="READY=1")
-        assert ready_seen_at_503, "the model should still be loading right after the bind"
-        loading_status = next(at for at, f in notify.messages if f.get("STATUS", "").startswith("loading"))
-        assert loading_status < ready_at  # READY=1 only after loading, not at bind time
-        assert notify.first("EXTEND_TIMEOUT_USEC") is not None
+        wait_until(lambda: notify.first("READY") is not None, 10, message="READY=1")
+        ready_at = notify.first("READY")
+        assert notify.first("STATUS", "loading") < ready_at  # READY=1 only after loading, not at bind time
         assert notify.first("EXTEND_TIMEOUT_USEC") < ready_at
         assert any(s.startswith("serving") for s in notify.values("STATUS"))
         wait_until(lambda: len(notify.values("WATCHDOG")) >= 4, 5, message="watchdog pings")

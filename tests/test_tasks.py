@@ -7,55 +7,67 @@ import base64
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from conftest import Server, png_bytes, wav_bytes
+from conftest import Server, counters, png_bytes, post_all, wav_bytes
 from test_serving import _close, _shape
 
-
-async def _concurrent(port: int, documents: list[Any]) -> list[tuple[int, Any]]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        async def one(document: Any) -> tuple[int, Any]:
-            async with session.post(f"http://127.0.0.1:{port}/", json=document) as response:
-                return response.status, await response.json()
-
-        return list(await asyncio.gather(*(one(d) for d in documents)))
+# A batch waits this long for more requests (counted from its first): the concurrent requests
+# below share batches however the machine schedules their sending.
+BATCH_DELAY = ("--max-batch-delay-ms", "50")
 
 
 def _check_consistent(server: Server, inputs: list[Any], parameters: dict[str, Any],
-                      compare_values: bool = True) -> list[Any]:
-    """Alone, in a list and in concurrent requests, each input answers the same shape."""
-    alone = [server.post_json({"inputs": item, "parameters": parameters}) for item in inputs]
-    assert all(reply.status == 200 for reply in alone), [r.body for r in alone]
+                      compare_values: bool = True, nested_single: bool = False) -> list[Any]:
+    """Alone, in a list and in concurrent requests, each input answers the same shape; returns
+    each input's answer alone. `nested_single`: the task answers one input as a list of one
+    answer (text-classification, as the Inference API does)."""
+
+    def single(value: Any) -> Any:
+        if not nested_single:
+            return value
+        assert isinstance(value, list) and len(value) == 1, value
+        return value[0]
+
+    alone_replies = [server.post_json({"inputs": item, "parameters": parameters}) for item in inputs]
+    assert all(reply.status == 200 for reply in alone_replies), [r.body for r in alone_replies]
+    alone = [single(reply.json()) for reply in alone_replies]
     as_list = server.post_json({"inputs": inputs, "parameters": parameters})
     assert as_list.status == 200, as_list.body
-    concurrent = asyncio.run(_concurrent(server.port, [{"inputs": item, "parameters": parameters}
-                                                      for item in inputs * 4]))
-    assert all(status == 200 for status, _ in concurrent), concurrent
-    assert server.info()["counters"]["batches"] < server.info()["counters"]["items"]
-    for index, reply in enumerate(alone):
-        assert _shape(reply.json()) == _shape(as_list.json()[index])
-        assert _shape(reply.json()) == _shape(concurrent[index][1])
+    documents = [{"inputs": item, "parameters": parameters} for item in inputs * 4]
+    before = counters(server)
+    concurrent = asyncio.run(post_all(server, documents))
+    after = counters(server)
+    assert all(answer.status == 200 for answer in concurrent), concurrent
+    # These requests' inputs, and no others, ran; and some of them shared a batch.
+    assert after["items"] - before["items"] == len(documents)
+    assert 1 <= after["batches"] - before["batches"] < len(documents)
+    assert len(as_list.json()) == len(inputs)
+    for index, answer_alone in enumerate(alone):
+        assert _shape(answer_alone) == _shape(as_list.json()[index])
+        for answer in concurrent[index::len(inputs)]:  # the same input, in every round
+            assert _shape(answer_alone) == _shape(single(answer.body))
         if compare_values:
-            assert _close(reply.json(), as_list.json()[index])
-    return [reply.json() for reply in alone]
+            assert _close(answer_alone, as_list.json()[index])
+    return alone
 
 
 def test_text_classification_top_k_and_function_to_apply(start_server: Any, tiny_models: dict[str, Path]) -> None:
-    server = start_server("--model", str(tiny_models["text-classification"]))
+    server = start_server("--model", str(tiny_models["text-classification"]), *BATCH_DELAY)
     texts = ["a good movie", "the food was very very bad and i hate it"]
-    default = _check_consistent(server, texts, {})
-    assert set(default[0]) == {"label", "score"}
-    both = _check_consistent(server, texts, {"top_k": 2, "function_to_apply": "sigmoid"})
-    assert [item["label"] for item in both[0]] and len(both[0]) == 2
+    # Each input answers a list of {label, score}, best first, even with the default top_k of 1.
+    default = _check_consistent(server, texts, {}, nested_single=True)
+    assert len(default[0]) == 1 and set(default[0][0]) == {"label", "score"}
+    both = _check_consistent(server, texts, {"top_k": 2, "function_to_apply": "sigmoid"}, nested_single=True)
+    assert len(both[0]) == 2 and {item["label"] for item in both[0]} == {"POSITIVE", "NEGATIVE"}
+    assert both[0][0]["score"] >= both[0][1]["score"]
     assert all(0 < item["score"] < 1 for item in both[1])
     bad = server.post_json({"inputs": "x", "parameters": {"function_to_apply": "cube"}})
     assert bad.status == 400
 
 
 def test_token_classification_with_aggregation(start_server: Any, task_models: dict[str, Path]) -> None:
-    server = start_server("--model", str(task_models["token-classification"]))
+    server = start_server("--model", str(task_models["token-classification"]), *BATCH_DELAY)
     texts = ["the king of france", "hello world from paris the capital city"]
     raw = _check_consistent(server, texts, {})
     assert all({"entity", "score", "index", "word", "start", "end"} <= set(item) for item in raw[1])
@@ -64,7 +76,7 @@ def test_token_classification_with_aggregation(start_server: Any, task_models: d
 
 
 def test_fill_mask_top_k_and_targets(start_server: Any, tiny_models: dict[str, Path]) -> None:
-    server = start_server("--model", str(tiny_models["fill-mask"]))
+    server = start_server("--model", str(tiny_models["fill-mask"]), *BATCH_DELAY)
     texts = ["the [MASK] is good", "paris is the capital of [MASK] and a very big city"]
     top = _check_consistent(server, texts, {"top_k": 3})
     assert len(top[0]) == 3
@@ -74,13 +86,16 @@ def test_fill_mask_top_k_and_targets(start_server: Any, tiny_models: dict[str, P
 
 def test_zero_shot_classification(start_server: Any, task_models: dict[str, Path]) -> None:
     server = start_server("--model", str(task_models["zero-shot-classification"]),
-                          "--task", "zero-shot-classification")
+                          "--task", "zero-shot-classification", *BATCH_DELAY)
     texts = ["the movie was good", "paris is a big city in france"]
     labels = ["film", "city", "food"]
+    # Each input answers [{label, score}], best first.
     single = _check_consistent(server, texts, {"candidate_labels": labels})
-    assert sorted(single[0]["labels"]) == sorted(labels) and abs(sum(single[0]["scores"]) - 1) < 1e-4
+    assert sorted(item["label"] for item in single[0]) == sorted(labels)
+    assert abs(sum(item["score"] for item in single[0]) - 1) < 1e-4
+    assert [item["score"] for item in single[0]] == sorted((item["score"] for item in single[0]), reverse=True)
     multi = _check_consistent(server, texts, {"candidate_labels": labels, "multi_label": True})
-    assert len(multi[1]["scores"]) == 3
+    assert sorted(item["label"] for item in multi[1]) == sorted(labels)
     missing = server.post_json({"inputs": "x"})
     assert missing.status == 400
     unknown = server.post_json({"inputs": "x", "parameters": {"candidate_label": labels}})
@@ -88,15 +103,17 @@ def test_zero_shot_classification(start_server: Any, task_models: dict[str, Path
 
 
 def test_text_generation(start_server: Any, task_models: dict[str, Path]) -> None:
-    server = start_server("--model", str(task_models["text-generation"]))
+    server = start_server("--model", str(task_models["text-generation"]), *BATCH_DELAY)
     texts = ["the king", "hello world from the big city of paris"]
     # Shapes only: a random tiny model's logits are near-ties, so padding's last-bit differences
     # can flip a greedy choice between running alone and in a batch.
-    greedy = _check_consistent(server, texts, {"max_new_tokens": 4, "do_sample": False}, compare_values=False)
+    greedy = _check_consistent(server, texts, {"max_new_tokens": 4, "do_sample": False, "return_full_text": True},
+                               compare_values=False)
     assert set(greedy[0][0]) == {"generated_text"}
     assert greedy[0][0]["generated_text"].startswith("the king")
-    continuation = _check_consistent(server, texts, {"max_new_tokens": 3, "return_full_text": False},
-                                     compare_values=False)
+    # By default the continuation only (TGI's default).
+    continuation = _check_consistent(server, texts, {"max_new_tokens": 3}, compare_values=False)
+    assert set(continuation[1][0]) == {"generated_text"}
     assert not continuation[1][0]["generated_text"].startswith("hello world")
     sampled = server.post_json({"inputs": texts, "parameters": {"max_new_tokens": 3, "do_sample": True}})
     assert sampled.status == 200 and len(sampled.json()) == 2
@@ -106,7 +123,7 @@ def test_text_generation(start_server: Any, task_models: dict[str, Path]) -> Non
 
 
 def test_image_classification_raw_and_base64(start_server: Any, task_models: dict[str, Path]) -> None:
-    server = start_server("--model", str(task_models["image-classification"]))
+    server = start_server("--model", str(task_models["image-classification"]), *BATCH_DELAY)
     assert server.info()["input"] == "image"
     red, blue = png_bytes(color=(220, 20, 20)), png_bytes(80, 50, (20, 20, 220))
     raw = server.request("POST", "/", red, {"Content-Type": "image/png"})
@@ -121,7 +138,7 @@ def test_image_classification_raw_and_base64(start_server: Any, task_models: dic
 
 
 def test_audio_classification_with_wav_bytes(start_server: Any, task_models: dict[str, Path]) -> None:
-    server = start_server("--model", str(task_models["audio-classification"]))
+    server = start_server("--model", str(task_models["audio-classification"]), *BATCH_DELAY)
     assert server.info()["input"] == "audio"
     tone, other = wav_bytes(0.5), wav_bytes(0.8, rate=8000, frequency=220.0)  # resampled to 16 kHz
     raw = server.request("POST", "/", tone, {"Content-Type": "audio/wav"})

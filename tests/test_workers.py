@@ -5,77 +5,100 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
+from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from conftest import wait_until
+from conftest import Server, client_session, completed, counters, held_batch, post, restart_load_gate, wait_until
 
 ECHO = ("--pipeline", "custom_pipelines:make")
 
 
-async def _post(session: aiohttp.ClientSession, port: int, text: str, suffix: str = "") -> tuple[int, Any]:
-    document = {"inputs": text, "parameters": {"suffix": suffix}}
-    async with session.post(f"http://127.0.0.1:{port}/", json=document) as response:
-        return response.status, await response.json()
-
-
-def _all_ready(server: Any) -> list[dict[str, Any]]:
+def _ready_workers(server: Server, count: int) -> list[dict[str, Any]]:
+    """Wait until /info lists `count` workers, all ready; return them from a fresh /info."""
+    wait_until(lambda: [w["state"] for w in server.info()["workers"]] == ["ready"] * count, 60,
+               message=f"{count} workers ready")
     workers = server.info()["workers"]
-    return workers if all(w["state"] == "ready" for w in workers) else []
+    assert len(workers) == count, workers
+    assert [w["state"] for w in workers] == ["ready"] * count, workers
+    assert [w["index"] for w in workers] == list(range(count))
+    return workers
 
 
-def test_idle_workers_take_batches_in_parallel(start_server: Any) -> None:
+def _held_documents(gate: Path) -> list[dict[str, Any]]:
+    # Different parameters, so the two can never share one batch.
+    return [{"inputs": f"WAIT:{gate}", "parameters": {"suffix": str(i)}} for i in range(2)]
+
+
+def test_idle_workers_take_batches_in_parallel(start_server: Any, tmp_path: Path) -> None:
     server = start_server(*ECHO, "--workers", "2")
-    workers = wait_until(lambda: _all_ready(server), 60, message="both workers ready")
-    assert [w["state"] for w in workers] == ["ready", "ready"]
+    workers = _ready_workers(server, 2)
     assert len({w["pid"] for w in workers}) == 2
     assert all(w["threads"] == max(1, (os.cpu_count() or 1) // 2) for w in workers)
+    gate = tmp_path / "gate"
 
-    async def scenario() -> tuple[list[Any], float]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            started = time.monotonic()
-            # Different parameters, so the two can never share one batch.
-            results = await asyncio.gather(*(_post(session, server.port, "SLEEP:1.5", str(i))
-                                             for i in range(2)))
-            return list(results), time.monotonic() - started
+    async def scenario() -> tuple[list[Any], dict[str, Any]]:
+        async with client_session() as session:
+            async with held_batch(session, server, gate, documents=_held_documents(gate)) as held:
+                # Both batches are running at once, before either could finish: side by side.
+                during = await asyncio.to_thread(counters, server)
+            return held.answers, during
 
-    results, elapsed = asyncio.run(scenario())
-    assert [status for status, _ in results] == [200, 200]
-    assert {body["pid"] for _, body in results} == {w["pid"] for w in workers}
-    assert elapsed < 2.8, "two 1.5 s batches should have run side by side"
+    answers, during = asyncio.run(scenario())
+    assert during["in_flight"] == 2 and during["queue_depth"] == 0
+    assert [answer.status for answer in answers] == [200, 200]
+    assert {answer.body["pid"] for answer in answers} == {w["pid"] for w in workers}
 
 
-def test_one_worker_dying_leaves_the_other_serving(start_server: Any) -> None:
-    server = start_server(*ECHO, "--workers", "2")
-    pids = [w["pid"] for w in wait_until(lambda: _all_ready(server), 60, message="both ready")]
+def test_one_worker_dying_leaves_the_other_serving(start_server: Any, tmp_path: Path) -> None:
+    env, armed, load_gate = restart_load_gate(tmp_path)
+    server = start_server(*ECHO, "--workers", "2", env=env)
+    pids = [w["pid"] for w in _ready_workers(server, 2)]
+    armed.touch()  # the dead worker's restart waits in its load until load_gate exists
+    gate = tmp_path / "gate"
 
-    async def scenario() -> list[Any]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            slow = [asyncio.ensure_future(_post(session, server.port, "SLEEP:3", str(i))) for i in range(2)]
-            await asyncio.to_thread(wait_until, lambda: server.info()["counters"]["in_flight"] == 2, 10,
-                                    message="both workers busy")
-            os.kill(pids[0], signal.SIGKILL)
-            return list(await asyncio.gather(*slow))
+    async def scenario() -> tuple[list[Any], list[Any], int, str, Any, str]:
+        async with client_session() as session:
+            async with held_batch(session, server, gate, documents=_held_documents(gate)) as held:
+                os.kill(pids[0], signal.SIGKILL)
+                # Only the dead worker's batch is answered; the other one's is still held.
+                first = [task.result() for task in await completed(held.tasks, 1)]
+                ready = (await asyncio.to_thread(server.request, "GET", "/ready")).status
+                state = (await asyncio.to_thread(server.info))["workers"][0]["state"]
+            # Worker 0 is still held in its load: worker 1 answers alone.
+            meanwhile = await post(session, server, {"inputs": "meanwhile"})
+            state_after = (await asyncio.to_thread(server.info))["workers"][0]["state"]
+            return first, held.answers, ready, state, meanwhile, state_after
 
-    results = asyncio.run(scenario())
-    statuses = sorted(status for status, _ in results)
-    assert statuses == [200, 503], results  # only the dead worker's batch is lost
-    assert server.request("GET", "/ready").status == 200  # the other one still serves
-    assert server.post_json({"inputs": "meanwhile"}).status == 200
-    workers = wait_until(lambda: _all_ready(server), 60, message="the dead worker to come back")
+    try:
+        first, answers, ready, state, meanwhile, state_after = asyncio.run(scenario())
+    finally:
+        load_gate.touch()
+    assert [answer.status for answer in first] == [503], first
+    assert sorted(answer.status for answer in answers) == [200, 503], answers  # only one batch lost
+    assert ready == 200 and state == "restarting"  # the other one still serves
+    assert meanwhile.status == 200 and meanwhile.body["pid"] == pids[1]
+    assert state_after == "restarting"
+    workers = _ready_workers(server, 2)
     assert workers[0]["pid"] != pids[0] and workers[0]["restarts"] == 1
     assert workers[1]["pid"] == pids[1] and workers[1]["restarts"] == 0
 
 
-def test_one_worker_per_listed_device(start_server: Any) -> None:
-    server = start_server(*ECHO, "--devices", "cpu,cpu")
-    workers = wait_until(lambda: _all_ready(server), 60, message="both workers ready")
+def test_one_worker_per_listed_device(start_server: Any, tmp_path: Path) -> None:
+    env, armed, load_gate = restart_load_gate(tmp_path)
+    server = start_server(*ECHO, "--devices", "cpu,cpu", env=env)
+    workers = _ready_workers(server, 2)
     assert [w["device"] for w in workers] == ["cpu", "cpu"]
+    armed.touch()
     os.kill(workers[1]["pid"], signal.SIGKILL)
-    wait_until(lambda: server.info()["workers"][1]["state"] != "ready", 5, message="death noticed")
-    assert server.post_json({"inputs": "the other serves"}).status == 200
-    workers = wait_until(lambda: (w := _all_ready(server)) and w[1]["restarts"] == 1 and w, 60,
-                         message="worker 1 back")
-    assert workers[0]["restarts"] == 0 and workers[1]["pid"] != workers[0]["pid"]
+    try:
+        wait_until(lambda: server.info()["workers"][1]["state"] == "restarting", 10, message="death noticed")
+        reply = server.post_json({"inputs": "the other serves"})
+        assert reply.status == 200 and reply.json()["pid"] == workers[0]["pid"]
+        assert server.info()["workers"][1]["state"] == "restarting"  # held in its load meanwhile
+    finally:
+        load_gate.touch()
+    after = _ready_workers(server, 2)
+    assert [w["restarts"] for w in after] == [0, 1]
+    assert after[0]["pid"] == workers[0]["pid"]
+    assert after[1]["pid"] not in (workers[0]["pid"], workers[1]["pid"])
+    assert [w["device"] for w in after] == ["cpu", "cpu"]
