@@ -200,3 +200,27 @@ def test_a_worker_killed_mid_stream_ends_it_with_an_error_and_restarts(start_ser
     reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
                            {"Content-Type": "application/json"})
     assert reply.status == 200
+
+
+def test_sigterm_lets_running_streams_finish_then_exits_0(start_server: Any, chat_model: Path) -> None:
+    server = start_server("--model", str(chat_model), "--drain-timeout", "60")
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            events: list[dict[str, Any]] = []
+            async with session.post(f"http://127.0.0.1:{server.port}/generate_stream",
+                                    json={"inputs": "the", "parameters": {"max_new_tokens": 300,
+                                                                          "ignore_eos": True}}) as response:
+                async for line in response.content:
+                    if line.startswith(b"data:"):
+                        events.append(json.loads(line[5:]))
+                        if len(events) == 1:
+                            server.signal(signal.SIGTERM)
+            return events
+
+    events = asyncio.run(scenario())
+    assert len(events) == 300 and events[-1]["details"]["finish_reason"] == "length"
+    assert server.wait_exit(60) == 0
+    assert "draining 0 queued and 0 running jobs and 1 streams" in server.log
+    access = [line for line in server.lines if "POST /generate_stream 200" in line]
+    assert access and "generated_tokens=300 finish=length" in access[0]

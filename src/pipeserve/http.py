@@ -23,7 +23,7 @@ from pipeserve.front import errors, metrics
 from pipeserve.front.api import hf, openai, openapi, tei, tgi
 from pipeserve.front.api.routes import Route, add_routes, obj
 from pipeserve.front.jsonio import json_response
-from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, Runtime
+from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, Runtime
 
 log = logging.getLogger("pipeserve.http")
 access_log = logging.getLogger("pipeserve.access")
@@ -69,11 +69,21 @@ def _account(request: web.Request, status: int, seconds: float) -> None:
     route = resource.canonical if resource is not None else "unmatched"
     request.app[RUNTIME].metrics.observe_request(route, status, seconds)
     batch_size = request.get(BATCH_SIZE) or None
-    access_log.info("%s %s %d %.1fms batch=%s id=%s", request.method, request.path, status,
-                    seconds * 1000, batch_size if batch_size is not None else "-", request[REQUEST_ID],
-                    extra={"method": request.method, "path": request.path, "status": status,
-                           "latency_ms": round(seconds * 1000, 3), "batch_size": batch_size,
-                           "request_id": request[REQUEST_ID]})
+    fields: dict[str, object] = {"method": request.method, "path": request.path, "status": status,
+                                 "latency_ms": round(seconds * 1000, 3), "batch_size": batch_size,
+                                 "request_id": request[REQUEST_ID]}
+    stream = request.get(STREAM)
+    if stream is None:
+        access_log.info("%s %s %d %.1fms batch=%s id=%s", request.method, request.path, status,
+                        seconds * 1000, batch_size if batch_size is not None else "-", request[REQUEST_ID],
+                        extra=fields)
+        return
+    end = stream.end
+    fields.update(prompt_tokens=end.prompt_tokens if end else None, generated_tokens=stream.tokens,
+                  finish_reason=end.finish_reason if end else "cancelled")
+    access_log.info("%s %s %d %.1fms prompt_tokens=%s generated_tokens=%d finish=%s id=%s", request.method,
+                    request.path, status, seconds * 1000, fields["prompt_tokens"], stream.tokens,
+                    fields["finish_reason"], request[REQUEST_ID], extra=fields)
 
 
 def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:

@@ -24,7 +24,7 @@ from pipeserve.front.batcher import Batcher
 from pipeserve.front.config import Config, public_settings
 from pipeserve.front.connections import ConnectionStats
 from pipeserve.front.metrics import Metrics
-from pipeserve.front.streams import Streams
+from pipeserve.front.streams import Stream, Streams
 from pipeserve.front.supervisor import Supervisor
 from pipeserve.ipc import ExitCode, WorkerState
 
@@ -255,3 +255,4 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 REQUEST_ID = web.RequestKey("request_id", str)
 BATCH_SIZE = web.RequestKey("batch_size", int)  # the largest batch a request's inputs ran in
+STREAM = web.RequestKey("stream", Stream)  # a generation request's stream, for its access line

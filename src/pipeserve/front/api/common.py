@@ -20,7 +20,7 @@ from aiohttp import web
 from pipeserve import ipc
 from pipeserve.front import errors, params
 from pipeserve.front.batcher import Job
-from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, LoadedModel
+from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, LoadedModel
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import Op
 
@@ -217,7 +217,9 @@ async def collect(request: web.Request, stream: Stream) -> tuple[list[ipc.Token]
 
 async def start_stream(request: web.Request, prompt: str | None, parameters: dict[str, Any],
                        messages: list[dict[str, Any]] | None = None) -> Stream:
-    return await request.app[RUNTIME].streams.start(request[REQUEST_ID], prompt, parameters, messages)
+    stream = await request.app[RUNTIME].streams.start(request[REQUEST_ID], prompt, parameters, messages)
+    request[STREAM] = stream
+    return stream
 
 
 async def open_event_stream(request: web.Request) -> web.StreamResponse:
