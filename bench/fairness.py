@@ -9,7 +9,7 @@ answered, and their latencies recorded.
 2. windowed: probes while one POST /v1/embeddings request carries 1000 texts; pipeserve lets it
    into the queue a window at a time (2 x --max-batch-size x workers inputs).
 3. all at once: probes while the same 1000 texts arrive as 1000 concurrent one-text requests
-   (with --max-queue 2048 so that none is refused): every input is queued before the probe,
+   (with --max-queue 2048 and --max-connections 4096 so that none is refused): every input is queued before the probe,
    which is what a request of 1000 inputs would do without windows.
 """
 
@@ -81,7 +81,7 @@ def main() -> None:
     texts = make_texts(BIG)
     probes = make_texts(400)[-200:]
     rows = []
-    for mode, extra in (("idle", []), ("windowed", []), ("all at once", ["--max-queue", "2048"])):
+    for mode, extra in (("idle", []), ("windowed", []), ("all at once", ["--max-queue", "2048", "--max-connections", "4096"])):
         server = Running([*PIPESERVE, *extra], "/ready")
         try:
             rows.append((mode, asyncio.run(_phase(f"http://127.0.0.1:{server.port}", mode, texts, probes))))
