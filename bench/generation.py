@@ -97,8 +97,12 @@ async def level(port: int, extra: dict[str, Any], clients: int, warmup: float, s
     measure_from = time.monotonic() + warmup
     stop_at = measure_from + seconds
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-        await asyncio.gather(*(client(session, url, extra, random.Random(index), stop_at, measure_from, record)
-                               for index in range(clients)))
+        tasks = [asyncio.create_task(client(session, url, extra, random.Random(index), stop_at, measure_from,
+                                            record)) for index in range(clients)]
+        await asyncio.wait(tasks, timeout=stop_at - time.monotonic() + 1)
+        for task in tasks:  # what is still queued or running counts no more: stop it
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def pct(values: list[float], q: float) -> float:
         return sorted(values)[min(len(values) - 1, round(q * (len(values) - 1)))] * 1000 if values else float("nan")

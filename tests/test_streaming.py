@@ -224,3 +224,22 @@ def test_sigterm_lets_running_streams_finish_then_exits_0(start_server: Any, cha
     assert "draining 0 queued and 0 running jobs and 1 streams" in server.log
     access = [line for line in server.lines if "POST /generate_stream 200" in line]
     assert access and "generated_tokens=300 finish=length" in access[0]
+
+
+def test_a_reader_that_stops_reading_holds_up_only_its_own_stream(generator: Server) -> None:
+    async def scenario() -> tuple[list[list[dict[str, Any]]], int]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            response = await session.post(f"http://127.0.0.1:{generator.port}/generate_stream",
+                                          json={"inputs": "the", "parameters": {"max_new_tokens": 500,
+                                                                                "ignore_eos": True}})
+            assert response.status == 200
+            await response.content.readline()  # its first event, then no reading until the others are done
+            others = await asyncio.gather(*(_stream(session, generator.port, f"the {w}", LONG)
+                                            for w in ("good", "bad", "new")))
+            rest = await response.read()  # everything it was sent meanwhile, waiting for it
+            response.release()
+            return list(others), rest.count(b"data:")
+
+    others, slow_events = asyncio.run(scenario())
+    assert all(len(events) == 12 for events in others)
+    assert slow_events == 499  # not one token of the slow stream was lost
