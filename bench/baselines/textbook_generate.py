@@ -32,21 +32,28 @@ def main() -> None:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         async with lock:  # one request at a time: the textbook way
+            if request.transport is None or request.transport.is_closing():
+                return response  # its client left while it queued
             streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+            gone = threading.Event()
 
             def run() -> None:
                 with torch.inference_mode():
                     model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                   streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+                                   streamer=streamer, pad_token_id=tokenizer.pad_token_id,
+                                   stopping_criteria=[lambda *_args, **_kw: gone.is_set()])
 
             thread = threading.Thread(target=run)
             thread.start()
             iterator = iter(streamer)
-            while (piece := await asyncio.to_thread(next, iterator, None)) is not None:
-                if piece:
-                    chunk = {"object": "text_completion", "choices": [{"index": 0, "text": piece}]}
-                    await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            thread.join()
+            try:
+                while (piece := await asyncio.to_thread(next, iterator, None)) is not None:
+                    if piece:
+                        chunk = {"object": "text_completion", "choices": [{"index": 0, "text": piece}]}
+                        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            finally:
+                gone.set()  # a client that went away stops its generation at the next token
+                await asyncio.to_thread(thread.join)
         await response.write(b"data: [DONE]\n\n")
         return response
 
