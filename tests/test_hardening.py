@@ -8,6 +8,7 @@ import select
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from conftest import wait_until
@@ -107,3 +108,18 @@ def test_a_load_that_hangs_ends_the_start_with_one_line_and_exit_4(start_server:
     assert len(errors) == 1 and "did not load within --load-timeout 2s" in errors[0], server.log
     assert "Traceback" not in server.log
     assert time.monotonic() - started >= 2  # it waited for the timeout, not less
+
+
+def test_a_minute_of_load_with_the_worker_killed_every_10_seconds(start_server: Any) -> None:
+    import asyncio
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import chaos
+
+    server = start_server(*ECHO, env={"TEST_CALL_DELAY_S": "0.01"})
+    result = asyncio.run(chaos.soak(server.port, seconds=60, every=10, clients=8))
+    assert len(result["kills"]) == 5, result  # type: ignore[arg-type]
+    assert chaos.passed(result), result  # every answer 200, or 503 with Retry-After; no reset, no 5xx, no timeout
+    assert server.process.poll() is None and "giving up" not in server.log
+    server.wait_ready(60)
+    assert server.info()["workers"][0]["restarts"] == 5
