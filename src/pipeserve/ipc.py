@@ -4,9 +4,10 @@ This is the only pipeserve module that both processes import (besides the stdlib
 and it imports nothing of either side: the front can read it without loading model code, and
 the model process without loading aiohttp.
 
-Messages form a closed set: the front sends `Batch` and `Shutdown`; the model process sends
-`Ready` (after loading and warming up), `BatchResult` (one per `Batch`) and `Fatal` (when it
-cannot load). Errors cross as data (an `ErrorKind` and a safe message), never as pickled
+Messages form a closed set: the front sends `Batch`, `Generate`, `Cancel` and `Shutdown`; the
+model process sends `Ready` (after loading and warming up), `BatchResult` (one per `Batch`),
+`Step` (one per decoding step while sequences are generated: their new tokens and ends) and
+`Fatal` (when it cannot load). Errors cross as data (an `ErrorKind` and a safe message), never as pickled
 exceptions; outputs cross as plain Python and numpy values, so unpickling them in the front
 never imports torch.
 
