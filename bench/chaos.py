@@ -4,7 +4,8 @@
     .venv/bin/python bench/chaos.py --minutes 1 --every 10
 
 Closed-loop clients send one text each, one request after another, with a client-side timeout
-a little past the server's --request-timeout. Every answer is classified: 200, 503 with
+a little past the server's --request-timeout; after a 503 a client waits as Retry-After says
+(at most 1 s). Every answer is classified: 200, 503 with
 Retry-After, anything else (a 5xx other than 503, a 503 without Retry-After, a 504), a reset or
 refused connection, or no answer by the deadline. The run passes when only the first two occur.
 """
@@ -59,6 +60,8 @@ async def soak(port: int, seconds: float, every: float, clients: int) -> dict[st
                             outcomes["200"] += 1
                         elif response.status == 503 and "Retry-After" in response.headers:
                             outcomes["503+Retry-After"] += 1
+                            # as a client should: wait as told (capped, to keep probing the restart)
+                            await asyncio.sleep(min(float(response.headers["Retry-After"]), 1.0))
                         else:
                             outcomes[f"other {response.status}"] += 1
                 except TimeoutError:

@@ -247,6 +247,8 @@ async def test_deaths_after_serving_do_not_count_toward_the_crash_loop_budget(sl
         await slot.until(lambda n=restarts: slot.supervisor.restarts == n + 1)
     assert slot.fatal == []
     await slot.until(lambda: slot.supervisor.serving)
+    # Each restart took the initial delay (the backoff was reset): one step past it, not 2**4.
+    assert slot.supervisor._backoff.next_delay() == 0.02
 
 
 def test_backoff_doubles_to_its_ceiling_and_resets() -> None:

@@ -172,7 +172,9 @@ class Supervisor:
         if not planned:
             if looping and self._crash_loop(now):
                 return False
-            if now - worker.started_at >= HEALTHY_STRETCH_S:
+            # The backoff grows only while the worker cannot stay up: one that served (or ran
+            # for a healthy stretch) and was then killed from outside is back after the first step.
+            if not looping or now - worker.started_at >= HEALTHY_STRETCH_S:
                 self._backoff.reset()
         delay = 0.0 if planned else self._backoff.next_delay()
         self.restarts += 1
