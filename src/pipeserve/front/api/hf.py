@@ -17,7 +17,7 @@ from aiohttp import web
 
 from pipeserve.front import errors
 from pipeserve.front.api import common, tgi
-from pipeserve.front.api.routes import ANY_JSON, Route, json_type, obj, parse_object
+from pipeserve.front.api.routes import ANY_JSON, TEXTS, Route, json_type, obj, parse_object
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
 from pipeserve.ipc import InputKind
@@ -29,9 +29,8 @@ ROOT_PARAMETERS = {"normalize": "normalize", "truncate": "truncation",
 # Tasks whose answer stays a list of per-input answers for one input too (InferenceClient's
 # text_classification takes element [0] of what it parses).
 NESTED_SINGLE = frozenset({"text-classification"})
-_TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
 REQUEST = obj({
-    "inputs": {**_TEXTS, "description": "a text (or a base64 file for image and audio models), or a list"},
+    "inputs": {**TEXTS, "description": "a text (or a base64 file for image and audio models), or a list"},
     "parameters": {"type": "object", "description": "the pipeline's keyword arguments (GET /info lists them)"},
     "options": {"type": "object", "description": "accepted and ignored (the hosted API's caching options)"},
     "stream": {"type": "boolean", "description": "text-generation: stream tokens as TGI does"},

@@ -19,7 +19,7 @@ from aiohttp import web
 from pipeserve import ipc
 from pipeserve.front import errors
 from pipeserve.front.api import common
-from pipeserve.front.api.routes import Route, Schema, json_type, obj, parse_object
+from pipeserve.front.api.routes import Route, Schema, json_type, obj, parse_object, texts
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
 
@@ -54,7 +54,8 @@ async def embeddings(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/v1/embeddings", "feature-extraction")
     document = parse_object(await common.read_body(request), EMBEDDINGS_REQUEST)
-    texts = embedding_inputs(document.get("input"))
+    inputs, _ = texts(document.get("input"), "input", hint=" (with LangChain's OpenAIEmbeddings, set "
+                                                           "check_embedding_ctx_length=False)")
     encoding = document.get("encoding_format") or "float"
     if encoding not in ENCODING_FORMATS:
         raise errors.BadRequest(f'"encoding_format" must be one of {", ".join(ENCODING_FORMATS)}')
@@ -62,29 +63,12 @@ async def embeddings(request: web.Request) -> web.Response:
     parameters: dict[str, Any] = {"pooling": "mean" if pooling == "none" else pooling, "normalize": True}
     if document.get("dimensions") is not None:
         parameters["dimensions"] = document["dimensions"]
-    jobs = await common.run_jobs(request, model, texts, parameters)
+    jobs = await common.run_jobs(request, model, inputs, parameters)
     data = [{"object": "embedding", "index": index, "embedding": _encode(job.future.result(), encoding)}
             for index, job in enumerate(jobs)]
     tokens = sum(job.token_count or 0 for job in jobs)
     return json_response({"object": "list", "data": data, "model": request.app[RUNTIME].served_model_name,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
-
-
-def embedding_inputs(value: Any) -> list[str]:
-    """The texts of `input`: a string or a list of strings. Token ids are refused clearly."""
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list):
-        raise errors.BadRequest(f'"input" must be a string or a list of strings, not {json_type(value)}')
-    if not value:
-        raise errors.BadRequest('"input" is an empty list')
-    if all(isinstance(item, int) for item in value) or all(isinstance(item, list) for item in value):
-        raise errors.BadRequest('"input" as token ids is not served: send the texts (with LangChain\'s '
-                                "OpenAIEmbeddings, set check_embedding_ctx_length=False)")
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            raise errors.BadRequest(f'"input"[{index}] must be a string, not {json_type(item)}')
-    return value
 
 
 def _encode(vector: Any, encoding: str) -> Any:

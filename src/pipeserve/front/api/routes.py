@@ -52,6 +52,26 @@ def json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+# A text, or a non-empty list of texts: how every dialect's inputs field is declared.
+TEXTS: Schema = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+
+
+def texts(value: Any, field: str, hint: str = "") -> tuple[list[str], bool]:
+    """(texts, single) from a field declared as TEXTS; token ids get a 400 that says so (+ hint)."""
+    if isinstance(value, str):
+        return [value], True
+    if not isinstance(value, list):
+        raise errors.BadRequest(f'"{field}" must be a string or a list of strings, not {json_type(value)}')
+    if not value:
+        raise errors.BadRequest(f'"{field}" is an empty list')
+    for index, item in enumerate(value):
+        if isinstance(item, (int, list)) and not isinstance(item, bool):
+            raise errors.BadRequest(f'"{field}" as token ids is not served: send the texts{hint}')
+        if not isinstance(item, str):
+            raise errors.BadRequest(f'"{field}"[{index}] must be a string, not {json_type(item)}')
+    return value, False
+
+
 def load_json_object(body: bytes, expected: str) -> dict[str, Any]:
     """The JSON object a body holds, or BadRequest saying what was expected."""
     try:

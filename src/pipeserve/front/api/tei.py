@@ -14,22 +14,21 @@ from aiohttp import web
 
 from pipeserve import __version__
 from pipeserve.front import errors
-from pipeserve.front.api import common
-from pipeserve.front.api.routes import Route, Schema, boolean, json_type, obj, parse_object
+from pipeserve.front.api import common, routes
+from pipeserve.front.api.routes import TEXTS, Route, Schema, boolean, json_type, obj, parse_object
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import LoadedModel, Runtime
 from pipeserve.ipc import Op
 
 _TRUNCATION = {"truncate": "truncation", "truncation_direction": "truncation_direction"}
-_TEXTS: Schema = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
 _TRUNCATE: dict[str, Schema] = {"truncate": {"type": "boolean"},
              "truncation_direction": {"type": "string", "enum": ["left", "right", "Left", "Right"]}}
 _VECTORS = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
 _PREDICTIONS = {"type": "array", "items": obj({"score": {"type": "number"}, "label": {"type": "string"}},
                                               required=["score", "label"])}
-EMBED_REQUEST = obj({"inputs": _TEXTS, "normalize": {"type": "boolean"}, "prompt_name": {"type": "string"},
+EMBED_REQUEST = obj({"inputs": TEXTS, "normalize": {"type": "boolean"}, "prompt_name": {"type": "string"},
                      "dimensions": {"type": "integer", "minimum": 1}, **_TRUNCATE}, required=["inputs"])
-EMBED_ALL_REQUEST = obj({"inputs": _TEXTS, "prompt_name": {"type": "string"}, **_TRUNCATE}, required=["inputs"])
+EMBED_ALL_REQUEST = obj({"inputs": TEXTS, "prompt_name": {"type": "string"}, **_TRUNCATE}, required=["inputs"])
 _SEQUENCE = {"oneOf": [{"type": "string"},
                        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2}]}
 PREDICT_REQUEST = obj({"inputs": {"oneOf": [_SEQUENCE, {"type": "array", "items": _SEQUENCE, "minItems": 1}]},
@@ -38,27 +37,13 @@ RERANK_REQUEST = obj({"query": {"type": "string"},
                       "texts": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                       "raw_scores": {"type": "boolean"}, "return_text": {"type": "boolean"}, **_TRUNCATE},
                      required=["query", "texts"])
-TOKENIZE_REQUEST = obj({"inputs": _TEXTS, "add_special_tokens": {"type": "boolean"}}, required=["inputs"])
+TOKENIZE_REQUEST = obj({"inputs": TEXTS, "add_special_tokens": {"type": "boolean"}}, required=["inputs"])
 _IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 DECODE_REQUEST = obj({"ids": {"oneOf": [_IDS, {"type": "array", "items": _IDS, "minItems": 1}]},
                       "skip_special_tokens": {"type": "boolean"}}, required=["ids"])
 _TOKEN = obj({"id": {"type": "integer"}, "text": {"type": "string"}, "special": {"type": "boolean"},
               "start": {"type": ["integer", "null"]}, "stop": {"type": ["integer", "null"]}},
              required=["id", "text", "special", "start", "stop"])
-
-
-def _texts(value: Any, field: str = "inputs") -> tuple[list[str], bool]:
-    """(texts, single) from a string or a non-empty list of strings; token ids are refused."""
-    if isinstance(value, str):
-        return [value], True
-    if not isinstance(value, list) or not value:
-        raise errors.BadRequest(f'"{field}" must be a string or a non-empty list of strings, not {json_type(value)}')
-    for index, item in enumerate(value):
-        if isinstance(item, (int, list)):
-            raise errors.BadRequest(f'"{field}" as token ids is not served: send the texts')
-        if not isinstance(item, str):
-            raise errors.BadRequest(f'"{field}"[{index}] must be a string, not {json_type(item)}')
-    return value, False
 
 
 def _truncation(document: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +59,7 @@ async def embed(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/embed", "feature-extraction")
     document = parse_object(await common.read_body(request), EMBED_REQUEST)
-    texts, _ = _texts(document["inputs"])
+    texts, _ = routes.texts(document["inputs"], "inputs")
     parameters = {"pooling": _pooling(model), "normalize": document.get("normalize", True),
                   **_truncation(document)}
     for name in ("prompt_name", "dimensions"):
@@ -88,7 +73,7 @@ async def embed_all(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     common.require_task(model, "/embed_all", "feature-extraction")
     document = parse_object(await common.read_body(request), EMBED_ALL_REQUEST)
-    texts, _ = _texts(document["inputs"])
+    texts, _ = routes.texts(document["inputs"], "inputs")
     parameters = {"pooling": "none", "normalize": False, **_truncation(document)}
     if document.get("prompt_name") is not None:
         parameters["prompt_name"] = document["prompt_name"]
@@ -137,7 +122,7 @@ async def rerank(request: web.Request) -> web.Response:
     query = document.get("query")
     if not isinstance(query, str):
         raise errors.BadRequest(f'"query" must be a string, not {json_type(query)}')
-    texts, _ = _texts(document["texts"], "texts")
+    texts, _ = routes.texts(document["texts"], "texts")
     return_text = boolean(document, "return_text", False)
     pairs = [{"text": query, "text_pair": text} for text in texts]
     jobs = await common.run_jobs(request, model, pairs, _classifier_parameters(document, "sigmoid"))
@@ -153,7 +138,7 @@ async def rerank(request: web.Request) -> web.Response:
 async def tokenize(request: web.Request) -> web.Response:
     model = common.serving_model(request)
     document = parse_object(await common.read_body(request), TOKENIZE_REQUEST)
-    texts, _ = _texts(document["inputs"])
+    texts, _ = routes.texts(document["inputs"], "inputs")
     add_special = boolean(document, "add_special_tokens", True)
     jobs = await common.run_jobs(request, model, texts, {"add_special_tokens": add_special}, Op.TOKENIZE)
     return json_response(common.results(jobs))  # always nested, one token list per input
