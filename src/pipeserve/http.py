@@ -104,12 +104,10 @@ def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.
 
 
 def envelope_for(path: str) -> errors.Envelope:
-    """Errors answer in the envelope of the API dialect the request came through."""
-    if path.startswith("/v1/"):
-        return errors.openai_body
-    if path in tei.PATHS or path in tgi.PATHS:
-        return errors.tei_body
-    return errors.hf_body
+    """Errors answer in the envelope of the API dialect the request came through: the one its
+    route declares, or OpenAI's anywhere under /v1/ (an unknown model or route included)."""
+    dialect = _DIALECT_BY_PATH.get(path, "openai" if path.startswith("/v1/") else "hf")
+    return errors.ENVELOPES[dialect]
 
 
 _HTTP_MESSAGES = {
@@ -161,6 +159,7 @@ OPERATIONS = (
     Route("GET", "/openapi.json", openapi_document, "This document", "ops", response={"type": "object"}),
 )
 ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *openai.GENERATION_ROUTES, *tei.ROUTES, *tgi.ROUTES)
+_DIALECT_BY_PATH = {route.path: route.dialect for route in ROUTES}
 
 
 def create_app(runtime: Runtime) -> web.Application:

@@ -142,3 +142,7 @@ _TEI_TYPES = {400: "validation", 401: "unauthorized", 404: "validation", 405: "v
 def tei_body(status: int, message: str, index: int | None = None) -> dict[str, object]:
     """text-embeddings-inference's: {"error": message, "error_type": kind}."""
     return {"error": message, "error_type": _TEI_TYPES.get(status, "backend")}
+
+
+# A route's declared dialect (api/routes.Route.dialect) -> the envelope of its errors.
+ENVELOPES: dict[str, Envelope] = {"hf": hf_body, "ops": hf_body, "openai": openai_body, "tei": tei_body}

@@ -206,4 +206,3 @@ ROUTES = (
     Route("POST", "/decode", decode, "Text of each token-id list (TEI)", "tei",
           request=DECODE_REQUEST, response={"type": "array", "items": {"type": "string"}}),
 )
-PATHS = frozenset(route.path for route in ROUTES)

@@ -161,4 +161,3 @@ ROUTES = (
     Route("POST", "/generate_stream", generate_stream, "Generate text, token by token as server-sent events (TGI)",
           "tei", request=REQUEST, response=ANY_JSON, media="text/event-stream"),
 )
-PATHS = frozenset(route.path for route in ROUTES)
