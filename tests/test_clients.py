@@ -169,6 +169,7 @@ def test_openai_embeddings_default_base64_float_and_dimensions(embedder: Server)
     assert [item.index for item in default.data] == [0, 1] and len(default.data[0].embedding) == 384
     assert default.usage.prompt_tokens == default.usage.total_tokens == 4 + 5  # [CLS] ... [SEP]
     floats = client.embeddings.create(model="m", input="hello world", encoding_format="float")
+    assert floats.usage.prompt_tokens == 4  # alone: [CLS] hello world [SEP]
     assert np.allclose(floats.data[0].embedding, default.data[0].embedding, atol=1e-6)
     raw = client.embeddings.create(model="m", input="hello world", encoding_format="base64")
     decoded = np.frombuffer(base64.b64decode(raw.data[0].embedding), dtype="<f4")

@@ -240,7 +240,9 @@ class FeatureExtractionCall(PipelineCall):
             tokenizer.truncation_side = side.lower() if side else saved_side
             results = [np.asarray(to_plain(r))
                        for r in super().run(inputs, {**options, "return_tensors": True})]
-            self._counts = self._token_counts(inputs, options)
+            # Alone, an input is not padded: its token count is its output's length (no second
+            # tokenizer pass on the one-input path); in a batch, the tokenizer tells.
+            self._counts = [results[0].shape[1]] if len(inputs) == 1 else self._token_counts(inputs, options)
         finally:
             tokenizer.truncation_side = saved_side
         if len(inputs) > 1:
