@@ -12,12 +12,11 @@ import base64
 import binascii
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from pipeserve.front import errors
 from pipeserve.front.api import common, tgi
-from pipeserve.front.api.routes import ANY_JSON, TEXTS, Route, json_type, obj, parse_object
+from pipeserve.front.api.routes import ANY_JSON, TEXTS, Route, check_object, json_type, load_object, obj
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
 from pipeserve.ipc import InputKind
@@ -48,14 +47,15 @@ async def predict(request: web.Request) -> web.StreamResponse:
     model = common.serving_model(request)
     # request.read() raises 413 past client_max_size (--max-body-bytes).
     body = await common.read_body(request)
-    if model.ready.task == "text-generation" and _is_json(request.content_type):
-        generation = _tgi_request(body, request.app[RUNTIME].config.max_new_tokens)
-        if generation is not None:  # streamed, or with details: as TGI answers on POST /
-            prompt, parameters, flags, stream = generation
-            if stream:
-                return await tgi.stream_events(request, prompt, parameters, flags)
-            return json_response([await tgi.answer(request, prompt, parameters, flags)])
-    inputs, parameters, single = parse_body(body, request.content_type, model.input_kind)
+    if not body:
+        raise errors.BadRequest("empty body: send the input, or JSON {\"inputs\": ...}")
+    if not _is_json(request.content_type):
+        inputs, parameters, single = parse_raw(body, request.content_type, model.input_kind)
+    else:
+        document = load_object(body, REQUEST)  # parsed once, whichever path takes it
+        if model.ready.task == "text-generation" and _for_the_engine(document):
+            return await _generate(request, document)
+        inputs, parameters, single = parse_document(document, model.input_kind)
     jobs = await common.run_jobs(request, model, inputs, parameters)
     answers = common.results(jobs)
     unwrap = single and model.ready.task not in NESTED_SINGLE
@@ -66,33 +66,27 @@ def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
-def _tgi_request(body: bytes, limit: int) -> tuple[str, dict[str, Any], dict[str, bool], bool] | None:
-    """A text-generation request for the engine (stream, or details), or None for the pipeline."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None  # parse_body answers the 400
-    if not isinstance(document, dict):
-        return None
+def _for_the_engine(document: dict[str, Any]) -> bool:
+    """Streamed, or with details: a text-generation request TGI answers on POST /."""
     parameters = document.get("parameters")
     details = isinstance(parameters, dict) and parameters.get("details") is True
-    if document.get("stream") is not True and not details:
-        return None
-    prompt, engine_parameters, flags = tgi.parse(parse_object(body, tgi.REQUEST), limit)
-    return prompt, engine_parameters, flags, document.get("stream") is True
+    return document.get("stream") is True or details
 
 
-def parse_body(body: bytes, content_type: str, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
-    """(inputs, parameters, single) from a raw body or a JSON {"inputs", "parameters"}.
+async def _generate(request: web.Request, document: dict[str, Any]) -> web.StreamResponse:
+    limit = request.app[RUNTIME].config.max_new_tokens
+    prompt, parameters, flags = tgi.parse(check_object(document, tgi.REQUEST), limit)
+    if document.get("stream") is True:
+        return await tgi.stream_events(request, prompt, parameters, flags)
+    return json_response([await tgi.answer(request, prompt, parameters, flags)])
 
-    Text pipelines take strings. Image and audio pipelines take the bytes of a file: the raw
-    body (whatever its Content-Type, as the client sends bytes without one), or base64 strings
-    in JSON.
+
+def parse_raw(body: bytes, content_type: str, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
+    """(inputs, parameters, single) from a non-JSON body: the one input.
+
+    Text pipelines take the body as UTF-8 text. Image and audio pipelines take it as the bytes of
+    a file (whatever its Content-Type, as the client sends bytes without one).
     """
-    if not body:
-        raise errors.BadRequest("empty body: send the input, or JSON {\"inputs\": ...}")
-    if _is_json(content_type):
-        return _parse_json(body, kind)
     if kind is not InputKind.TEXT:
         return [body], {}, True
     if content_type.startswith(("image/", "audio/")):
@@ -104,8 +98,10 @@ def parse_body(body: bytes, content_type: str, kind: InputKind) -> tuple[list[An
     return [text], {}, True
 
 
-def _parse_json(body: bytes, kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
-    document = parse_object(body, REQUEST)
+def parse_document(document: dict[str, Any], kind: InputKind) -> tuple[list[Any], dict[str, Any], bool]:
+    """(inputs, parameters, single) from JSON {"inputs", "parameters"}: texts, or base64 files
+    for image and audio pipelines."""
+    document = check_object(document, REQUEST)
     if document.get("stream"):
         raise errors.BadRequest('"stream": true needs a text-generation model')
     if document.get("encoding_format") not in (None, "float"):

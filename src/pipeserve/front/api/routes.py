@@ -85,10 +85,19 @@ def load_json_object(body: bytes, expected: str) -> dict[str, Any]:
 
 def parse_object(body: bytes, schema: Schema) -> dict[str, Any]:
     """A JSON body as the route declares it: an object, its required fields, no unknown ones."""
+    return check_object(load_object(body, schema), schema)
+
+
+def load_object(body: bytes, schema: Schema) -> dict[str, Any]:
+    """The JSON object a body holds (its fields not checked yet), or a 400 with an example."""
+    example = "{" + ", ".join(f'"{name}": ...' for name in schema.get("required", [])) + "}"
+    return load_json_object(body, example)
+
+
+def check_object(document: dict[str, Any], schema: Schema) -> dict[str, Any]:
+    """A parsed object as `schema` declares it: its required fields, no unknown ones."""
     properties = schema["properties"]
     required = schema.get("required", [])
-    example = "{" + ", ".join(f'"{name}": ...' for name in required) + "}"
-    document = load_json_object(body, example)
     unknown = sorted(set(document) - set(properties))
     if unknown:
         raise errors.BadRequest(f"unknown field {unknown[0]!r}; expected {', '.join(sorted(properties))}")
