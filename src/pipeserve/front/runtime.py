@@ -140,6 +140,7 @@ class Runtime:
         """Refuse new work, then wait for queued and running jobs to finish; False if cut short."""
         self.draining = True
         self.batcher.close("the server is shutting down")
+        self.streams.close("the server is shutting down")
         if self.batcher.depth or self.batcher.in_flight or self.streams.open:
             log.info("draining %d queued and %d running jobs and %d streams (up to %gs)",
                      self.batcher.depth, self.batcher.in_flight, len(self.streams.open),
@@ -157,9 +158,9 @@ class Runtime:
         return True
 
     async def _idle(self) -> None:
+        # Both doors are closed while draining: once idle, each stays idle.
         await self.batcher.wait_idle()
         await self.streams.wait_idle()
-        await self.batcher.wait_idle()  # a stream's last answer may have come with queued jobs
 
     async def stop(self) -> None:
         """Stop the supervisors and their workers; answer whatever is left with 503."""

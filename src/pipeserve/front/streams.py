@@ -63,12 +63,19 @@ class Streams:
         self.refused = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed_reason: str | None = None
+
+    def close(self, reason: str) -> None:
+        """Refuse new streams with 503 `reason` (draining); open ones run to their end."""
+        self._closed_reason = reason
 
     # --- the door ------------------------------------------------------------------------------
 
     async def start(self, request_id: str, prompt: str | None, parameters: dict[str, Any],
                     messages: list[dict[str, Any]] | None = None) -> Stream:
         """Open a stream on the least busy serving worker; 503 at once when all are full."""
+        if self._closed_reason is not None:
+            raise errors.Unavailable(self._closed_reason, retry_after=1)
         workers = self._serving_workers()
         if not workers:
             raise errors.Unavailable("the model is not available")

@@ -89,8 +89,7 @@ async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[An
         key = params.check_parameters(parameters, model.schema, model.open_parameters)
     else:
         key = orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS).decode()
-    timeout = request_timeout(request, config.request_timeout)
-    deadline = time.monotonic() + timeout
+    deadline = request_deadline(request)
     # Two batches' worth per worker: enough for length-aware batching to choose from, few
     # enough that a request arriving meanwhile waits behind one window, not the whole batch.
     window = 2 * config.max_batch_size * config.worker_count()
@@ -197,7 +196,7 @@ def generation_parameters(raw: dict[str, Any], limit: int, default_max_new_token
     return out
 
 
-def deadline(request: web.Request) -> float:
+def request_deadline(request: web.Request) -> float:
     """When this request's time is up (--request-timeout, or a shorter X-Request-Timeout)."""
     return time.monotonic() + request_timeout(request, request.app[RUNTIME].config.request_timeout)
 
@@ -205,7 +204,7 @@ def deadline(request: web.Request) -> float:
 async def collect(request: web.Request, stream: Stream) -> tuple[list[ipc.Token], ipc.StreamEnd]:
     """Every token of a stream and its end; the stream's error is raised (before anything is sent)."""
     tokens: list[ipc.Token] = []
-    async for event in request.app[RUNTIME].streams.events(stream, deadline(request)):
+    async for event in request.app[RUNTIME].streams.events(stream, request_deadline(request)):
         if event.token is not None:
             tokens.append(event.token)
         if event.error is not None:
