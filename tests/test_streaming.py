@@ -8,7 +8,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,9 @@ def test_bad_parameters_are_a_4xx_before_any_event(generator: Server, start_serv
 
 
 async def _stream(session: aiohttp.ClientSession, port: int, prompt: str, parameters: dict[str, Any],
-                  abandon_after: int | None = None, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                  abandon_after: int | None = None, headers: dict[str, str] | None = None,
+                  at_event: tuple[int, Callable[[], None]] | None = None) -> list[dict[str, Any]]:
+    """The events of one /generate_stream; `at_event` (n, action) acts once the n-th arrived."""
     events = []
     async with session.post(f"http://127.0.0.1:{port}/generate_stream", headers=headers,
                             json={"inputs": prompt, "parameters": parameters}) as response:
@@ -135,9 +137,19 @@ async def _stream(session: aiohttp.ClientSession, port: int, prompt: str, parame
         async for line in response.content:
             if line.startswith(b"data:"):
                 events.append(json.loads(line[5:]))
+                if at_event is not None and len(events) == at_event[0]:
+                    at_event[1]()
                 if abandon_after is not None and len(events) >= abandon_after:
                     return events  # closes the connection mid-stream
     return events
+
+
+def _one_stream(port: int, parameters: dict[str, Any], at_event: tuple[int, Callable[[], None]]) -> list[dict[str, Any]]:
+    async def scenario() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            return await _stream(session, port, "the", parameters, at_event=at_event)
+
+    return asyncio.run(scenario())
 
 
 def test_concurrent_streams_share_steps_and_an_abandoned_one_is_cancelled(generator: Server) -> None:
@@ -178,21 +190,8 @@ def test_a_deadline_ends_a_stream_with_an_error_event(generator: Server) -> None
 def test_a_worker_killed_mid_stream_ends_it_with_an_error_and_restarts(start_server: Any, chat_model: Path) -> None:
     server = start_server("--model", str(chat_model))
     pid = server.worker_pid()
-
-    async def scenario() -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            events: list[dict[str, Any]] = []
-            async with session.post(f"http://127.0.0.1:{server.port}/generate_stream",
-                                    json={"inputs": "the", "parameters": {"max_new_tokens": 1000,
-                                                                          "ignore_eos": True}}) as response:
-                async for line in response.content:
-                    if line.startswith(b"data:"):
-                        events.append(json.loads(line[5:]))
-                        if len(events) == 2:
-                            os.kill(pid, signal.SIGKILL)
-            return events
-
-    events = asyncio.run(scenario())
+    events = _one_stream(server.port, {"max_new_tokens": 1000, "ignore_eos": True},
+                         at_event=(2, lambda: os.kill(pid, signal.SIGKILL)))
     assert "crashed" in events[-1]["error"] and events[-1]["error_type"] == "incomplete_generation"
     assert len(events) < 1000
     server.wait_ready(60)
@@ -204,21 +203,8 @@ def test_a_worker_killed_mid_stream_ends_it_with_an_error_and_restarts(start_ser
 
 def test_sigterm_lets_running_streams_finish_then_exits_0(start_server: Any, chat_model: Path) -> None:
     server = start_server("--model", str(chat_model), "--drain-timeout", "60")
-
-    async def scenario() -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            events: list[dict[str, Any]] = []
-            async with session.post(f"http://127.0.0.1:{server.port}/generate_stream",
-                                    json={"inputs": "the", "parameters": {"max_new_tokens": 300,
-                                                                          "ignore_eos": True}}) as response:
-                async for line in response.content:
-                    if line.startswith(b"data:"):
-                        events.append(json.loads(line[5:]))
-                        if len(events) == 1:
-                            server.signal(signal.SIGTERM)
-            return events
-
-    events = asyncio.run(scenario())
+    events = _one_stream(server.port, {"max_new_tokens": 300, "ignore_eos": True},
+                         at_event=(1, lambda: server.signal(signal.SIGTERM)))
     assert len(events) == 300 and events[-1]["details"]["finish_reason"] == "length"
     assert server.wait_exit(60) == 0
     assert "draining 0 queued and 0 running jobs and 1 streams" in server.log
