@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 # The model process the front starts, named (as gunicorn names a worker class) so that the
 # front never imports model code; tests name torch-free children the same way.
 MODEL_ENTRY_POINT = "pipeserve.model_proc:main"
@@ -126,6 +126,27 @@ class WorkerSpec:
 
 
 @dataclass(frozen=True)
+class Agreement:
+    """How a reduced precision's answers compared with float32's on the warm-up check inputs."""
+
+    same_answers: bool  # every label, word, offset and generated token identical
+    inputs: int
+    mean_cosine: float | None = None  # over the float vectors (embeddings), where answers have any
+    min_cosine: float | None = None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype a worker serves in, and why (`--dtype auto` checks before it reduces)."""
+
+    requested: str  # the --dtype setting
+    dtype: str  # what the model computes in
+    candidate: str | None = None  # the reduced dtype auto considered, if any
+    agreement: Agreement | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Ready:
     """The pipeline is loaded and a warm-up inference ran: the worker can take batches."""
 
@@ -145,6 +166,7 @@ class Ready:
     # Facts of the loaded model for the API dialects' /info and routes (plain JSON values):
     # max_input_length, labels, hidden_size, pooling, normalize, has_tokenizer, prompts.
     details: dict[str, Any] = field(default_factory=dict)
+    precision: Precision | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeserve import ipc, logs
 from pipeserve.ipc import ErrorKind, ExitCode
-from pipeserve.model import loading
+from pipeserve.model import loading, precision
 from pipeserve.model.adapters import BatchCall
 from pipeserve.model.generation import Engine
 
@@ -115,7 +115,7 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
 
     torch.set_num_threads(spec.threads)
     device = _resolve_device(spec.device, torch)
-    call = loading.load_custom(spec) if spec.pipeline else loading.load_transformers(spec, device, torch)
+    call, chosen = loading.load(spec, device, torch)
     warmup = call.warmup()
     if warmup is not None:
         call(*warmup)
@@ -131,17 +131,24 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
         model=spec.model,
         task=call.task,
         device=device,
-        dtype=spec.dtype,
+        dtype=chosen.dtype,
         load_seconds=time.monotonic() - started,
         versions=versions,
         parameters=parameters,
         open_parameters=open_parameters,
         input_kind=call.input_kind,
         details=call.details(),
+        precision=chosen,
     )
-    log.info("loaded %s (%s) on %s in %.1fs", spec.model or spec.pipeline, call.task, device,
-             ready.load_seconds)
+    log.info("loaded %s (%s) on %s in %s in %.1fs%s", spec.model or spec.pipeline, call.task, device,
+             chosen.dtype, ready.load_seconds, _precision_note(chosen))
     return call, ready
+
+
+def _precision_note(chosen: ipc.Precision) -> str:
+    if chosen.agreement is not None and chosen.dtype == chosen.candidate:
+        return f" (--dtype auto: {precision.describe(chosen.agreement)} vs float32)"
+    return f" ({chosen.note})" if chosen.note else ""
 
 
 def _resolve_device(device: str, torch: Any) -> str:

@@ -63,7 +63,9 @@ class Config:
         "or cpu,cpu; replaces --device and --workers.", "LIST", shown="none")
     dtype: str = setting(
         "auto", parsers.choice(*DTYPES),
-        "auto|float32|float16|bfloat16; auto = the model's own dtype on GPU, float32 on CPU.", "DTYPE")
+        "auto|float32|float16|bfloat16; auto = bfloat16 where the device runs it natively (a GPU, "
+        "a CPU with avx512_bf16 or AMX) and its answers agree with float32's at warm-up, "
+        "else float32 (see README).", "DTYPE")
     max_batch_size: int = setting(
         32, parsers.positive_int, "Most items in one pipeline call.", "N")
     max_batch_delay_ms: float = setting(

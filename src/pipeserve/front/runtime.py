@@ -9,6 +9,7 @@ killed if it lingers → the HTTP listener closes → the process exits with `ex
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -232,6 +233,7 @@ class Runtime:
             "input": ready.input_kind.value if ready else None,
             "device": ready.device if ready else config.device,
             "dtype": ready.dtype if ready else config.dtype,
+            "precision": dataclasses.asdict(ready.precision) if ready and ready.precision else None,
             "status": self.unavailable_reason() or "ready",
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "versions": {"pipeserve": __version__, **(ready.versions if ready else {})},

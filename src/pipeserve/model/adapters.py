@@ -60,6 +60,10 @@ class BatchCall:
         custom = getattr(self.function, "warmup_inputs", None)
         return (list(custom), {}) if custom is not None else None
 
+    def agreement_inputs(self, texts: list[str]) -> tuple[list[Any], dict[str, Any]] | None:
+        """Inputs and parameters for --dtype auto's float32 comparison, or None: not checkable."""
+        return None
+
     def token_counts(self) -> list[int] | None:
         """The token count of each input of the last call, where the adapter knows it."""
         return None
@@ -179,6 +183,21 @@ class PipelineCall(BatchCall):
     def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
         return [WARMUP_TEXT], dict(self.entry.warmup_parameters)
 
+    def agreement_inputs(self, texts: list[str]) -> tuple[list[Any], dict[str, Any]] | None:
+        if self.input_kind is not InputKind.TEXT:
+            return None
+        if not self.entry.defaults.get("truncation"):
+            texts = self._fitting(texts, room=0)
+        return texts, dict(self.entry.agreement_parameters)
+
+    def _fitting(self, texts: list[str], room: int) -> list[str]:
+        """The texts that fit the model's positions untruncated, with `room` tokens to spare."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return texts
+        limit = int(tokenizer.model_max_length) - room
+        return [text for text in texts if len(tokenizer(text)["input_ids"]) <= limit]
+
 
 class FillMaskCall(PipelineCall):
     """FillMaskPipeline returns outputs[0] for a one-element list: undo that."""
@@ -189,6 +208,10 @@ class FillMaskCall(PipelineCall):
 
     def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
         return [f"Warm up the {self.pipe.tokenizer.mask_token} model."], {}
+
+    def agreement_inputs(self, texts: list[str]) -> tuple[list[Any], dict[str, Any]] | None:
+        # First, so that truncating a long text never cuts the mask off.
+        return [f"{self.pipe.tokenizer.mask_token} {text}" for text in texts], dict(self.entry.agreement_parameters)
 
 
 class TextGenerationCall(PipelineCall):
@@ -207,6 +230,10 @@ class TextGenerationCall(PipelineCall):
 
     def engine(self, max_running: int) -> Engine | None:
         return Engine(self.pipe.model, self.pipe.tokenizer, max_running)
+
+    def agreement_inputs(self, texts: list[str]) -> tuple[list[Any], dict[str, Any]] | None:
+        parameters = dict(self.entry.agreement_parameters)
+        return self._fitting(texts, room=int(parameters["max_new_tokens"])), parameters
 
 
 class FeatureExtractionCall(PipelineCall):

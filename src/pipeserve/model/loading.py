@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.model import adapters, pooling
+from pipeserve.model import adapters, pooling, precision
 from pipeserve.model.tasks import task_for, task_for_architecture
 
 
@@ -28,15 +28,42 @@ def load_custom(spec: ipc.WorkerSpec) -> adapters.BatchCall:
     return adapters.BatchCall(function, spec.task or "custom")
 
 
-def load_transformers(spec: ipc.WorkerSpec, device: str, torch: Any) -> adapters.PipelineCall:
-    """A transformers pipeline for the model, wrapped in its task's adapter."""
+REDUCED_DTYPES = ("float16", "bfloat16")
+
+
+def load(spec: ipc.WorkerSpec, device: str, torch: Any) -> tuple[adapters.BatchCall, ipc.Precision]:
+    """What the worker serves, and the precision it computes in (see model/precision.py)."""
+    if spec.pipeline:
+        note = "" if spec.dtype == "auto" else "passed to the --pipeline factory"
+        return load_custom(spec), ipc.Precision(spec.dtype, spec.dtype, note=note)
+    if spec.dtype != "auto":
+        return load_transformers(spec, device, torch, spec.dtype), ipc.Precision(spec.dtype, spec.dtype)
+    own = checkpoint_dtype(spec.model)
+    if device.startswith("cuda") and own in REDUCED_DTYPES:
+        # Its authors ship it reduced (most large checkpoints): a float32 copy to check against
+        # would double the memory of the biggest models for nothing.
+        call = load_transformers(spec, device, torch, own)
+        return call, ipc.Precision("auto", own, note="the checkpoint's own dtype")
+    call = load_transformers(spec, device, torch, "float32")
+    return call, precision.choose(call, device, torch)
+
+
+def checkpoint_dtype(model: str) -> str | None:
+    """The dtype a local model folder's config declares, if any."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        config = json.load(handle)
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value) if value else None
+
+
+def load_transformers(spec: ipc.WorkerSpec, device: str, torch: Any, dtype: str) -> adapters.PipelineCall:
+    """A transformers pipeline for the model in `dtype`, wrapped in its task's adapter."""
     from transformers import pipeline  # noqa: PLC0415
 
-    kwargs: dict[str, Any] = {"device": device}
-    if spec.dtype != "auto":
-        kwargs["dtype"] = getattr(torch, spec.dtype)
-    elif device != "cpu":
-        kwargs["dtype"] = "auto"
+    kwargs: dict[str, Any] = {"device": device, "dtype": getattr(torch, dtype)}
     pipe = pipeline(spec.task or infer_task(spec.model), model=spec.model, **kwargs)
     task = task_for(str(pipe.task))
     adapter = getattr(adapters, task.adapter)

@@ -72,6 +72,9 @@ class Task:
     # by default, so an over-long input is never a crash in the position embeddings.
     defaults: Mapping[str, Any] = field(default_factory=dict)
     warmup_parameters: Mapping[str, Any] = field(default_factory=dict)
+    # How the answers to --dtype auto's check inputs are asked for (model/precision.py): one
+    # top label where answers are ranked, greedy tokens where they are generated.
+    agreement_parameters: Mapping[str, Any] = field(default_factory=dict)
     # Documented parameters and their checks; the front validates requests against them.
     parameters: tuple[ParamSpec, ...] = ()
     # Also accept (unchecked) the other keywords the pipeline's _sanitize_parameters names.
@@ -89,21 +92,23 @@ TASKS: dict[str, Task] = {task.name: task for task in (
                      PROMPT_NAME), introspect=False),
     # Each input answers a list of {label, score}, best first, even with top_k=1.
     Task("text-classification", defaults={"truncation": True},
-         parameters=(TOP_K, FUNCTION_TO_APPLY, TRUNCATION),
+         parameters=(TOP_K, FUNCTION_TO_APPLY, TRUNCATION), agreement_parameters={"top_k": 1},
          architectures=("ForSequenceClassification",), output="label_list"),
     Task("token-classification", parameters=(AGGREGATION_STRATEGY,),
          architectures=("ForTokenClassification",)),
     # fill-mask takes tokenizer options in a dict of their own.
     Task("fill-mask", adapter="FillMaskCall", defaults={"tokenizer_kwargs": {"truncation": True}},
-         parameters=(TOP_K, TARGETS), architectures=("ForMaskedLM",)),
+         parameters=(TOP_K, TARGETS), agreement_parameters={"top_k": 1}, architectures=("ForMaskedLM",)),
     # The zero-shot pipeline reads a bare **kwargs itself: only its documented keywords.
     Task("zero-shot-classification", parameters=(CANDIDATE_LABELS, HYPOTHESIS_TEMPLATE, MULTI_LABEL),
          introspect=False, warmup_parameters={"candidate_labels": ["warm", "up"]},
+         agreement_parameters={"candidate_labels": ["news", "question", "opinion"]},
          output="zero_shot_labels"),
     # The generated text without the prompt, as TGI and the Inference API answer by default.
     Task("text-generation", adapter="TextGenerationCall", parameters=GENERATION,
          defaults={"return_full_text": False},
-         warmup_parameters={"max_new_tokens": 1}, architectures=("ForCausalLM", "LMHeadModel")),
+         warmup_parameters={"max_new_tokens": 1}, agreement_parameters={"max_new_tokens": 8, "do_sample": False},
+         architectures=("ForCausalLM", "LMHeadModel")),
     Task("image-classification", adapter="ImageCall", input_kind=InputKind.IMAGE,
          parameters=(TOP_K, FUNCTION_TO_APPLY), architectures=("ForImageClassification",)),
     Task("audio-classification", adapter="AudioCall", input_kind=InputKind.AUDIO,
