@@ -1,12 +1,15 @@
 """Load generator: closed loop at C clients, or open loop at R requests/s (Poisson arrivals).
 
-Each request POSTs one text of the seeded mix to 127.0.0.1 as `{"inputs": text}` (the JSON form
-that every server in the comparison takes). A warm-up period
+Each request POSTs one text of the seeded mix to 127.0.0.1, in one of two request styles: "hf",
+`{"inputs": text}` to / (the Inference API's form, which pipeserve and the baselines take), or
+"openai", `{"input": text, "model": NAME}` to /v1/embeddings (OpenAI's embeddings API, for a peer
+that speaks only that; --path moves it, infinity-emb serves it at /embeddings). A warm-up period
 runs first and is not counted; then the measured period runs for a fixed duration. Bodies are
 read but not parsed, so the client spends as little CPU as it can.
 
     python bench/loadgen.py --port 8000 --closed 64 --duration 15
     python bench/loadgen.py --port 8000 --open 300 --duration 20
+    python bench/loadgen.py --port 7997 --closed 64 --style openai --path /embeddings
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
 from workload import make_texts
+
+STYLES = ("hf", "openai")
+DEFAULT_PATHS = {"hf": "/", "openai": "/v1/embeddings"}
+DEFAULT_MODEL = "all-MiniLM-L6-v2"  # the "model" field of the openai style: the name a peer serves it under
 
 
 @dataclass
@@ -76,10 +84,25 @@ class _Recorder:
         )
 
 
-async def _one(session: aiohttp.ClientSession, url: str, text: str, recorder: _Recorder) -> None:
+def request_body(text: str, style: str = "hf", model: str = DEFAULT_MODEL) -> bytes:
+    """The JSON body of one request in the given style."""
+    if style == "hf":
+        return json.dumps({"inputs": text}).encode()
+    if style == "openai":
+        return json.dumps({"input": text, "model": model}).encode()
+    raise ValueError(f"unknown request style {style!r}, expected one of {STYLES}")
+
+
+def _target(port: int, path: str | None, style: str, model: str) -> tuple[str, Iterator[bytes]]:
+    """The URL, and the seeded mix's request bodies in an endless cycle. The bodies are made once,
+    before the clock starts, so that the client's CPU goes to sending (an unknown style fails here)."""
+    bodies = [request_body(text, style, model) for text in make_texts(5000)]
+    return f"http://127.0.0.1:{port}{DEFAULT_PATHS[style] if path is None else path}", itertools.cycle(bodies)
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes, recorder: _Recorder) -> None:
     """Send one request; it counts if it was sent inside the measured window."""
     measured = recorder.measuring
-    body = json.dumps({"inputs": text}).encode()
     started = time.perf_counter()
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
@@ -91,16 +114,17 @@ async def _one(session: aiohttp.ClientSession, url: str, text: str, recorder: _R
         recorder.record(status, time.perf_counter() - started)
 
 
-async def closed_loop(port: int, clients: int, duration: float, warmup: float, path: str = "/") -> Stats:
-    url = f"http://127.0.0.1:{port}{path}"
-    texts = itertools.cycle(make_texts(5000))
+async def closed_loop(port: int, clients: int, duration: float, warmup: float, path: str | None = None,
+                      style: str = "hf", model: str = DEFAULT_MODEL) -> Stats:
+    """C clients, each sending its next request as soon as its last one is answered."""
+    url, bodies = _target(port, path, style, model)
     recorder = _Recorder()
     stop_at = time.monotonic() + warmup + duration
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         async def client() -> None:
             while time.monotonic() < stop_at:
-                await _one(session, url, next(texts), recorder)
+                await _one(session, url, next(bodies), recorder)
 
         async def measure() -> None:
             await asyncio.sleep(warmup)
@@ -113,9 +137,9 @@ async def closed_loop(port: int, clients: int, duration: float, warmup: float, p
 
 
 async def open_loop(port: int, rate: float, duration: float, warmup: float, seed: int = 7,
-                    path: str = "/") -> Stats:
-    url = f"http://127.0.0.1:{port}{path}"
-    texts = itertools.cycle(make_texts(5000))
+                    path: str | None = None, style: str = "hf", model: str = DEFAULT_MODEL) -> Stats:
+    """Poisson arrivals at R requests/s, whether or not earlier ones were answered."""
+    url, bodies = _target(port, path, style, model)
     rng = random.Random(seed)
     recorder = _Recorder()
     tasks: set[asyncio.Task[None]] = set()
@@ -132,7 +156,7 @@ async def open_loop(port: int, rate: float, duration: float, warmup: float, seed
             if now < next_at:
                 await asyncio.sleep(next_at - now)
                 continue
-            task = asyncio.ensure_future(_one(session, url, next(texts), recorder))
+            task = asyncio.ensure_future(_one(session, url, next(bodies), recorder))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             next_at += rng.expovariate(rate)
@@ -149,11 +173,15 @@ def main() -> None:
     group.add_argument("--open", type=float, metavar="R", help="open loop at R requests/s")
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--style", choices=STYLES, default="hf", help="request body and default path")
+    parser.add_argument("--path", help="POST path (default: / for hf, /v1/embeddings for openai)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the openai style's model name")
     args = parser.parse_args()
+    target = {"path": args.path, "style": args.style, "model": args.model}
     if args.closed:
-        stats = asyncio.run(closed_loop(args.port, args.closed, args.duration, args.warmup))
+        stats = asyncio.run(closed_loop(args.port, args.closed, args.duration, args.warmup, **target))
     else:
-        stats = asyncio.run(open_loop(args.port, args.open, args.duration, args.warmup))
+        stats = asyncio.run(open_loop(args.port, args.open, args.duration, args.warmup, **target))
     print(json.dumps({k: v for k, v in asdict(stats).items() if k != "latencies_ms"}, indent=2))
 
 

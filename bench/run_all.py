@@ -4,7 +4,9 @@
     .venv/bin/python bench/run_all.py --quick    # a short smoke run (seconds, not minutes)
 
 Servers (each started alone, on a free loopback port, then stopped): an aiohttp hello-world
-handler, the textbook server, LitServe, and pipeserve in several settings. Each is measured
+handler, the textbook server, LitServe, pipeserve in several settings, and the peer infinity-emb
+in three engines (skipped until `bash bench/infinity/setup.sh` has built its own virtualenv and
+model folders; see bench/infinity/README.md). Each is measured
 with a closed-loop client at C=1 and C=64 over the seeded length mix; pipeserve's best setting
 is then driven open-loop at 3x its measured capacity with a one-second queue bound. The
 in-process limits of the raw pipeline come last. All figures of one RESULTS.md come from one run.
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +39,49 @@ import loadgen  # noqa: E402
 PY = sys.executable
 PIPESERVE = [PY, "-m", "pipeserve", "--log-level", "warning"]
 BEST = "pipeserve 2 workers x 1 thread"
-SERVERS: dict[str, tuple[list[str], str]] = {
-    "aiohttp hello world": ([PY, str(BENCH / "baselines/hello.py")], "/health"),
-    "textbook server": ([PY, str(BENCH / "baselines/textbook.py")], "/health"),
-    "LitServe 0.2.19 (batch 32, 2 ms)": ([PY, str(BENCH / "baselines/litserve_server.py")], "/health"),
-    "pipeserve defaults (1 worker x 2 threads)": (PIPESERVE, "/ready"),
-    "pipeserve 1 worker x 2 threads, arrival order": (PIPESERVE + ["--batch-order", "arrival"], "/ready"),
-    BEST: (PIPESERVE + ["--workers", "2", "--threads", "1"], "/ready"),
-    "pipeserve 2 workers x 1 thread, arrival order": (
+
+
+@dataclass(frozen=True)
+class Server:
+    """How to start one server (Running appends --port N) and how loadgen talks to it."""
+
+    command: list[str]
+    ready_path: str
+    style: str = "hf"  # loadgen's request style
+    path: str | None = None  # POST path; None: the style's own
+    needs: tuple[Path, ...] = ()  # what must exist first (a peer's own virtualenv), else it is skipped
+
+
+# infinity-emb: the embedding peer, in its own virtualenv with its own model folders; both are
+# made by `bash bench/infinity/setup.sh`. Its CPU defaults: batch 32, one model process, torch's
+# and ONNX Runtime's own thread count (all cores). Its optimum engine pools by [CLS] unless told.
+INFINITY_VENV = BENCH / ".venv-infinity"
+MODELS = BENCH / ".models"
+
+
+def infinity(model: str, *engine: str) -> Server:
+    command = [str(BENCH / "infinity/serve.sh"), str(MODELS / model), *engine, "--device", "cpu",
+               "--batch-size", "32", "--served-model-name", loadgen.DEFAULT_MODEL, "--host", "127.0.0.1",
+               "--log-level", "warning"]
+    return Server(command, "/health", style="openai", path="/embeddings",
+                  needs=(INFINITY_VENV / "bin/infinity_emb", MODELS / model))
+
+
+SERVERS: dict[str, Server] = {
+    "aiohttp hello world": Server([PY, str(BENCH / "baselines/hello.py")], "/health"),
+    "textbook server": Server([PY, str(BENCH / "baselines/textbook.py")], "/health"),
+    "LitServe 0.2.19 (batch 32, 2 ms)": Server([PY, str(BENCH / "baselines/litserve_server.py")], "/health"),
+    "pipeserve defaults (1 worker x 2 threads)": Server(PIPESERVE, "/ready"),
+    "pipeserve 1 worker x 2 threads, arrival order": Server(PIPESERVE + ["--batch-order", "arrival"], "/ready"),
+    BEST: Server(PIPESERVE + ["--workers", "2", "--threads", "1"], "/ready"),
+    "pipeserve 2 workers x 1 thread, arrival order": Server(
         PIPESERVE + ["--workers", "2", "--threads", "1", "--batch-order", "arrival"], "/ready"),
+    "infinity-emb 0.0.78 torch fp32 + BetterTransformer (batch 32, 1 process, all cores)": infinity(
+        "minilm-torch", "--engine", "torch"),
+    "infinity-emb 0.0.78 ONNX fp32, ORT-optimised (batch 32, 1 process, all cores)": infinity(
+        "minilm-onnx", "--engine", "optimum", "--pooling-method", "mean"),
+    "infinity-emb 0.0.78 ONNX int8, dynamic QInt8 (batch 32, 1 process, all cores)": infinity(
+        "minilm-onnx-int8", "--engine", "optimum", "--pooling-method", "mean"),
 }
 
 
@@ -115,19 +151,29 @@ def _stats(stats: loadgen.Stats) -> dict[str, Any]:
     return {k: v for k, v in asdict(stats).items() if k != "latencies_ms"}
 
 
-def measure_server(name: str, durations: dict[str, float]) -> dict[str, Any]:
-    command, ready_path = SERVERS[name]
+def missing(server: Server) -> list[Path]:
+    return [path for path in server.needs if not path.exists()]
+
+
+def measure_server(name: str, durations: dict[str, float]) -> dict[str, Any] | None:
+    """C=1 and C=64 figures and memory of one server; None when what it needs is missing."""
+    spec = SERVERS[name]
+    if absent := missing(spec):
+        print(f"-- {name}: skipped, {', '.join(map(str, absent))} missing "
+              f"(bash bench/infinity/setup.sh makes them)", flush=True)
+        return None
     print(f"-- {name}", flush=True)
-    server = Running(command, ready_path)
+    server = Running(spec.command, spec.ready_path)
+    target = {"path": spec.path, "style": spec.style}
     try:
         result: dict[str, Any] = {}
         result["c1"] = _stats(asyncio.run(loadgen.closed_loop(
-            server.port, 1, durations["closed"], durations["warmup"])))
+            server.port, 1, durations["closed"], durations["warmup"], **target)))
         rss: dict[str, float] = {}
 
         async def c64_with_rss() -> loadgen.Stats:
             task = asyncio.ensure_future(loadgen.closed_loop(server.port, 64, durations["closed"],
-                                                             durations["warmup"]))
+                                                             durations["warmup"], **target))
             await asyncio.sleep(durations["warmup"] + durations["closed"] * 0.8)
             rss.update(tree_rss_mb(server.process.pid))
             return await task
@@ -194,7 +240,8 @@ def main() -> None:
                                "command": " ".join([Path(PY).name, "bench/run_all.py", *sys.argv[1:]]),
                                "servers": {}}
     for name in args.servers:
-        results["servers"][name] = measure_server(name, durations)
+        if (result := measure_server(name, durations)) is not None:
+            results["servers"][name] = result
     if BEST in results["servers"]:
         results["overload"] = measure_overload(results["servers"][BEST]["c64"]["requests_per_s"], durations)
     print("-- in-process limits", flush=True)
