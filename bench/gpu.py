@@ -299,7 +299,7 @@ class Run:
                      "--max-queue", str(max(1024, 4 * max(a.levels))), "--served-model-name", SERVED,
                      "--drain-timeout", "5", "--log-level", "warning", "--port", str(port)], env, "/ready")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (a.infinity_site, env.get("PYTHONPATH")) if p)
-        env.update(HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
+        env.update(DO_NOT_TRACK="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
                    INFINITY_HOME="/tmp/infinity-home")
         launcher = ("import sys, transformers.utils.import_utils as u; u._peft_available = False; "
                     "from infinity_emb.cli import cli; sys.argv[0] = 'infinity_emb'; cli()")
@@ -561,6 +561,8 @@ def main() -> None:
         if args.settings == parser.get_default("settings"):
             args.settings = "pipeserve:float32,infinity:float32"
     args.levels = [int(c) for c in args.levels.split(",")]
+    # Nothing outside the machine can be reached: no library should try the hub (and wait for it).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # A SIGTERM (the run command's `timeout`) unwinds through each server's stop; results are saved.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     Run(args).execute()
