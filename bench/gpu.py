@@ -385,8 +385,10 @@ class Run:
         finally:
             server.stop()
             self.keep_log(setting.name, log)
-            if setting.server == "infinity":  # optimum's deprecation notice: its BetterTransformer ran
-                entry["bettertransformer_in_log"] = "BetterTransformer" in log.read_text(errors="replace")
+            if setting.server == "infinity":  # optimum's notice when it converts, infinity's when it cannot
+                text = log.read_text(errors="replace") if log.exists() else ""
+                entry["bettertransformer"] = ("not applied" if "BetterTransformer is not available" in text
+                                              else "applied" if "BetterTransformer" in text else "no sign in the log")
             self.save()
 
     def execute(self) -> None:
