@@ -84,6 +84,8 @@ def _rows(answer: Any, style: str, count: int) -> np.ndarray:
         vectors = np.asarray([item["embedding"] for item in data], dtype=np.float32)
     else:
         vectors = np.asarray(answer, dtype=np.float32)
+        if vectors.ndim == 1 and count == 1:  # a single text's answer: one vector
+            vectors = vectors[None]
         if vectors.ndim == 3 and vectors.shape[1] == 1:  # one [1, hidden] per input
             vectors = vectors[:, 0]
     if vectors.shape[0] != count or vectors.ndim != 2:
@@ -92,16 +94,18 @@ def _rows(answer: Any, style: str, count: int) -> np.ndarray:
 
 
 def server_vectors(port: int, texts: Sequence[str], style: str, path: str | None = None,
-                   model: str = "minilm", timeout: float = 60.0) -> np.ndarray:
-    """The vectors a server on 127.0.0.1:port answers for `texts`, in batches of 32."""
+                   model: str = "minilm", timeout: float = 60.0, batch_size: int = BATCH) -> np.ndarray:
+    """The vectors a server on 127.0.0.1:port answers for `texts`, in batches of `batch_size`
+    (1: one text per request, as a string, for servers that take nothing else)."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {sorted(STYLES)}")
     url = f"http://127.0.0.1:{port}{path or STYLES[style]}"
     rows = []
-    for start in range(0, len(texts), BATCH):
-        batch = list(texts[start:start + BATCH])
-        body: dict[str, Any] = ({"input": batch, "model": model, "encoding_format": "float"}
-                                if style == "openai" else {"inputs": batch})
+    for start in range(0, len(texts), batch_size):
+        batch = list(texts[start:start + batch_size])
+        inputs: str | list[str] = batch[0] if batch_size == 1 else batch
+        body: dict[str, Any] = ({"input": inputs, "model": model, "encoding_format": "float"}
+                                if style == "openai" else {"inputs": inputs})
         rows.append(_rows(_post(url, body, timeout), style, len(batch)))
     return np.concatenate(rows)
 

@@ -538,8 +538,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--levels", default="1,64,256", help="closed-loop clients, comma-separated")
-    parser.add_argument("--settings", default="pipeserve:float16,infinity:float16,pipeserve:float32,"
-                        "pipeserve:bfloat16,infinity:float32", help="server:dtype, in the order run")
+    parser.add_argument("--settings", default="pipeserve:auto,infinity:float16,pipeserve:float16,pipeserve:float32,"
+                        "infinity:float32", help="server:dtype, in the order run (pipeserve's auto checks bf16 "
+                        "against fp32 at warm-up)")
     parser.add_argument("--batch-size", type=int, default=128, help="both servers' largest batch")
     parser.add_argument("--batch-delay-ms", type=float, default=2.0, help="pipeserve's --max-batch-delay-ms")
     parser.add_argument("--deadline", type=float, default=0, help="seconds for the whole run; steps that "

@@ -46,6 +46,8 @@ class Stats:
     refused_p50_ms: float | None = None  # latency of 503 answers
     refused_p99_ms: float | None = None
     max_ok_ms: float = 0.0
+    # p50 and p99 of the 200s per input length band of the mix (short: ≤ 20 words, medium: ≤ 60, long)
+    by_band_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
 
@@ -61,13 +63,15 @@ class _Recorder:
     def __init__(self) -> None:
         self.measuring = False
         self.ok: list[float] = []
+        self.ok_by_band: dict[str, list[float]] = {}
         self.refused: list[float] = []
         self.counts: Counter[str] = Counter()
 
-    def record(self, status: int | str, seconds: float) -> None:
+    def record(self, status: int | str, seconds: float, band: str = "") -> None:
         self.counts[str(status)] += 1
         if status == 200:
             self.ok.append(seconds * 1000)
+            self.ok_by_band.setdefault(band, []).append(seconds * 1000)
         elif status == 503:
             self.refused.append(seconds * 1000)
 
@@ -81,6 +85,8 @@ class _Recorder:
             refused_p50_ms=_percentile(self.refused, 50) if self.refused else None,
             refused_p99_ms=_percentile(self.refused, 99) if self.refused else None,
             max_ok_ms=max(self.ok, default=0.0),
+            by_band_ms={band: {"p50": _percentile(values, 50), "p99": _percentile(values, 99)}
+                        for band, values in sorted(self.ok_by_band.items())},
         )
 
 
@@ -93,15 +99,23 @@ def request_body(text: str, style: str = "hf", model: str = DEFAULT_MODEL) -> by
     raise ValueError(f"unknown request style {style!r}, expected one of {STYLES}")
 
 
-def _target(port: int, path: str | None, style: str, model: str) -> tuple[str, Iterator[bytes]]:
-    """The URL, and the seeded mix's request bodies in an endless cycle. The bodies are made once,
-    before the clock starts, so that the client's CPU goes to sending (an unknown style fails here)."""
-    bodies = [request_body(text, style, model) for text in make_texts(5000)]
+def band(text: str) -> str:
+    """The length band of the mix a text is from (bench/workload.py)."""
+    words = len(text.split())
+    return "short" if words <= 20 else "medium" if words <= 60 else "long"
+
+
+def _target(port: int, path: str | None, style: str, model: str) -> tuple[str, Iterator[tuple[bytes, str]]]:
+    """The URL, and the seeded mix's request bodies (with their length band) in an endless cycle. The
+    bodies are made once, before the clock starts, so that the client's CPU goes to sending (an
+    unknown style fails here)."""
+    bodies = [(request_body(text, style, model), band(text)) for text in make_texts(5000)]
     return f"http://127.0.0.1:{port}{DEFAULT_PATHS[style] if path is None else path}", itertools.cycle(bodies)
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, recorder: _Recorder) -> None:
+async def _one(session: aiohttp.ClientSession, url: str, request: tuple[bytes, str], recorder: _Recorder) -> None:
     """Send one request; it counts if it was sent inside the measured window."""
+    body, length_band = request
     measured = recorder.measuring
     started = time.perf_counter()
     try:
@@ -111,7 +125,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, recorder: 
     except (TimeoutError, aiohttp.ClientError) as exc:
         status = type(exc).__name__
     if measured:
-        recorder.record(status, time.perf_counter() - started)
+        recorder.record(status, time.perf_counter() - started, length_band)
 
 
 async def closed_loop(port: int, clients: int, duration: float, warmup: float, path: str | None = None,

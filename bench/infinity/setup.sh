@@ -27,7 +27,7 @@ fi
 # Infinity optimises an ONNX graph on its first start (ORTOptimizer, level 99) and caches it; do
 # that here, so that every benchmarked start loads the cached graph. --preload-only loads the
 # model, warms it up and exits.
-for name in minilm-onnx minilm-onnx-int8; do
+for name in minilm-onnx minilm-onnx-int8 minilm-onnx-int8-tensor; do
     if [ -z "$(find "$models/.cache/$name" -name '*_optimized.onnx' 2>/dev/null)" ]; then
         echo "optimising $name (infinity's first start)"
         bench/infinity/serve.sh "$models/$name" --engine optimum --device cpu --pooling-method mean \

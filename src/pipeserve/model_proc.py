@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from pipeserve import ipc, logs
@@ -27,6 +27,14 @@ from pipeserve.model.generation import Engine
 log = logging.getLogger("pipeserve.worker")
 
 _PR_SET_PDEATHSIG = 1
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
+# glibc's initial threshold: allocations from here up are mmapped and go back to the kernel when freed.
+MMAP_THRESHOLD_BYTES = 128 * 1024
+# Per-shape kernel caches of torch's CPU backends (oneDNN's primitive cache, ideep's LRU cache),
+# 1024 entries each by default. Every batch has a new shape (its size x its longest input), so
+# they fill with entries that are never hit again: in bfloat16 the worker's RSS grew ~2 MiB per
+# batch of the bench mix here, and stayed flat with both off. An operator's own value wins.
+SHAPE_CACHE_SETTINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 
 def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     """Entry point of the spawned process; `conn` is a multiprocess Connection."""
@@ -39,6 +47,8 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     if spec.visible_devices is not None:  # before torch is imported: it reads this once
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_devices
     _die_with_parent()
+    _turn_off_shape_caches(os.environ)  # before torch creates its first kernel
+    _keep_large_allocations_out_of_the_heap()
     _volunteer_for_oom_killer()
     _yield_cpu_to_the_front()
     try:
@@ -71,6 +81,29 @@ def _die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the front died before prctl took effect
         os._exit(ExitCode.PIPE_CLOSED)
+
+
+def _turn_off_shape_caches(environ: MutableMapping[str, str]) -> None:
+    for name, value in SHAPE_CACHE_SETTINGS.items():
+        environ.setdefault(name, value)
+
+
+def _keep_large_allocations_out_of_the_heap() -> None:
+    """Stop glibc from moving its mmap threshold up as big blocks are freed.
+
+    By default, freeing an mmapped block raises the threshold to that block's size (up to
+    32 MiB), so the next activations and batch outputs, whose sizes change with every batch's
+    shape, come from the heap instead, which fragments and never shrinks: the worker's RSS
+    climbed 477 -> 968 MiB over 154 batches of the bench mix here. A fixed threshold (setting it
+    is what disables the adjustment) keeps tensors mmapped and returned on free: flat at
+    462-467 MiB over the same run (bench/SOAK.md has the long run and its throughput).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
+            log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+    except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators behave otherwise
+        log.debug("no glibc mallopt; the allocator's own policy applies")
 
 
 def _volunteer_for_oom_killer() -> None:
