@@ -205,6 +205,21 @@ async def test_the_oldest_job_always_goes_in_the_next_batch() -> None:
     assert len(first) == 1  # padding 10-token texts to 200 would waste most of the batch
 
 
+async def test_shortest_first_serves_short_inputs_until_the_oldest_has_waited_the_bound() -> None:
+    clock = Clock()
+    batcher = Batcher(max_batch_size=2, max_batch_delay_s=0, max_queue=100, shortest_first_s=0.5, clock=clock)
+    _submit(batcher, [_text(120), _text(118)])  # the oldest: long
+    clock.now += 0.1
+    _submit(batcher, [_text(10), _text(12), _text(11), _text(13)])
+    first = await batcher.next_batch()
+    assert sorted(job.tokens for job in first) == [10, 11]  # the shortest, and its neighbour
+    clock.now += 0.4  # the long ones have now waited 0.5 s: the bound
+    second = await batcher.next_batch()
+    assert sorted(job.tokens for job in second) == [118, 120]
+    third = await batcher.next_batch()
+    assert sorted(job.tokens for job in third) == [12, 13]
+
+
 async def test_token_budget_caps_padded_size() -> None:
     batcher = Batcher(max_batch_size=32, max_batch_delay_s=0, max_queue=100, max_batch_tokens=400)
     _submit(batcher, [_text(100)] * 10)

@@ -30,9 +30,9 @@ class Info(ctypes.Structure):
 libc.mallinfo2.restype = Info
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-libc.free(libc.malloc(8 << 20))  # a big batch's tensor, freed
+libc.free(libc.malloc(16 << 20))  # a big batch's tensor, freed
 before = libc.mallinfo2().hblks
-block = libc.malloc(1 << 20)  # the next, smaller one
+block = libc.malloc(8 << 20)  # the next, smaller one
 print("mmapped" if libc.mallinfo2().hblks > before else "heap")
 libc.free(block)
 """
@@ -48,7 +48,7 @@ def test_after_a_big_free_the_next_tensor_is_still_mmapped() -> None:
     default = _where_the_next_tensor_goes("default")
     if default == "no-glibc":
         pytest.skip("not glibc")
-    assert default == "heap"  # glibc's own policy: the threshold climbed past 1 MiB
+    assert default == "heap"  # glibc's own policy: the threshold climbed past 8 MiB
     assert _where_the_next_tensor_goes("fixed") == "mmapped"
 
 

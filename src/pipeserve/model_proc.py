@@ -28,8 +28,10 @@ log = logging.getLogger("pipeserve.worker")
 
 _PR_SET_PDEATHSIG = 1
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
-# glibc's initial threshold: allocations from here up are mmapped and go back to the kernel when freed.
-MMAP_THRESHOLD_BYTES = 128 * 1024
+# Allocations from here up are mmapped and go back to the kernel when freed. glibc's initial
+# 128 KiB flattened RSS too, but paid a page fault per page of every activation: 20 % fewer
+# batches per second here; from 4 MiB the cost was within noise and RSS stayed flat.
+MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
 # Per-shape kernel caches of torch's CPU backends (oneDNN's primitive cache, ideep's LRU cache),
 # 1024 entries each by default. Every batch has a new shape (its size x its longest input), so
 # they fill with entries that are never hit again: in bfloat16 the worker's RSS grew ~2 MiB per
@@ -95,8 +97,8 @@ def _keep_large_allocations_out_of_the_heap() -> None:
     32 MiB), so the next activations and batch outputs, whose sizes change with every batch's
     shape, come from the heap instead, which fragments and never shrinks: the worker's RSS
     climbed 477 -> 968 MiB over 154 batches of the bench mix here. A fixed threshold (setting it
-    is what disables the adjustment) keeps tensors mmapped and returned on free: flat at
-    462-467 MiB over the same run (bench/SOAK.md has the long run and its throughput).
+    is what disables the adjustment) keeps the big ones mmapped and returned on free: flat at
+    471 MiB over 126 batches (bench/MEMORY.md, and bench/SOAK.md for the long run).
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)

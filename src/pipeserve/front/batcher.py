@@ -100,8 +100,10 @@ class Batcher:
     def __init__(self, max_batch_size: int, max_batch_delay_s: float, max_queue: int,
                  max_queue_wait_s: float | None = None, max_batch_tokens: int | None = None,
                  order: str = Order.LENGTH, min_batch_fill: float = DEFAULT_MIN_BATCH_FILL,
+                 shortest_first_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_batch_tokens = max_batch_tokens
+        self.shortest_first_s = shortest_first_s
         self.order = Order(order)
         self.min_batch_fill = min_batch_fill
         self.max_batch_size = max_batch_size
@@ -236,20 +238,21 @@ class Batcher:
             candidates.append(job)
             if len(candidates) >= LENGTH_WINDOW:
                 break
-        batch = self._choose(candidates, limit)
+        batch = self._choose(candidates, limit, now)
         # Dead jobs of other parameters stay until a batch meets them, and are counted then.
         removed = dead.union(batch)
         self._queue = deque(job for job in self._queue if job not in removed)
         self.in_flight += len(batch)
         return batch
 
-    def _choose(self, candidates: list[Job], limit: int) -> list[Job]:
-        """The oldest job, plus up to limit-1 others: of similar length, or in arrival order.
+    def _choose(self, candidates: list[Job], limit: int, now: float) -> list[Job]:
+        """An anchor job, plus up to limit-1 others: of similar length, or in arrival order.
 
         Length order sorts the candidates by estimated tokens and grows the batch outwards from
-        the oldest job, always taking the neighbour nearest its length, as long as the padded
-        size (longest x count) fits --max-batch-tokens and at least --min-batch-fill of it are
-        real tokens. The oldest job always goes in, so nothing starves.
+        the anchor, always taking the neighbour nearest its length, as long as the padded size
+        (longest x count) fits --max-batch-tokens and at least --min-batch-fill of it are real
+        tokens. The anchor is the oldest job, so nothing starves; with --shortest-first-ms it is
+        the shortest job instead, until the oldest has waited that long (see _anchor).
         """
         if not candidates:
             return []
@@ -260,7 +263,7 @@ class Batcher:
                     break
                 batch.append(job)
             return batch
-        anchor = candidates[0]
+        anchor = self._anchor(candidates, now)
         ordered = sorted(candidates, key=lambda job: job.tokens)
         low = high = ordered.index(anchor)
         batch = [anchor]
@@ -278,6 +281,15 @@ class Batcher:
             else:
                 high += 1
         return batch
+
+    def _anchor(self, candidates: list[Job], now: float) -> Job:
+        """The job a batch is built around: the oldest, or (shortest-first) the shortest while
+        the oldest has waited less than the bound. Short inputs then no longer wait behind a
+        batch of long ones, and a long input waits at most the bound before it goes next."""
+        oldest = candidates[0]
+        if self.shortest_first_s is None or now - oldest.enqueued_at >= self.shortest_first_s:
+            return oldest
+        return min(candidates, key=lambda job: job.tokens)  # the oldest of the shortest
 
     def _fits(self, batch: list[Job], job: Job) -> bool:
         longest = max(job.tokens, *(member.tokens for member in batch))

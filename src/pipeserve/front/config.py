@@ -79,6 +79,10 @@ class Config:
         "length", parsers.choice("length", "arrival"),
         "length: batch inputs of similar length together (the oldest always goes next); "
         "arrival: first come, first batched.", "ORDER")
+    shortest_first_ms: float | None = setting(
+        None, parsers.optional_positive_float,
+        "With --batch-order length, build each batch around the shortest queued input rather than "
+        "the oldest, until the oldest has waited this long (see README).", "MS", shown="off")
     min_batch_fill: float = setting(
         0.85, parsers.fraction,
         "With --batch-order length, leave an input for the next batch rather than fill a batch "
