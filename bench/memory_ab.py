@@ -10,7 +10,8 @@ and items per second, and RSS after the first batch and at the end. Variants:
 
 - before: glibc's own malloc policy and torch's per-shape CPU kernel caches (1024 entries each),
   as the worker ran until this round;
-- now: what `model_proc` sets at start: a fixed mmap threshold and both caches off.
+- now: what the worker does: both caches off (set at start) and glibc's heap trimmed after
+  each batch (`model_proc._free_memory_returner`).
 
 Variants alternate (before, now, before, now) so that a slow minute of the machine hits both.
 """
@@ -46,9 +47,10 @@ def child(variant: str, dtype: str, seconds: float) -> dict[str, Any]:
     """One variant's run, in this (fresh) process."""
     from pipeserve import model_proc
 
+    return_free_memory = lambda: None  # noqa: E731
     if variant == "now":
         model_proc._turn_off_shape_caches(os.environ)
-        model_proc._keep_large_allocations_out_of_the_heap()
+        return_free_memory = model_proc._free_memory_returner()
     import torch
 
     from pipeserve import ipc
@@ -69,6 +71,7 @@ def child(variant: str, dtype: str, seconds: float) -> dict[str, Any]:
     while time.perf_counter() - started < seconds:
         batch = sorted(rng.sample(texts, rng.randint(1, 32)), key=len)
         call(batch, {})
+        return_free_memory()
         batches += 1
         items += len(batch)
     elapsed = time.perf_counter() - started

@@ -92,6 +92,9 @@ class Server:
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(
             [str(TESTS_DIR), environment.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        # One model process unless a test asks for more: the scenarios (kill "the" worker, hold
+        # "the" batch) are written for one; --workers 0 (a core each) has its own tests.
+        environment["PIPESERVE_WORKERS"] = "1"
         environment.update(env or {})
         self.args = args
         self.lines: list[str] = []

@@ -15,7 +15,17 @@ import numpy as np
 import pytest
 
 from pipeserve import ipc
-from pipeserve.front.config import Config, build_parser, env_name, flag_name, load_config, parse_size
+from pipeserve.front.config import (
+    MAX_AUTO_WORKERS,
+    Config,
+    build_parser,
+    cores,
+    env_name,
+    flag_name,
+    gpu_likely,
+    load_config,
+    parse_size,
+)
 
 
 def test_defaults() -> None:
@@ -31,8 +41,18 @@ def test_defaults() -> None:
     assert config.max_worker_memory is None
     assert (config.max_body_bytes, config.max_items, config.max_input_bytes) == (16 << 20, 2048, 256 << 10)
     assert (config.api_key, config.api_key_file) == (None, None)
-    assert (config.workers, config.threads, config.worker_count()) == (1, 0, 1)
+    assert (config.workers, config.threads) == (0, 0)
+    expected_workers = 1 if gpu_likely("auto") else min(cores(), MAX_AUTO_WORKERS)
+    assert config.worker_count() == expected_workers
+    assert config.torch_threads() == max(1, cores() // expected_workers)
     assert (config.log_format, config.log_level) == ("text", "info")
+
+
+def test_auto_workers_are_one_per_core_on_a_cpu_and_one_on_a_gpu() -> None:
+    cpu = load_config(["--device", "cpu"], environ={})
+    assert cpu.worker_count() == min(cores(), MAX_AUTO_WORKERS) and cpu.torch_threads() >= 1
+    assert load_config(["--device", "cuda:0"], environ={}).worker_count() == 1
+    assert load_config(["--device", "cpu", "--workers", "3"], environ={}).worker_count() == 3
 
 
 def test_flag_wins_over_environment_which_wins_over_default() -> None:

@@ -157,3 +157,58 @@ def test_an_explicit_dtype_is_obeyed_without_a_check(start_server: Any, tiny_mod
     assert chosen == {"requested": "bfloat16", "dtype": "bfloat16", "candidate": None, "agreement": None,
                       "note": ""}
     assert server.post_json({"inputs": "obeyed"}).status == 200
+
+
+def _vnni_cpuinfo(tmp_path: Path, flags: str) -> Path:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"flags\t\t: {flags}\n")
+    return cpuinfo
+
+
+def test_int8_needs_vnni_and_a_cpu(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+
+    call = _load(tiny_models["feature-extraction"])
+    with pytest.raises(ValueError, match="VNNI"):
+        precision.quantize_int8(call, "cpu", torch, _vnni_cpuinfo(tmp_path, "sse avx2 avx512f"))
+    with pytest.raises(ValueError, match="CPU only"):
+        precision.quantize_int8(call, "cuda", torch, _vnni_cpuinfo(tmp_path, "avx512_vnni"))
+
+
+def test_int8_holding_its_floor_serves_quantized_layers(tiny_models: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(precision, "INT8_MEAN_COSINE", 0.5)  # a tiny random model is no real one
+    monkeypatch.setattr(precision, "INT8_MIN_COSINE", 0.5)
+    call = _load(tiny_models["feature-extraction"])
+    chosen = precision.quantize_int8(call, "cpu", torch, _vnni_cpuinfo(tmp_path, "avx512_vnni"))
+    assert (chosen.requested, chosen.dtype) == ("int8", "int8") and chosen.agreement is not None
+    linears = [m for m in call.pipe.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears  # every Linear is now a dynamic int8 one
+    [vector] = call(["served in int8"], {})
+    assert np.isfinite(vector).all()
+
+
+def test_int8_below_its_floor_serves_the_float32_model(tiny_models: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(precision, "INT8_MEAN_COSINE", 1.01)
+    call = _load(tiny_models["feature-extraction"])
+    original = call.pipe.model
+    chosen = precision.quantize_int8(call, "cpu", torch, _vnni_cpuinfo(tmp_path, "avx_vnni"))
+    assert chosen.dtype == "float32" and "fell below its floor" in chosen.note
+    assert call.pipe.model is original
+
+
+def test_int8_through_the_server(start_server: Any, tiny_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(tiny_models["feature-extraction"]), "--dtype", "int8",
+                          ready=precision.cpu_flags() & precision._VNNI_CPU_FLAGS != set())
+    if not precision.cpu_flags() & precision._VNNI_CPU_FLAGS:
+        assert server.wait_exit(60) == 3 and "needs a CPU with VNNI" in server.log
+        return
+    chosen = server.info()["precision"]
+    assert chosen["requested"] == "int8" and chosen["dtype"] in ("int8", "float32")
+    assert ipc.Agreement(**chosen["agreement"]).inputs == len(precision.CHECK_TEXTS)
+    assert server.post_json({"inputs": "int8 or its fallback"}).status == 200

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 from pipeserve import ipc, logs
@@ -27,15 +27,11 @@ from pipeserve.model.generation import Engine
 log = logging.getLogger("pipeserve.worker")
 
 _PR_SET_PDEATHSIG = 1
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
-# Allocations from here up are mmapped and go back to the kernel when freed. glibc's initial
-# 128 KiB flattened RSS too, but paid a page fault per page of every activation: 20 % fewer
-# batches per second here; from 4 MiB the cost was within noise and RSS stayed flat.
-MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
 # Per-shape kernel caches of torch's CPU backends (oneDNN's primitive cache, ideep's LRU cache),
 # 1024 entries each by default. Every batch has a new shape (its size x its longest input), so
-# they fill with entries that are never hit again: in bfloat16 the worker's RSS grew ~2 MiB per
-# batch of the bench mix here, and stayed flat with both off. An operator's own value wins.
+# they fill with entries that are rarely hit again: the worker's RSS grew ~2 MiB per batch of the
+# bench mix here (bf16 and fp32). Off, or at 128 entries, the same batches ran at the same speed
+# (bench/MEMORY.md). An operator's own value wins.
 SHAPE_CACHE_SETTINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "LRU_CACHE_CAPACITY": "1"}
 
 def main(conn: Any, spec: ipc.WorkerSpec) -> None:
@@ -50,7 +46,6 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_devices
     _die_with_parent()
     _turn_off_shape_caches(os.environ)  # before torch creates its first kernel
-    _keep_large_allocations_out_of_the_heap()
     _volunteer_for_oom_killer()
     _yield_cpu_to_the_front()
     try:
@@ -90,22 +85,25 @@ def _turn_off_shape_caches(environ: MutableMapping[str, str]) -> None:
         environ.setdefault(name, value)
 
 
-def _keep_large_allocations_out_of_the_heap() -> None:
-    """Stop glibc from moving its mmap threshold up as big blocks are freed.
+def _free_memory_returner() -> Callable[[], None]:
+    """glibc's malloc_trim: give the heap's free pages back to the kernel after each batch.
 
-    By default, freeing an mmapped block raises the threshold to that block's size (up to
-    32 MiB), so the next activations and batch outputs, whose sizes change with every batch's
-    shape, come from the heap instead, which fragments and never shrinks: the worker's RSS
-    climbed 477 -> 968 MiB over 154 batches of the bench mix here. A fixed threshold (setting it
-    is what disables the adjustment) keeps the big ones mmapped and returned on free: flat at
-    471 MiB over 126 batches (bench/MEMORY.md, and bench/SOAK.md for the long run).
+    Activations and outputs change size with every batch's shape; freed, they leave holes in
+    glibc's heap that RSS keeps (its mmap threshold also climbs as big blocks are freed, so ever
+    more of them land there): RSS climbed 477 -> 968 MiB over 154 batches here. Trimming after
+    each batch kept it flat at no measurable cost; a fixed mmap threshold kept it flat too, but
+    its page faults cost up to 20 % of the batches (bench/MEMORY.md).
     """
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
-            log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators behave otherwise
-        log.debug("no glibc mallopt; the allocator's own policy applies")
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+
+    def return_free_memory() -> None:
+        trim(0)
+
+    return return_free_memory
 
 
 def _volunteer_for_oom_killer() -> None:
@@ -182,7 +180,7 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
 
 def _precision_note(chosen: ipc.Precision) -> str:
     if chosen.agreement is not None and chosen.dtype == chosen.candidate:
-        return f" (--dtype auto: {precision.describe(chosen.agreement)} vs float32)"
+        return f" (--dtype {chosen.requested}: {precision.describe(chosen.agreement)} vs float32)"
     return f" ({chosen.note})" if chosen.note else ""
 
 
@@ -200,6 +198,7 @@ def _resolve_device(device: str, torch: Any) -> str:
 def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
     """Answer messages; while sequences are being generated, one decoding step between reads."""
     engine = call.engine(spec.max_running_sequences)
+    return_free_memory = _free_memory_returner()
     while True:
         try:
             # Block for the next message only when no sequence waits for its next step.
@@ -226,6 +225,7 @@ def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
             _send(conn, result)
         except (BrokenPipeError, OSError):
             return ExitCode.PIPE_CLOSED
+        return_free_memory()  # after the answer is on its way: off the request's latency
         if spec.max_worker_memory and result.rss_bytes > spec.max_worker_memory:
             log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB; exiting for a clean restart",
                         result.rss_bytes >> 20, spec.max_worker_memory >> 20)

@@ -20,7 +20,7 @@ from pipeserve.front.parsers import parse_size
 
 ENV_PREFIX = "PIPESERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 
 
 # --- declarations ---------------------------------------------------------------------------------
@@ -35,6 +35,12 @@ def setting(default: Any, parse: Callable[[str], Any], help: str, metavar: str |
     return field(default=default, repr=not secret,
                  metadata={"parse": parse, "help": help, "metavar": metavar, "shown": shown,
                            "secret": secret})
+
+
+# On a CPU, one single-threaded worker per core served the most: 1.4x one worker using both cores
+# at 64 clients on the 2-core bench machine (bench/TUNING.md). Each worker holds its own copy of
+# the model, so `auto` stops at a few; more cores then go to each worker's torch threads.
+MAX_AUTO_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -63,9 +69,10 @@ class Config:
         "or cpu,cpu; replaces --device and --workers.", "LIST", shown="none")
     dtype: str = setting(
         "auto", parsers.choice(*DTYPES),
-        "auto|float32|float16|bfloat16; auto = bfloat16 where the device runs it natively (a GPU, "
+        "auto|float32|float16|bfloat16|int8; auto = bfloat16 where the device runs it natively (a GPU, "
         "a CPU with avx512_bf16 or AMX) and its answers agree with float32's at warm-up, "
-        "else float32 (see README).", "DTYPE")
+        "else float32; int8 (opt-in, CPUs with VNNI) = dynamic int8 layers, kept only where "
+        "answers hold its floor (see README).", "DTYPE")
     max_batch_size: int = setting(
         32, parsers.positive_int, "Most items in one pipeline call.", "N")
     max_batch_delay_ms: float = setting(
@@ -163,7 +170,9 @@ class Config:
         None, parsers.secret_from_file,
         "Read the API key from this file (e.g. a systemd credential); wins over --api-key.",
         "PATH", secret=True, shown="none")
-    workers: int = setting(1, parsers.positive_int, "Model processes behind the front.", "N")
+    workers: int = setting(
+        0, parsers.non_negative_int, "Model processes behind the front.", "N",
+        shown=f"0 = one per core on a CPU (at most {MAX_AUTO_WORKERS}), one on a GPU")
     threads: int = setting(
         0, parsers.non_negative_int,
         "Torch threads per model process.", "N",
@@ -179,7 +188,11 @@ class Config:
         return self.api_key_file or self.api_key
 
     def worker_count(self) -> int:
-        return len(self.devices) if self.devices else self.workers
+        if self.devices:
+            return len(self.devices)
+        if self.workers:
+            return self.workers
+        return 1 if gpu_likely(self.device) else min(cores(), MAX_AUTO_WORKERS)
 
     def worker_device(self, index: int) -> str:
         return self.devices[index] if self.devices else self.device
@@ -189,6 +202,16 @@ class Config:
         if self.threads:
             return self.threads
         return max(1, cores() // self.worker_count())
+
+
+
+
+def gpu_likely(device: str) -> bool:
+    """Whether the worker's device is (or, for auto, will resolve to) a GPU; the front has no torch
+    to ask, so for auto it looks for the NVIDIA driver's devices."""
+    if device.startswith("cuda"):
+        return True
+    return device == "auto" and os.path.exists("/dev/nvidia0")
 
 
 def cores() -> int:

@@ -36,6 +36,9 @@ def load(spec: ipc.WorkerSpec, device: str, torch: Any) -> tuple[adapters.BatchC
     if spec.pipeline:
         note = "" if spec.dtype == "auto" else "passed to the --pipeline factory"
         return load_custom(spec), ipc.Precision(spec.dtype, spec.dtype, note=note)
+    if spec.dtype == "int8":
+        call = load_transformers(spec, device, torch, "float32")
+        return call, precision.quantize_int8(call, device, torch)
     if spec.dtype != "auto":
         return load_transformers(spec, device, torch, spec.dtype), ipc.Precision(spec.dtype, spec.dtype)
     own = checkpoint_dtype(spec.model)

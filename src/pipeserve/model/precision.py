@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ log = logging.getLogger("pipeserve.model")
 
 MEAN_COSINE = 0.9999
 MIN_COSINE = 0.999
+# --dtype int8 is opt-in and lossier; its floor (bench/QUANTIZATION.md: per-channel weights and
+# 8-bit activations measured mean 0.991, min 0.973 on 512 bench texts).
+INT8_MEAN_COSINE = 0.99
+INT8_MIN_COSINE = 0.97
+_VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 # Short and long, plain and odd: where rounding shows first. The long one reaches a few hundred
 # tokens, where errors accumulate over positions.
 CHECK_TEXTS = (
@@ -94,12 +100,60 @@ def choose(call: BatchCall, device: str, torch: Any) -> ipc.Precision:
     return ipc.Precision("auto", "float32", candidate=candidate, agreement=agreement, note=note)
 
 
-def agrees(agreement: ipc.Agreement) -> bool:
+def agrees(agreement: ipc.Agreement, mean: float | None = None, floor: float | None = None) -> bool:
     if not agreement.same_answers:
         return False
     if agreement.mean_cosine is None or agreement.min_cosine is None:
         return True
-    return agreement.mean_cosine >= MEAN_COSINE and agreement.min_cosine >= MIN_COSINE
+    return (agreement.mean_cosine >= (MEAN_COSINE if mean is None else mean)
+            and agreement.min_cosine >= (MIN_COSINE if floor is None else floor))
+
+
+def quantize_int8(call: BatchCall, device: str, torch: Any, cpuinfo: Path = Path("/proc/cpuinfo")) -> ipc.Precision:
+    """--dtype int8: dynamic int8 Linear layers (a weight scale per output channel, activations
+    quantised to 8 bits per call), kept only where the answers hold the int8 floor against float32.
+
+    Eight-bit activations (torch's own default is 7) need VNNI's int32 sums: without them the
+    u8 x s8 pair sums saturate int16. Per-tensor weight scales or 7-bit activations fell far
+    below the floor on all-MiniLM-L6-v2 (mean 0.93-0.97, bench/QUANTIZATION.md).
+    """
+    if device != "cpu":
+        raise ValueError("--dtype int8 runs on the CPU only; on a GPU use float16 or bfloat16")
+    if not cpu_flags(cpuinfo) & _VNNI_CPU_FLAGS:
+        raise ValueError("--dtype int8 needs a CPU with VNNI (avx512_vnni or avx_vnni); use --dtype auto")
+    pipe = getattr(call, "pipe", None)
+    check = call.agreement_inputs(list(CHECK_TEXTS))
+    if pipe is None or check is None:
+        raise ValueError(f"--dtype int8 is not available for {call.task}")
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic  # noqa: PLC0415
+
+    inputs, parameters = check
+    reference = call(inputs, parameters)
+    original = pipe.model
+    with warnings.catch_warnings():  # torch's notice that its quantized tensors will move to torchao
+        warnings.simplefilter("ignore", UserWarning)
+        pipe.model = quantize_dynamic(original, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                      dtype=torch.qint8, mapping={torch.nn.Linear: _full_range_linear(torch)})
+    agreement = compare(reference, call(inputs, parameters))
+    if agrees(agreement, INT8_MEAN_COSINE, INT8_MIN_COSINE):
+        return ipc.Precision("int8", "int8", candidate="int8", agreement=agreement)
+    pipe.model = original
+    note = f"int8 fell below its floor against float32: {describe(agreement)}"
+    log.warning("%s; serving in float32", note)
+    return ipc.Precision("int8", "float32", candidate="int8", agreement=agreement, note=note)
+
+
+def _full_range_linear(torch: Any) -> type:
+    from torch.ao.nn.quantized.dynamic import Linear  # noqa: PLC0415
+
+    class FullRangeLinear(Linear):  # type: ignore[misc]
+        """Dynamic int8 Linear with 8-bit activations (torch's class quantises them to 7)."""
+
+        def forward(self, x: Any) -> Any:
+            return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params,
+                                                      reduce_range=False).to(x.dtype)
+
+    return FullRangeLinear
 
 
 def compare(reference: list[Any], reduced: list[Any]) -> ipc.Agreement:
