@@ -10,10 +10,12 @@ import sys
 from typing import Any
 
 # The servers' names, declared here once (run_all.py's SERVERS uses them).
-BEST = "pipeserve 2 workers x 1 thread"
+DEFAULTS = "pipeserve defaults (no flags: 2 workers x 1 thread, --dtype auto = bf16 here)"
+BEST = DEFAULTS  # the most req/s at float32-grade accuracy (mean cosine ≥ 0.999) measured here
+ONE_WORKER = "pipeserve 1 worker x 2 threads (--workers 1)"
 BEST_FP32 = "pipeserve 2 workers x 1 thread, float32"
+INT8 = "pipeserve 2 workers x 1 thread, --dtype int8"
 ARRIVAL = "pipeserve 2 workers x 1 thread, arrival order"
-DEFAULTS = "pipeserve defaults (no flags: 1 worker x 2 threads, --dtype auto)"
 PREVIOUS_DEFAULTS = "pipeserve 1 worker x 2 threads, float32 (the previous defaults)"
 TEXTBOOK = "textbook server"
 LITSERVE = "LitServe 0.2.19 (batch 32, 2 ms)"
@@ -120,7 +122,10 @@ def _targets(results: dict[str, Any]) -> list[str]:
     # issue #15: precision chosen by the machine, against the peers' engines, accuracy beside speed
     _ratio_row(rows, "defaults ≥ 1.4x the previous float32 defaults' req/s at C=64", _c64(servers, DEFAULTS),
                _c64(servers, PREVIOUS_DEFAULTS), 1.4)
-    _ratio_row(rows, "defaults ≥ 0.9x the best setting's req/s at C=64", _c64(servers, DEFAULTS), c64, 0.9)
+    _ratio_row(rows, "defaults ≥ 0.9x the best float32-grade setting's req/s at C=64 (they are the same)",
+               _c64(servers, DEFAULTS), c64, 0.9)
+    _ratio_row(rows, "defaults ≥ 0.9x the opt-in int8 setting's req/s at C=64 (lossier: mean cosine ≈ 0.99)",
+               _c64(servers, DEFAULTS), _c64(servers, INT8), 0.9)
     _ratio_row(rows, "best ≥ 1.5x infinity's ONNX int8 req/s at C=64", c64, _c64(servers, INFINITY_INT8), 1.5)
     mean = (best.get("accuracy") or {}).get("mean_cosine")
     rows.append(f"| best's mean cosine vs float32 ≥ 0.999 | {_cos(mean)} | {_verdict(mean is not None and mean >= 0.999)} |")

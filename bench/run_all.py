@@ -48,7 +48,9 @@ from report import (  # noqa: E402
     INFINITY_INT8_TENSOR,
     INFINITY_ONNX,
     INFINITY_TORCH,
+    INT8,
     LITSERVE,
+    ONE_WORKER,
     PREVIOUS_DEFAULTS,
     TEXTBOOK,
 )
@@ -92,10 +94,11 @@ SERVERS: dict[str, Server] = {
     INFINITY_ONNX: infinity("minilm-onnx", "--engine", "optimum", "--pooling-method", "mean"),
     INFINITY_INT8: infinity("minilm-onnx-int8", "--engine", "optimum", "--pooling-method", "mean"),
     INFINITY_INT8_TENSOR: infinity("minilm-onnx-int8-tensor", "--engine", "optimum", "--pooling-method", "mean"),
-    PREVIOUS_DEFAULTS: Server(PIPESERVE + ["--dtype", "float32"], "/ready"),
+    PREVIOUS_DEFAULTS: Server(PIPESERVE + ["--workers", "1", "--dtype", "float32"], "/ready"),
     DEFAULTS: Server(PIPESERVE, "/ready"),
+    ONE_WORKER: Server(PIPESERVE + ["--workers", "1"], "/ready"),
     BEST_FP32: Server(PIPESERVE + ["--workers", "2", "--threads", "1", "--dtype", "float32"], "/ready"),
-    BEST: Server(PIPESERVE + ["--workers", "2", "--threads", "1"], "/ready"),
+    INT8: Server(PIPESERVE + ["--workers", "2", "--threads", "1", "--dtype", "int8"], "/ready"),
     ARRIVAL: Server(PIPESERVE + ["--workers", "2", "--threads", "1", "--batch-order", "arrival"], "/ready"),
 }
 
@@ -211,8 +214,7 @@ def measure_server(name: str, durations: dict[str, float], reference: np.ndarray
 def measure_overload(capacity: float, durations: dict[str, float]) -> dict[str, Any]:
     queue = max(8, round(capacity))  # about one second of work
     timeout = 10.0
-    command = PIPESERVE + ["--workers", "2", "--threads", "1", "--max-queue", str(queue),
-                           "--request-timeout", str(timeout)]
+    command = SERVERS[BEST].command + ["--max-queue", str(queue), "--request-timeout", str(timeout)]
     rate = 3 * capacity
     print(f"-- open loop at {rate:.0f} req/s, --max-queue {queue}", flush=True)
     server = Running(command, "/ready")
