@@ -206,12 +206,16 @@ class Config:
 
 
 
+# The front has no torch to ask whether `--device auto` will find CUDA; the NVIDIA driver's
+# device node says. Looked up once, at import, so that no event loop ever waits on the stat.
+NVIDIA_DEVICE_PRESENT = os.path.exists("/dev/nvidia0")
+
+
 def gpu_likely(device: str) -> bool:
-    """Whether the worker's device is (or, for auto, will resolve to) a GPU; the front has no torch
-    to ask, so for auto it looks for the NVIDIA driver's devices."""
+    """Whether the worker's device is (or, for auto, will resolve to) a GPU."""
     if device.startswith("cuda"):
         return True
-    return device == "auto" and os.path.exists("/dev/nvidia0")
+    return device == "auto" and NVIDIA_DEVICE_PRESENT
 
 
 def cores() -> int:
