@@ -94,7 +94,8 @@ class Server:
             [str(TESTS_DIR), environment.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         # One model process unless a test asks for more: the scenarios (kill "the" worker, hold
         # "the" batch) are written for one; --workers 0 (a core each) has its own tests.
-        environment["PIPESERVE_WORKERS"] = "1"
+        if "--devices" not in args:
+            environment["PIPESERVE_WORKERS"] = "1"
         environment.update(env or {})
         self.args = args
         self.lines: list[str] = []
