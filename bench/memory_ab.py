@@ -10,7 +10,7 @@ and items per second, and RSS after the first batch and at the end. Variants:
 
 - before: glibc's own malloc policy and torch's per-shape CPU kernel caches (1024 entries each),
   as the worker ran until this round;
-- now: what the worker does: both caches off (set at start) and glibc's heap trimmed after
+- now: what the worker does: ideep's cache off, oneDNN's bounded at 256 (set at start), glibc's heap trimmed after
   each batch (`model_proc._free_memory_returner`).
 
 Variants alternate (before, now, before, now) so that a slow minute of the machine hits both.

@@ -1,8 +1,8 @@
 """The model process keeps its RSS flat under batches of ever-changing shapes.
 
 Two causes were measured (bench/MEMORY.md): torch's per-shape CPU kernel caches, and the holes
-that freed activations leave in glibc's heap. The worker turns the caches off unless the operator
-set them, and trims the heap after each batch; both are shown here on their own.
+that freed activations leave in glibc's heap. The worker turns ideep's cache off and bounds oneDNN's unless the operator
+set them, bounds oneDNN's, and trims the heap after each batch; both are shown here on their own.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def test_the_heaps_free_pages_go_back_after_a_batch() -> None:
     assert before - after >= 150  # of ~187 MiB freed but held by the heap
 
 
-def test_the_per_shape_kernel_caches_are_off_unless_the_operator_says_otherwise() -> None:
+def test_the_per_shape_kernel_caches_are_bounded_unless_the_operator_says_otherwise() -> None:
     from pipeserve import model_proc
 
     environ = {"LRU_CACHE_CAPACITY": "64"}
     model_proc._turn_off_shape_caches(environ)
-    assert environ == {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+    assert environ == {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
