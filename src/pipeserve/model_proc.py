@@ -29,10 +29,12 @@ log = logging.getLogger("pipeserve.worker")
 _PR_SET_PDEATHSIG = 1
 # Per-shape kernel caches of torch's CPU backends, 1024 entries each by default. Every batch has a
 # new shape (its size x its longest input), so they fill with entries that rarely come back: the
-# worker's RSS grew ~2 MiB per batch of the bench mix here. ideep's LRU cache can go (no loss
-# measured); oneDNN's primitive cache is what makes a lone input fast (bf16 p50 11.6 ms with it,
-# 21.4 ms without), so it is bounded instead: 256 entries hold every single-input length of a
-# 256-token model, and RSS levels off once it is full (bench/MEMORY.md). An operator's own value wins.
+# worker's RSS grew ~2 MiB per batch of the bench mix here and was still growing past 1 GiB.
+# Bounded, RSS levels off once they are full. oneDNN's primitive cache is what makes a lone input
+# fast (bf16 p50 21.4 ms with it off, 11.6 ms at 256 entries, in-process), so it stays, bounded;
+# ideep's LRU cache at 1 or 256 entries made no difference. The price, against torch's unbounded
+# defaults: 10-13 % of bf16 batch throughput, 2 % of fp32 (bench/MEMORY.md). An operator's own
+# values win (README: "Memory that stays flat").
 SHAPE_CACHE_SETTINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "1"}
 
 def main(conn: Any, spec: ipc.WorkerSpec) -> None:
