@@ -37,7 +37,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -55,6 +54,7 @@ sys.path.insert(0, str(BENCH))
 
 import accuracy  # noqa: E402
 import loadgen  # noqa: E402
+from run_all import free_port, tree_pids  # noqa: E402
 
 PY = sys.executable
 SERVED = "minilm"
@@ -175,30 +175,6 @@ def build_fp32(source: Path, dest: Path) -> dict[str, Any]:
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     return {"folder": str(dest), "fp16_safetensors_sha256": hashlib.sha256(blob).hexdigest(),
             "tensors": len(tensors), "parameters": int(sum(t.size for t in tensors.values()))}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def tree_pids(pid: int) -> list[int]:
-    """A process and its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        current = stack.pop()
-        found.append(current)
-        stack.extend(children.get(current, []))
-    return sorted(found)
 
 
 def http_status(port: int, path: str) -> int | str:

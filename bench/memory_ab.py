@@ -49,7 +49,7 @@ def child(variant: str, dtype: str, seconds: float) -> dict[str, Any]:
 
     return_free_memory = lambda: None  # noqa: E731
     if variant == "now":
-        model_proc._turn_off_shape_caches(os.environ)
+        model_proc._bound_shape_caches(os.environ)
         return_free_memory = model_proc._free_memory_returner()
     import torch
 

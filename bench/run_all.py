@@ -109,8 +109,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def tree_rss_mb(pid: int) -> dict[str, float]:
-    """RSS of a process and of each descendant, in MiB."""
+def tree_pids(pid: int) -> list[int]:
+    """A process and its descendants, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -119,17 +119,24 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    sizes: dict[str, float] = {}
-    stack = [pid]
+    found, stack = [], [pid]
     while stack:
         current = stack.pop()
+        found.append(current)
+        stack.extend(children.get(current, []))
+    return sorted(found)
+
+
+def tree_rss_mb(pid: int) -> dict[str, float]:
+    """RSS of a process and of each descendant, in MiB."""
+    sizes: dict[str, float] = {}
+    for current in tree_pids(pid):
         try:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     sizes[str(current)] = int(line.split()[1]) / 1024
         except OSError:
             continue
-        stack.extend(children.get(current, []))
     return sizes
 
 

@@ -51,5 +51,5 @@ def test_the_per_shape_kernel_caches_are_bounded_unless_the_operator_says_otherw
     from pipeserve import model_proc
 
     environ = {"LRU_CACHE_CAPACITY": "64"}
-    model_proc._turn_off_shape_caches(environ)
+    model_proc._bound_shape_caches(environ)
     assert environ == {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}

@@ -37,6 +37,7 @@ _PR_SET_PDEATHSIG = 1
 # values win (README: "Memory that stays flat").
 SHAPE_CACHE_SETTINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "1"}
 
+
 def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     """Entry point of the spawned process; `conn` is a multiprocess Connection."""
     _configure_logging(spec)
@@ -48,7 +49,7 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     if spec.visible_devices is not None:  # before torch is imported: it reads this once
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_devices
     _die_with_parent()
-    _turn_off_shape_caches(os.environ)  # before torch creates its first kernel
+    _bound_shape_caches(os.environ)  # before torch creates its first kernel
     _volunteer_for_oom_killer()
     _yield_cpu_to_the_front()
     try:
@@ -83,7 +84,7 @@ def _die_with_parent() -> None:
         os._exit(ExitCode.PIPE_CLOSED)
 
 
-def _turn_off_shape_caches(environ: MutableMapping[str, str]) -> None:
+def _bound_shape_caches(environ: MutableMapping[str, str]) -> None:
     for name, value in SHAPE_CACHE_SETTINGS.items():
         environ.setdefault(name, value)
 

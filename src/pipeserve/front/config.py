@@ -204,8 +204,6 @@ class Config:
         return max(1, cores() // self.worker_count())
 
 
-
-
 # The front has no torch to ask whether `--device auto` will find CUDA; the NVIDIA driver's
 # device node says. Looked up once, at import, so that no event loop ever waits on the stat.
 NVIDIA_DEVICE_PRESENT = os.path.exists("/dev/nvidia0")

@@ -51,9 +51,10 @@ CHECK_TEXTS = (
     " ".join(["Long inputs accumulate rounding error over many positions and layers."] * 30),
 )
 _NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPUINFO = Path("/proc/cpuinfo")
 
 
-def native_reduced_dtype(device: str, torch: Any, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+def native_reduced_dtype(device: str, torch: Any, cpuinfo: Path = CPUINFO) -> str | None:
     """The reduced dtype this device computes natively, or None where only float32 is native."""
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -62,7 +63,7 @@ def native_reduced_dtype(device: str, torch: Any, cpuinfo: Path = Path("/proc/cp
     return None
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("flags"):
@@ -109,7 +110,7 @@ def agrees(agreement: ipc.Agreement, mean: float | None = None, floor: float | N
             and agreement.min_cosine >= (MIN_COSINE if floor is None else floor))
 
 
-def quantize_int8(call: BatchCall, device: str, torch: Any, cpuinfo: Path = Path("/proc/cpuinfo")) -> ipc.Precision:
+def quantize_int8(call: BatchCall, device: str, torch: Any, cpuinfo: Path = CPUINFO) -> ipc.Precision:
     """--dtype int8: dynamic int8 Linear layers (a weight scale per output channel, activations
     quantised to 8 bits per call), kept only where the answers hold the int8 floor against float32.
 
