@@ -296,3 +296,16 @@ def test_readme_documents_every_flag_endpoint_and_variable() -> None:
     for route in ("`POST /`", "`GET /health`", "`GET /ready`", "`GET /info`", "`GET /metrics`"):
         assert route in readme
     assert "PIPESERVE_<FLAG>" in readme
+
+
+@pytest.mark.parametrize(("flags", "short_first"), [((), False), (("--shortest-first-ms", "60000"), True)])
+def test_shortest_first_serves_queued_short_inputs_before_an_older_long_one(
+        start_server: Any, tmp_path: Path, flags: tuple[str, ...], short_first: bool) -> None:
+    server = start_server(*ECHO, "--max-batch-size", "2", *flags)
+    long_text, short_text = "long " * 80, "short"
+    documents = [{"inputs": long_text}, {"inputs": long_text}, {"inputs": short_text}, {"inputs": short_text}]
+    held, answers = asyncio.run(queue_behind_held_batch(server, tmp_path / "gate", documents))
+    assert held.status == 200 and all(a.status == 200 for a in answers)
+    long_call, short_call = answers[0].body["call"], answers[2].body["call"]
+    assert {answers[1].body["call"], answers[3].body["call"]} == {long_call, short_call}  # two batches of two
+    assert (short_call < long_call) is short_first  # the oldest (long) goes first unless shortest-first

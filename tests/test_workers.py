@@ -102,3 +102,13 @@ def test_one_worker_per_listed_device(start_server: Any, tmp_path: Path) -> None
     assert after[0]["pid"] == workers[0]["pid"]
     assert after[1]["pid"] not in (workers[0]["pid"], workers[1]["pid"])
     assert [w["device"] for w in after] == ["cpu", "cpu"]
+
+
+def test_no_workers_flag_means_one_single_threaded_worker_per_core(start_server: Any) -> None:
+    from pipeserve.front.config import MAX_AUTO_WORKERS, cores
+
+    server = start_server(*ECHO, "--device", "cpu", env={"PIPESERVE_WORKERS": "0"})
+    expected = min(cores(), MAX_AUTO_WORKERS)
+    workers = _ready_workers(server, expected)
+    assert all(w["threads"] == max(1, cores() // expected) for w in workers)
+    assert server.post_json({"inputs": "served"}).json()["text"] == "served"
