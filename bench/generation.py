@@ -55,9 +55,11 @@ def build_model() -> Path:
 
 def servers() -> dict[str, tuple[list[str], str, dict[str, Any]]]:
     model = str(MODEL)
+    pipeserve = [PY, "-m", "pipeserve", "--model", model, "--log-level", "warning"]
     return {
-        "pipeserve (continuous batching)": (
-            [PY, "-m", "pipeserve", "--model", model, "--log-level", "warning"], "/ready", {"ignore_eos": True}),
+        "pipeserve defaults (continuous batching)": (pipeserve, "/ready", {"ignore_eos": True}),
+        "pipeserve 1 worker x 2 threads": (
+            [*pipeserve, "--workers", "1", "--threads", "2"], "/ready", {"ignore_eos": True}),
         "textbook (one request at a time)": (
             [PY, str(BENCH / "baselines/textbook_generate.py"), model], "/health", {}),
         "transformers serve --continuous-batching": (
@@ -112,6 +114,16 @@ async def level(port: int, extra: dict[str, Any], clients: int, warmup: float, s
             "streams_started": len(record["ttft"])}
 
 
+def _pipeserve_setting(port: int) -> str:
+    """The workers, threads and dtype a running pipeserve chose, from /info."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=10) as response:
+        info = json.load(response)
+    workers = info["workers"]
+    return f"{len(workers)} worker(s) x {workers[0]['threads']} thread(s), {info['dtype']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -119,10 +131,11 @@ def main() -> None:
     warmup, seconds = (3.0, 8.0) if args.quick else (10.0, 30.0)
     build_model()
     results: dict[str, dict[int, dict[str, float]]] = {}
-    for name, (command, ready, extra) in servers().items():
-        print(f"-- {name}", flush=True)
+    for server_name, (command, ready, extra) in servers().items():
+        print(f"-- {server_name}", flush=True)
         server = Running(command, ready)
         try:
+            name = f"{server_name}: {_pipeserve_setting(server.port)}" if "pipeserve" in server_name else server_name
             results[name] = {}
             for clients in LEVELS:
                 results[name][clients] = asyncio.run(level(server.port, extra, clients, warmup, seconds))

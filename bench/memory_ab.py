@@ -32,10 +32,22 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-VARIANTS = {
-    "before": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"},
-    "now": {},
+TORCH_DEFAULT_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
+SHIPPED = -1
+# name -> (environment over the shipped one, trim the heap when it holds more free bytes than
+# this after a batch; None: never)
+VARIANTS: dict[str, tuple[dict[str, str], int | None]] = {
+    "before": (TORCH_DEFAULT_CACHES, None),
+    "now": ({}, SHIPPED),
+    "trim-every-batch": ({}, 0),
+    "trim-above-256MiB": ({}, 256 << 20),
+    "trim-only": (TORCH_DEFAULT_CACHES, SHIPPED),
+    "bounded-caches-only": ({}, None),
+    "onednn-1024-ideep-off": ({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}, SHIPPED),
+    "jemalloc": ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, None),
+    "tcmalloc": ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}, None),
 }
+DEFAULT_VARIANTS = "before,now"
 
 
 def _rss_mb() -> float:
@@ -47,10 +59,13 @@ def child(variant: str, dtype: str, seconds: float) -> dict[str, Any]:
     """One variant's run, in this (fresh) process."""
     from pipeserve import model_proc
 
+    environment, trim_above = VARIANTS[variant]
+    os.environ.update(environment)
+    model_proc._bound_shape_caches(os.environ)  # what the variant does not set, as shipped
     return_free_memory = lambda: None  # noqa: E731
-    if variant == "now":
-        model_proc._bound_shape_caches(os.environ)
-        return_free_memory = model_proc._free_memory_returner()
+    if trim_above is not None:
+        return_free_memory = model_proc._free_memory_returner(
+            model_proc.TRIM_ABOVE_BYTES if trim_above == SHIPPED else trim_above)
     import torch
 
     from pipeserve import ipc
@@ -67,27 +82,36 @@ def child(variant: str, dtype: str, seconds: float) -> dict[str, Any]:
     call(sorted(rng.sample(texts, 8), key=len), {})
     first_rss = _rss_mb()
     batches = items = 0
+    free_s = 0.0
+    rss_by_quarter: list[int] = []
     started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    while (elapsed := time.perf_counter() - started) < seconds:
         batch = sorted(rng.sample(texts, rng.randint(1, 32)), key=len)
         call(batch, {})
+        freeing = time.perf_counter()
         return_free_memory()
+        free_s += time.perf_counter() - freeing
         batches += 1
         items += len(batch)
+        if elapsed >= seconds * (len(rss_by_quarter) + 1) / 4:
+            rss_by_quarter.append(round(_rss_mb()))
     elapsed = time.perf_counter() - started
+    rss_by_quarter.append(round(_rss_mb()))
     return {"variant": variant, "dtype": chosen.dtype, "items_per_s": items / elapsed,
-            "batches": batches, "rss_first_mb": first_rss, "rss_end_mb": _rss_mb()}
+            "batches": batches, "rss_first_mb": first_rss, "rss_end_mb": _rss_mb(),
+            "rss_by_quarter_mb": rss_by_quarter, "free_ms_per_batch": free_s * 1000 / batches}
 
 
 def run(variant: str, dtype: str, seconds: float) -> dict[str, Any]:
-    env = {**os.environ, **VARIANTS[variant]}
+    env = {name: value for name, value in os.environ.items() if name not in TORCH_DEFAULT_CACHES}
+    env.update(VARIANTS[variant][0])  # before the process starts: LD_PRELOAD is read by the loader
     command = [sys.executable, __file__, "--child", variant, "--dtype", dtype, "--seconds", str(seconds)]
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True,
                             timeout=seconds + 300).stdout
     return json.loads(output.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def render(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
+def render(rows: list[dict[str, Any]], command: str, seconds: float, variants: list[str]) -> str:
     from run_all import machine
 
     m = machine()
@@ -102,11 +126,11 @@ def render(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
         command,
         "```",
         "",
-        "| dtype | variant | items/s (median) | batches | RSS after 1st batch MiB | RSS at end MiB | growth MiB |",
+        "| dtype | variant | items/s (median) | batches | RSS after 1st batch MiB | RSS at each quarter MiB | growth MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     for dtype in dict.fromkeys(row["dtype_asked"] for row in rows):
-        for variant in VARIANTS:
+        for variant in variants:
             runs = [r for r in rows if r["dtype_asked"] == dtype and r["variant"] == variant]
             if not runs:
                 continue
@@ -114,7 +138,7 @@ def render(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
             first = statistics.median(r["rss_first_mb"] for r in runs)
             end = statistics.median(r["rss_end_mb"] for r in runs)
             lines.append(f"| {runs[0]['dtype']} | {variant} | {speed:.1f} | {statistics.median(r['batches'] for r in runs):.0f} | "
-                         f"{first:.0f} | {end:.0f} | {end - first:+.0f} |")
+                         f"{first:.0f} | {' / '.join(map(str, runs[0]['rss_by_quarter_mb']))} | {end - first:+.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,6 +147,7 @@ def main() -> None:
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--dtypes", default="auto,float32", help="comma-separated --dtype values to compare")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", default=str(BENCH / "MEMORY.md"))
@@ -133,12 +158,12 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         for _ in range(args.repeats):
-            for variant in VARIANTS:
+            for variant in args.variants.split(","):
                 row = {**run(variant, dtype, args.seconds), "dtype_asked": dtype}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(args.output).write_text(render(rows, " ".join(["python", "bench/memory_ab.py", *sys.argv[1:]]),
-                                        args.seconds))
+                                        args.seconds, args.variants.split(",")))
     print(f"wrote {args.output}")
 
 

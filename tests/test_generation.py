@@ -120,3 +120,44 @@ def test_a_chat_without_a_template_ends_with_a_bad_input_error(gpt2: tuple[Any, 
     end = engine.add(ipc.Generate(1, None, GREEDY, messages=[{"role": "user", "content": "hi"}]))
     assert end is not None and end.error is not None and end.error.kind is ipc.ErrorKind.BAD_INPUT
     assert "chat template" in end.error.message and not engine.active
+
+
+@pytest.fixture(scope="module")
+def sliding(gpt2: tuple[Any, Any]) -> tuple[Any, Any]:
+    """A tiny Mistral with a 4-token sliding window: its cache layers cannot be stacked."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = gpt2[1]
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                           sliding_window=4, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return MistralForCausalLM(config).eval(), tokenizer
+
+
+def test_a_cache_that_cannot_be_stacked_falls_back_to_static_batches_that_stream(sliding: tuple[Any, Any]) -> None:
+    engine = _engine(sliding)
+    prompts = {1: "the good movie", 2: "a", 3: "hello world this is a much longer prompt"}
+    engine.add(ipc.Generate(1, prompts[1], GREEDY))
+    first = engine.step()
+    assert not engine.joinable  # the sliding-window layers were recognised
+    engine.add(ipc.Generate(2, prompts[2], GREEDY))
+    engine.add(ipc.Generate(3, prompts[3], {**GREEDY, "max_new_tokens": 9}))
+    steps: list[set[int]] = []
+    tokens: dict[int, list[int]] = {1: [token.id for token in first.tokens]}
+    ended: dict[int, Any] = {}
+    while engine.active:
+        step = engine.step()
+        steps.append({token.stream_id for token in step.tokens})
+        for token in step.tokens:
+            tokens.setdefault(token.stream_id, []).append(token.id)
+        ended.update({end.stream_id: end for end in step.ended})
+    # 1 finishes its five remaining tokens alone; then 2 and 3 run as one batch, streamed per row.
+    assert steps == [{1}] * 5 + [{2, 3}] * 6 + [{3}] * 3
+    assert {s: (e.finish_reason, e.generated_tokens) for s, e in ended.items()} == {
+        1: ("length", 6), 2: ("length", 6), 3: ("length", 9)}
+    for stream_id, prompt in prompts.items():
+        assert tokens[stream_id] == _alone(sliding, prompt, len(tokens[stream_id])), stream_id
+    assert engine.cache is None and not engine.running

@@ -89,23 +89,38 @@ def _bound_shape_caches(environ: MutableMapping[str, str]) -> None:
         environ.setdefault(name, value)
 
 
-def _free_memory_returner() -> Callable[[], None]:
-    """glibc's malloc_trim: give the heap's free pages back to the kernel after each batch.
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+# Free heap bytes the worker may hold between batches before it hands them back.
+TRIM_ABOVE_BYTES = 64 << 20
+
+
+def _free_memory_returner(trim_above: int = TRIM_ABOVE_BYTES) -> Callable[[], None]:
+    """glibc's malloc_trim: give the heap's free pages back once it holds more than `trim_above`.
 
     Activations and outputs change size with every batch's shape; freed, they leave holes in
     glibc's heap that RSS keeps (its mmap threshold also climbs as big blocks are freed, so ever
-    more of them land there): RSS climbed 477 -> 968 MiB over 154 batches here. Trimming after
-    each batch kept it flat at no measurable cost; a fixed mmap threshold kept it flat too, but
-    its page faults cost up to 20 % of the batches (bench/MEMORY.md).
+    more of them land there): RSS climbed 477 -> 968 MiB over 154 batches here. Trimming keeps
+    it flat. Not after every batch: the next batch faults the pages back in, which cost 3-4 % of
+    bf16 batch throughput; with 64 MiB of slack the trims are rare (bench/MEMORY.md). A fixed
+    mmap threshold kept RSS flat too, but its page faults cost up to 20 % of the batches.
     """
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators behave otherwise
         return lambda: None
     trim.argtypes = [ctypes.c_size_t]
+    mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc >= 2.33; before it, trim every time
+    if mallinfo2 is not None:
+        mallinfo2.restype = _MallInfo2
 
     def return_free_memory() -> None:
-        trim(0)
+        if mallinfo2 is None or mallinfo2().fordblks > trim_above:
+            trim(0)
 
     return return_free_memory
 

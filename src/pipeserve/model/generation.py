@@ -38,6 +38,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     cancelled: bool = False
+    prefix_offset: int = 0  # generated[prefix_offset:read_offset] is text already sent
+    read_offset: int = 0
 
     @property
     def max_new_tokens(self) -> int:
@@ -56,6 +58,7 @@ class Engine:
         self.max_running = max_running
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._special_ids = frozenset(tokenizer.all_special_ids)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0)
                                  or getattr(model.config, "n_positions", 0) or 2048)
         self.waiting: deque[Sequence] = deque()
@@ -63,9 +66,12 @@ class Engine:
         self.cache: Any = None
         self.mask: Any = None  # [rows, columns]: 1 where a row has a real token
         self.joinable = True  # False once a cache shows it cannot be stacked (see module doc)
+        forward_parameters = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache (the old name warns, then goes away).
-        self._cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters \
-            else "past_key_values"
+        self._cache_keyword = "cache" if "cache" in forward_parameters else "past_key_values"
+        # A prefill needs the next-token logits of the last position only; the others would cost
+        # a vocabulary-wide projection per prompt token (GPT-2: as much as the rest of the model).
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
 
     @property
     def active(self) -> bool:
@@ -141,7 +147,8 @@ class Engine:
                            device=self.device)
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in sequences],
                             device=self.device)
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                            **self._last_logits_only)
         self._join(_cache_of(output), mask)
         self.running.extend(sequences)
         return self._sample(output.logits[:, -1, :], sequences)
@@ -174,17 +181,36 @@ class Engine:
 
     def _sample(self, logits: Any, sequences: list[Sequence]) -> list[ipc.Token]:
         torch = self.torch
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        tokens = []
+        logits = logits.float()
+        chosen = logits.argmax(dim=-1).tolist()  # greedy rows, all at once
         for row, sequence in enumerate(sequences):
-            token_id = _choose(torch, logits[row].float(), sequence.parameters, sequence.generator)
-            before = sequence.text
+            if sequence.parameters.get("do_sample") and sequence.parameters.get("temperature") != 0:
+                chosen[row] = _choose(torch, logits[row], sequence.parameters, sequence.generator)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen_logprobs = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+        special_ids = self._special_ids
+        tokens = []
+        for sequence, token_id, logprob in zip(sequences, chosen, chosen_logprobs, strict=True):
             sequence.generated.append(token_id)
-            sequence.text = self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
-            special = token_id in self.tokenizer.all_special_ids
-            piece = sequence.text[len(before):] if sequence.text.startswith(before) else ""
-            tokens.append(ipc.Token(sequence.stream_id, token_id, piece, float(logprobs[row, token_id]), special))
+            piece = self._next_piece(sequence)
+            sequence.text += piece
+            tokens.append(ipc.Token(sequence.stream_id, token_id, piece, logprob, token_id in special_ids))
         return tokens
+
+    def _next_piece(self, sequence: Sequence) -> str:
+        """The text the newest token adds, decoding a few tokens rather than the whole sequence.
+
+        Decoding the window from the token before the unread ones keeps the joining space (and
+        a byte-level character split over tokens) right; a piece ending in U+FFFD is an
+        incomplete character, held back until a later token completes it.
+        """
+        decode = self.tokenizer.decode
+        read = decode(sequence.generated[sequence.prefix_offset:sequence.read_offset], skip_special_tokens=True)
+        both = decode(sequence.generated[sequence.prefix_offset:], skip_special_tokens=True)
+        if len(both) <= len(read) or both.endswith("\ufffd"):
+            return ""
+        sequence.prefix_offset, sequence.read_offset = sequence.read_offset, len(sequence.generated)
+        return str(both[len(read):])
 
     # --- leaving ----------------------------------------------------------------------------
 
