@@ -1,6 +1,6 @@
 """What the worker's memory settings cost and save: the model process's work alone, A/B.
 
-    .venv/bin/python bench/memory_ab.py                  # bf16 and fp32, 120 s each variant; writes bench/MEMORY.md
+    .venv/bin/python bench/memory_ab.py                  # bf16 and fp32, 120 s each variant, twice; writes bench/MEMORY.md
     .venv/bin/python bench/memory_ab.py --seconds 20 --output /tmp/memory.md
 
 Each variant runs in a fresh process: the embedded all-MiniLM-L6-v2 loaded as pipeserve's worker
@@ -8,10 +8,13 @@ loads it (`loading.load`, one torch thread), then the same seeded sequence of ba
 of the bench mix, length-sorted, as the batcher forms them) for a fixed time. Recorded: batches
 and items per second, and RSS after the first batch and at the end. Variants:
 
-- before: glibc's own malloc policy and torch's per-shape CPU kernel caches (1024 entries each),
-  as the worker ran until this round;
-- now: what the worker does: ideep's cache off, oneDNN's bounded at 256 (set at start), glibc's heap trimmed after
-  each batch (`model_proc._free_memory_returner`).
+- before: torch's per-shape CPU kernel caches at their defaults (1024 entries each) and glibc's
+  malloc as it comes, as the worker ran until this round;
+- now: what the worker does where tcmalloc is installed: ideep's cache off, oneDNN's bounded at
+  256 (`model_proc._bound_shape_caches`), tcmalloc preloaded (`front/allocator.py`);
+- now-glibc: what it does without tcmalloc: the same caches, glibc's heap trimmed after each batch
+  (`model_proc._free_memory_returner`);
+- bounded-caches-untrimmed-glibc, torch-caches-trimmed-glibc, jemalloc: one change at a time.
 
 Variants alternate (before, now, before, now) so that a slow minute of the machine hits both.
 """
@@ -33,21 +36,18 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 TORCH_DEFAULT_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
-SHIPPED = -1
-# name -> (environment over the shipped one, trim the heap when it holds more free bytes than
-# this after a batch; None: never)
-VARIANTS: dict[str, tuple[dict[str, str], int | None]] = {
-    "before": (TORCH_DEFAULT_CACHES, None),
-    "now": ({}, SHIPPED),
-    "trim-every-batch": ({}, 0),
-    "trim-above-256MiB": ({}, 256 << 20),
-    "trim-only": (TORCH_DEFAULT_CACHES, SHIPPED),
-    "bounded-caches-only": ({}, None),
-    "onednn-1024-ideep-off": ({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}, SHIPPED),
-    "jemalloc": ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, None),
-    "tcmalloc": ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}, None),
+TCMALLOC = {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+# name -> (environment over the shipped one, do what the worker does after each batch: trim
+# glibc's heap unless another allocator is loaded)
+VARIANTS: dict[str, tuple[dict[str, str], bool]] = {
+    "before": (TORCH_DEFAULT_CACHES, False),
+    "now": (TCMALLOC, True),
+    "now-glibc": ({}, True),
+    "bounded-caches-untrimmed-glibc": ({}, False),
+    "torch-caches-trimmed-glibc": (TORCH_DEFAULT_CACHES, True),
+    "jemalloc": ({"LD_PRELOAD": "libjemalloc.so.2"}, False),
 }
-DEFAULT_VARIANTS = "before,now"
+DEFAULT_VARIANTS = "before,now,now-glibc"
 
 
 def _rss_mb() -> float:
@@ -59,13 +59,12 @@ def child(variant: str, dtype: str, seconds: float) -> dict[str, Any]:
     """One variant's run, in this (fresh) process."""
     from pipeserve import model_proc
 
-    environment, trim_above = VARIANTS[variant]
+    environment, as_the_worker = VARIANTS[variant]
     os.environ.update(environment)
     model_proc._bound_shape_caches(os.environ)  # what the variant does not set, as shipped
     return_free_memory = lambda: None  # noqa: E731
-    if trim_above is not None:
-        return_free_memory = model_proc._free_memory_returner(
-            model_proc.TRIM_ABOVE_BYTES if trim_above == SHIPPED else trim_above)
+    if as_the_worker:
+        return_free_memory = model_proc._free_memory_returner(model_proc._allocator())
     import torch
 
     from pipeserve import ipc
@@ -147,7 +146,7 @@ def main() -> None:
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--dtypes", default="auto,float32", help="comma-separated --dtype values to compare")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of: {'; '.join(VARIANTS)}")
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", default=str(BENCH / "MEMORY.md"))

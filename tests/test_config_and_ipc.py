@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import multiprocess
 import numpy as np
@@ -53,6 +55,16 @@ def test_auto_workers_are_one_per_core_on_a_cpu_and_one_on_a_gpu() -> None:
     assert cpu.worker_count() == min(cores(), MAX_AUTO_WORKERS) and cpu.torch_threads() >= 1
     assert load_config(["--device", "cuda:0"], environ={}).worker_count() == 1
     assert load_config(["--device", "cpu", "--workers", "3"], environ={}).worker_count() == 3
+
+
+def test_auto_workers_give_a_text_generator_one_process_with_every_core(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    generator = load_config(["--device", "cpu", "--model", str(tmp_path)], environ={})
+    assert generator.worker_count() == 1 and generator.torch_threads() == cores()
+    assert load_config(["--device", "cpu", "--task", "text-generation"], environ={}).worker_count() == 1
+    classifier = load_config(["--device", "cpu", "--model", str(tmp_path), "--task", "fill-mask"], environ={})
+    assert classifier.worker_count() == min(cores(), MAX_AUTO_WORKERS)
+    assert load_config(["--device", "cpu", "--workers", "2", "--model", str(tmp_path)], environ={}).worker_count() == 2
 
 
 def test_flag_wins_over_environment_which_wins_over_default() -> None:

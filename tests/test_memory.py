@@ -1,16 +1,23 @@
 """The model process keeps its RSS flat under batches of ever-changing shapes.
 
 Two causes were measured (bench/MEMORY.md): torch's per-shape CPU kernel caches, and the holes
-that freed activations leave in glibc's heap. The worker turns ideep's cache off and bounds oneDNN's unless the operator
-set them, bounds oneDNN's, and trims the heap after each batch; both are shown here on their own.
+that freed activations leave in glibc's heap. The worker turns ideep's cache off and bounds
+oneDNN's unless the operator set them; the front preloads tcmalloc into the model processes
+where it is installed (`.ci/run` installs it, so CI runs this path), and a worker on glibc trims
+its heap after each batch instead. Each is shown here on its own.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from conftest import post_json
+from pipeserve.front import allocator
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")]
@@ -53,3 +60,42 @@ def test_the_per_shape_kernel_caches_are_bounded_unless_the_operator_says_otherw
     environ = {"LRU_CACHE_CAPACITY": "64"}
     model_proc._bound_shape_caches(environ)
     assert environ == {"LRU_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(allocator.find_tcmalloc() is None,
+                    reason="tcmalloc is not installed (apt install libtcmalloc-minimal4; .ci/run does)")
+def test_the_model_process_runs_on_tcmalloc_and_the_front_keeps_glibc(start_server: Any) -> None:
+    server = start_server("--pipeline", "custom_pipelines:make")
+    assert post_json(server.port, {"inputs": "hello"}).status == 200
+    assert "libtcmalloc" in _maps(server.worker_pid())
+    assert "libtcmalloc" not in _maps(server.process.pid)
+    assert server.info()["allocator"].startswith("tcmalloc (")
+    assert "allocator tcmalloc" in server.log
+
+
+def test_allocator_glibc_keeps_the_c_librarys_malloc(start_server: Any) -> None:
+    server = start_server("--pipeline", "custom_pipelines:make", "--allocator", "glibc")
+    assert post_json(server.port, {"inputs": "hello"}).status == 200
+    assert "libtcmalloc" not in _maps(server.worker_pid())
+    assert server.info()["allocator"] == "glibc" and "allocator glibc" in server.log
+
+
+def test_prepare_leaves_an_operators_preload_alone_and_says_when_tcmalloc_is_missing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    environ = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
+    assert allocator.prepare("auto", environ).startswith("preloaded by LD_PRELOAD")
+    assert environ == {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
+    environ = {}
+    assert allocator.prepare("glibc", environ) == "glibc" and environ == {}
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    assert allocator.prepare("auto", environ) == "glibc" and environ == {}
+    with pytest.raises(allocator.AllocatorNotFound, match="libtcmalloc-minimal4"):
+        allocator.prepare("tcmalloc", environ)
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
+    environ = {"LD_PRELOAD": "libother.so"}
+    assert allocator.prepare("tcmalloc", environ) == "tcmalloc (libtcmalloc_minimal.so.4)"
+    assert environ["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libother.so"

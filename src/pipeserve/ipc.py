@@ -54,6 +54,13 @@ class WorkerState(enum.StrEnum):
     STOPPED = "stopped"
 
 
+# Generation runs in the model process's continuous-batching engine, fastest with every core in
+# one process; the front tells such a model before it loads by its task or, for a local folder,
+# by the architectures in its config.json (front/config.py's worker count).
+GENERATION_TASK = "text-generation"
+GENERATION_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+
+
 class InputKind(enum.StrEnum):
     """What one input of the loaded pipeline is: text, or the bytes of an image or audio file."""
 

@@ -33,8 +33,9 @@ _PR_SET_PDEATHSIG = 1
 # Bounded, RSS levels off once they are full. oneDNN's primitive cache is what makes a lone input
 # fast (bf16 p50 21.4 ms with it off, 11.6 ms at 256 entries, in-process), so it stays, bounded;
 # ideep's LRU cache at 1 or 256 entries made no difference. The price, against torch's unbounded
-# defaults: 10-13 % of bf16 batch throughput, 2 % of fp32 (bench/MEMORY.md). An operator's own
-# values win (README: "Memory that stays flat").
+# defaults: about 2 % of bf16 batch throughput (the 10-13 % first blamed on them was mostly glibc's
+# heap trimming, measured apart since: bench/MEMORY.md). An operator's own values win (README:
+# "Memory that stays flat").
 SHAPE_CACHE_SETTINGS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "1"}
 
 
@@ -89,38 +90,32 @@ def _bound_shape_caches(environ: MutableMapping[str, str]) -> None:
         environ.setdefault(name, value)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+def _allocator() -> str:
+    """tcmalloc when the front preloaded it (front/allocator.py), else the C library's malloc."""
+    return "tcmalloc" if hasattr(ctypes.CDLL(None), "tc_malloc") else "glibc"
 
 
-# Free heap bytes the worker may hold between batches before it hands them back.
-TRIM_ABOVE_BYTES = 64 << 20
-
-
-def _free_memory_returner(trim_above: int = TRIM_ABOVE_BYTES) -> Callable[[], None]:
-    """glibc's malloc_trim: give the heap's free pages back once it holds more than `trim_above`.
+def _free_memory_returner(allocator: str = "glibc") -> Callable[[], None]:
+    """glibc's malloc_trim: give the heap's free pages back to the kernel after each batch.
 
     Activations and outputs change size with every batch's shape; freed, they leave holes in
     glibc's heap that RSS keeps (its mmap threshold also climbs as big blocks are freed, so ever
     more of them land there): RSS climbed 477 -> 968 MiB over 154 batches here. Trimming keeps
-    it flat. Not after every batch: the next batch faults the pages back in, which cost 3-4 % of
-    bf16 batch throughput; with 64 MiB of slack the trims are rare (bench/MEMORY.md). A fixed
-    mmap threshold kept RSS flat too, but its page faults cost up to 20 % of the batches.
+    it flat, at a price: the next batch faults the pages back in (3-5 % of bf16 batch
+    throughput; trimming only once over 64 MiB lay free cost as much, over 256 MiB ~1 % less but
+    RSS swung by 250 MiB). A fixed mmap threshold cost up to 20 %. tcmalloc, which the front
+    preloads where installed, needs none of this (bench/MEMORY.md).
     """
+    if allocator != "glibc":
+        return lambda: None
     try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators behave otherwise
         return lambda: None
     trim.argtypes = [ctypes.c_size_t]
-    mallinfo2 = getattr(libc, "mallinfo2", None)  # glibc >= 2.33; before it, trim every time
-    if mallinfo2 is not None:
-        mallinfo2.restype = _MallInfo2
 
     def return_free_memory() -> None:
-        if mallinfo2 is None or mallinfo2().fordblks > trim_above:
-            trim(0)
+        trim(0)
 
     return return_free_memory
 
@@ -192,8 +187,8 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
         details=call.details(),
         precision=chosen,
     )
-    log.info("loaded %s (%s) on %s in %s in %.1fs%s", spec.model or spec.pipeline, call.task, device,
-             chosen.dtype, ready.load_seconds, _precision_note(chosen))
+    log.info("loaded %s (%s) on %s in %s in %.1fs%s; allocator %s", spec.model or spec.pipeline, call.task,
+             device, chosen.dtype, ready.load_seconds, _precision_note(chosen), _allocator())
     return call, ready
 
 
@@ -217,7 +212,7 @@ def _resolve_device(device: str, torch: Any) -> str:
 def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
     """Answer messages; while sequences are being generated, one decoding step between reads."""
     engine = call.engine(spec.max_running_sequences)
-    return_free_memory = _free_memory_returner()
+    return_free_memory = _free_memory_returner(_allocator())
     while True:
         try:
             # Block for the next message only when no sequence waits for its next step.

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from pipeserve import logs
-from pipeserve.front import connections, systemd
+from pipeserve.front import allocator, connections, systemd
 from pipeserve.front.config import Config, load_config
 from pipeserve.front.runtime import Runtime
 from pipeserve.http import create_app
@@ -30,10 +30,10 @@ _LOAD_EXTENSION_S = 30.0  # EXTEND_TIMEOUT_USEC granted at a time while the mode
 _GIVE_UP_GRACE_S = 10.0  # after --load-timeout: killing the worker and exiting
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, worker_allocator: str = "glibc") -> int:
     """Run the server until a signal or a fatal worker failure; return the exit code."""
     loop = asyncio.get_running_loop()
-    runtime = Runtime(config)
+    runtime = Runtime(config, worker_allocator=worker_allocator)
     notifier = systemd.Notifier()
     runner = web.AppRunner(create_app(runtime), handler_cancellation=True, access_log=None,
                            shutdown_timeout=_CONNECTION_CLOSE_TIMEOUT_S,
@@ -133,4 +133,10 @@ def _is_loopback(host: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
     logs.configure(config.log_level, config.log_format)
-    return asyncio.run(serve(config))
+    try:  # before any model process is spawned: they inherit the environment
+        worker_allocator = allocator.prepare(config.allocator, os.environ)
+    except allocator.AllocatorNotFound as exc:
+        log.error("%s", exc)
+        return ExitCode.USAGE
+    log.info("model processes' allocator: %s", worker_allocator)
+    return asyncio.run(serve(config, worker_allocator))

@@ -78,8 +78,10 @@ class LoadedModel:
 
 
 class Runtime:
-    def __init__(self, config: Config, entry_point: str = ipc.MODEL_ENTRY_POINT) -> None:
+    def __init__(self, config: Config, entry_point: str = ipc.MODEL_ENTRY_POINT,
+                 worker_allocator: str = "glibc") -> None:
         self.config = config
+        self.worker_allocator = worker_allocator  # front/allocator.py
         # A custom pipeline may need no model at all: only the plain server defaults to one.
         self.model = config.model or ("" if config.pipeline else default_model_path())
         self.served_model_name = served_model_name(config)
@@ -235,6 +237,7 @@ class Runtime:
             "device": ready.device if ready else config.device,
             "dtype": ready.dtype if ready else config.dtype,
             "precision": dataclasses.asdict(ready.precision) if ready and ready.precision else None,
+            "allocator": self.worker_allocator,
             "status": self.unavailable_reason() or "ready",
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "versions": {"pipeserve": __version__, **(ready.versions if ready else {})},

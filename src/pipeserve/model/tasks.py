@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeserve.ipc import InputKind, ParamSpec, ParamType
+from pipeserve.ipc import GENERATION_ARCHITECTURES, GENERATION_TASK, InputKind, ParamSpec, ParamType
 
 # --- documented parameters, each declared once and shared by the tasks that take it -----------
 
@@ -105,10 +105,10 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          agreement_parameters={"candidate_labels": ["news", "question", "opinion"]},
          output="zero_shot_labels"),
     # The generated text without the prompt, as TGI and the Inference API answer by default.
-    Task("text-generation", adapter="TextGenerationCall", parameters=GENERATION,
+    Task(GENERATION_TASK, adapter="TextGenerationCall", parameters=GENERATION,
          defaults={"return_full_text": False},
          warmup_parameters={"max_new_tokens": 1}, agreement_parameters={"max_new_tokens": 8, "do_sample": False},
-         architectures=("ForCausalLM", "LMHeadModel")),
+         architectures=GENERATION_ARCHITECTURES),
     Task("image-classification", adapter="ImageCall", input_kind=InputKind.IMAGE,
          parameters=(TOP_K, FUNCTION_TO_APPLY), architectures=("ForImageClassification",)),
     Task("audio-classification", adapter="AudioCall", input_kind=InputKind.AUDIO,
