@@ -58,8 +58,8 @@ def servers() -> dict[str, tuple[list[str], str, dict[str, Any]]]:
     pipeserve = [PY, "-m", "pipeserve", "--model", model, "--log-level", "warning"]
     return {
         "pipeserve defaults (continuous batching)": (pipeserve, "/ready", {"ignore_eos": True}),
-        "pipeserve 1 worker x 2 threads": (
-            [*pipeserve, "--workers", "1", "--threads", "2"], "/ready", {"ignore_eos": True}),
+        "pipeserve --dtype float32 (the peers' precision)": (
+            [*pipeserve, "--dtype", "float32"], "/ready", {"ignore_eos": True}),
         "textbook (one request at a time)": (
             [PY, str(BENCH / "baselines/textbook_generate.py"), model], "/health", {}),
         "transformers serve --continuous-batching": (
