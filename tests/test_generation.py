@@ -161,3 +161,19 @@ def test_a_cache_that_cannot_be_stacked_falls_back_to_static_batches_that_stream
     for stream_id, prompt in prompts.items():
         assert tokens[stream_id] == _alone(sliding, prompt, len(tokens[stream_id])), stream_id
     assert engine.cache is None and not engine.running
+
+
+def test_rows_leave_in_place_and_many_unneeded_columns_are_dropped(gpt2: tuple[Any, Any]) -> None:
+    engine = _engine(gpt2)
+    prompts = {1: " ".join(["the good movie"] * 25), 2: "a", 3: "hello world"}  # 1: 75 tokens
+    engine.add(ipc.Generate(1, prompts[1], {**GREEDY, "max_new_tokens": 2}))
+    engine.add(ipc.Generate(2, prompts[2], {**GREEDY, "max_new_tokens": 8}))
+    engine.add(ipc.Generate(3, prompts[3], {**GREEDY, "max_new_tokens": 8}))
+    first, first_ended = _run(engine, until_idle=False, steps=2)  # 1 leaves after its second token
+    assert [s.stream_id for s in engine.running] == [2, 3]
+    assert engine.mask.shape[1] <= 4  # the 74 leading columns only 1 needed went with it
+    rest, _ = _run(engine)
+    for stream_id in (2, 3):
+        tokens = first[stream_id] + rest[stream_id]
+        assert tokens == _alone(gpt2, prompts[stream_id], 8), stream_id
+    assert first[1] == _alone(gpt2, prompts[1], 2) and first_ended[1].finish_reason == "length"

@@ -1,10 +1,11 @@
 """Continuous batching for text generation, in the model process.
 
-Running sequences share one forward pass per step over a left-padded key/value cache. A new
-sequence is prefilled on its own and joins at the next step (its cache is padded and stacked
-onto the batch's); a finished or cancelled one leaves at once (its row is dropped, and columns
-no row needs any more are trimmed). Each sequence has its own parameters: max_new_tokens,
-greedy or sampled (temperature, top_p, top_k) with its own seeded generator, stop sequences.
+Running sequences share one forward pass per step over a left-padded key/value cache
+(kv_cache.py). A new sequence is prefilled on its own and joins at the next step (its rows are
+written, left-padded, into the cache's free rows); a finished or cancelled one leaves at once
+(the rows after it move up, and once many leading columns are needed by no row, they are
+dropped). Each sequence has its own parameters: max_new_tokens, greedy or sampled
+(temperature, top_p, top_k) with its own seeded generator, stop sequences.
 
 Models whose cache is not a plain DynamicCache (sliding windows, hybrid or recurrent layers)
 still stream, but without joining: a new sequence waits until the running ones have finished
@@ -22,6 +23,7 @@ from typing import Any
 
 from pipeserve import ipc
 from pipeserve.ipc import ErrorKind
+from pipeserve.model import kv_cache
 
 log = logging.getLogger("pipeserve.worker")
 
@@ -121,16 +123,16 @@ class Engine:
 
     def step(self) -> ipc.Step:
         """Prefill the waiting sequences that fit, or else decode one token for every running one."""
-        ended = self._drop_cancelled()
-        admit = self._admissible()
-        with self.torch.inference_mode():
+        with self.torch.inference_mode():  # rows leave in place: the cache's tensors are inference tensors
+            ended = self._drop_cancelled()
+            admit = self._admissible()
             if admit:
                 tokens = self._prefill(admit)
             elif self.running:
                 tokens = self._decode()
             else:
                 tokens = []
-        ended += self._drop_finished()
+            ended += self._drop_finished()
         return ipc.Step(tokens, ended)
 
     def _admissible(self) -> list[Sequence]:
@@ -168,15 +170,19 @@ class Engine:
         torch = self.torch
         if self.cache is None:
             self.cache, self.mask = cache, mask
-            self.joinable = _stackable(cache)
+            self.joinable = kv_cache.stackable(cache)
             if self.joinable:
-                _grow_in_place(cache)
+                kv_cache.grow_in_place(cache, self.max_running)
             return
         length = max(self.mask.shape[1], mask.shape[1])
-        for index, (old, new) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
-            keys = torch.cat([_left_pad(old.keys, length, dim=2), _left_pad(new.keys, length, dim=2)])
-            values = torch.cat([_left_pad(old.values, length, dim=2), _left_pad(new.values, length, dim=2)])
-            self.cache.layers[index] = _growing_layer(keys, values)
+        layers = zip(self.cache.layers, cache.layers, strict=True)
+        if length == self.mask.shape[1] and self.cache.layers[0].room_for(mask.shape[0]):
+            for old, new in layers:  # the common case: only the newcomers' rows are written
+                old.append_rows(new.keys, new.values)
+        else:  # a longer prompt: every row moves right
+            for index, (old, new) in enumerate(layers):
+                self.cache.layers[index] = kv_cache.growing_layer(
+                    [old.keys, new.keys], [old.values, new.values], length, self.max_running)
         self.mask = torch.cat([_left_pad(self.mask, length, dim=1), _left_pad(mask, length, dim=1)])
 
     def _sample(self, logits: Any, sequences: list[Sequence]) -> list[ipc.Token]:
@@ -260,8 +266,15 @@ class Engine:
             return
         self.mask = self.mask[rows]
         first = int(self.mask.any(dim=0).nonzero()[0])
+        if first < kv_cache.GROWTH:  # a few columns no row needs are cheaper to keep (masked) than to copy away
+            first = 0
+        kept = rows.tolist()
         for index, layer in enumerate(self.cache.layers):
-            self.cache.layers[index] = _growing_layer(layer.keys[rows, :, first:], layer.values[rows, :, first:])
+            if first:
+                keys, values = layer.keys[rows, :, first:], layer.values[rows, :, first:]
+                self.cache.layers[index] = kv_cache.growing_layer([keys], [values], keys.shape[2], self.max_running)
+            else:
+                layer.keep_rows(kept)
         self.mask = self.mask[:, first:]
         self.running = keep
 
@@ -315,62 +328,6 @@ def _left_pad(tensor: Any, length: int, dim: int) -> Any:
     import torch  # noqa: PLC0415
 
     return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
-
-
-def _stackable(cache: Any) -> bool:
-    """A plain DynamicCache of full-attention layers: rows can be stacked and dropped."""
-    layers: list[Any] = list(getattr(cache, "layers", None) or [])
-    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "GrowingLayer") for layer in layers)
-
-
-_GROWING: Any = None
-GROWTH = 64  # token positions of room added at a time
-
-
-def _growing_layer(keys: Any, values: Any) -> Any:
-    """A cache layer whose keys and values are views of buffers with room to grow.
-
-    transformers' DynamicLayer appends a step's key and value with torch.cat, copying the whole
-    cache every step (16 % of a step at 16 rows x 100 positions, measured, and more as it grows);
-    this one writes the step in place and copies only when it runs out of room.
-    """
-    global _GROWING  # noqa: PLW0603 - the class is made once, when torch is importable
-    if _GROWING is None:
-        import torch  # noqa: PLC0415
-        from transformers.cache_utils import DynamicLayer  # noqa: PLC0415
-
-        class GrowingLayer(DynamicLayer):  # type: ignore[misc]
-            def adopt(self, keys: Any, values: Any) -> None:
-                batch, heads, length, dim = keys.shape
-                self._keys = torch.empty((batch, heads, length + GROWTH, dim), dtype=keys.dtype, device=keys.device)
-                self._values = torch.empty((batch, heads, length + GROWTH, values.shape[-1]), dtype=values.dtype,
-                                           device=values.device)
-                self._keys[:, :, :length] = keys
-                self._values[:, :, :length] = values
-                self._length = length
-                self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
-                self.is_initialized, self.device = True, keys.device
-
-            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-                added = key_states.shape[-2]
-                if self._length + added > self._keys.shape[2]:
-                    self.adopt(self.keys, self.values)  # copies into a buffer with fresh room
-                self._keys[:, :, self._length:self._length + added] = key_states
-                self._values[:, :, self._length:self._length + added] = value_states
-                self._length += added
-                self.keys = self._keys[:, :, :self._length]
-                self.values = self._values[:, :, :self._length]
-                return self.keys, self.values
-
-        _GROWING = GrowingLayer
-    layer = _GROWING()
-    layer.adopt(keys, values)
-    return layer
-
-
-def _grow_in_place(cache: Any) -> None:
-    for index, layer in enumerate(cache.layers):
-        cache.layers[index] = _growing_layer(layer.keys, layer.values)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

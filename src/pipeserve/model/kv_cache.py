@@ -1,0 +1,111 @@
+"""The generation engine's key/value cache: rows that join and leave without copying the others.
+
+A plain DynamicCache of full-attention layers is turned into GrowingLayers: buffers with room
+for more positions and for every row the engine may run, so that a decoding step writes its
+keys and values in place, a newcomer is written into free rows, and a leaving row's place is
+closed up by moving only the rows after it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def stackable(cache: Any) -> bool:
+    """A plain DynamicCache of full-attention layers: rows can be stacked and dropped."""
+    layers: list[Any] = list(getattr(cache, "layers", None) or [])
+    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "GrowingLayer") for layer in layers)
+
+
+_GROWING: Any = None
+GROWTH = 64  # token positions of room added at a time
+
+
+def growing_layer(keys: list[Any], values: list[Any], length: int, max_rows: int) -> Any:
+    """A cache layer of these row blocks (each left-padded to `length`), with room to grow.
+
+    transformers' DynamicLayer appends a step's key and value with torch.cat, copying the whole
+    cache every step (16 % of a step at 16 rows x 100 positions, measured, and more as it grows);
+    this one writes the step in place and copies only when it runs out of room. Its buffer has
+    room for `max_rows` rows, so a newcomer whose prompt is no longer than the running rows is
+    written into free rows, and rows that leave are closed up in place: neither copies the
+    others (at 31 rows x 156 positions of GPT-2 small, a join went from 69 to ~1 ms and a leave
+    from 70 to 18 ms, in-process).
+    """
+    global _GROWING  # noqa: PLW0603 - the class is made once, when torch is importable
+    if _GROWING is None:
+        import torch  # noqa: PLC0415
+        from transformers.cache_utils import DynamicLayer  # noqa: PLC0415
+
+        class GrowingLayer(DynamicLayer):  # type: ignore[misc]
+            def adopt(self, keys: list[Any], values: list[Any], length: int, max_rows: int) -> None:
+                self._keys = _stack_left_padded(torch, keys, length, max_rows)
+                self._values = _stack_left_padded(torch, values, length, max_rows)
+                self._rows = sum(block.shape[0] for block in keys)
+                self._length = length
+                self._view()
+                self.is_initialized, self.device = True, keys[0].device
+
+            def _view(self) -> None:
+                self.keys = self._keys[:self._rows, :, :self._length]
+                self.values = self._values[:self._rows, :, :self._length]
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+                added = key_states.shape[-2]
+                if self._length + added > self._keys.shape[2]:
+                    self.adopt([self.keys], [self.values], self._length, self._keys.shape[0])  # fresh room
+                self._keys[:self._rows, :, self._length:self._length + added] = key_states
+                self._values[:self._rows, :, self._length:self._length + added] = value_states
+                self._length += added
+                self._view()
+                return self.keys, self.values
+
+            def room_for(self, rows: int) -> bool:
+                return bool(self._rows + rows <= self._keys.shape[0])
+
+            def append_rows(self, keys: Any, values: Any) -> None:
+                """Write rows no longer than this layer's, left-padded, into its free rows."""
+                rows, pad = keys.shape[0], self._length - keys.shape[2]
+                for buffer, block in ((self._keys, keys), (self._values, values)):
+                    buffer[self._rows:self._rows + rows, :, :pad].zero_()
+                    buffer[self._rows:self._rows + rows, :, pad:self._length] = block
+                self._rows += rows
+                self._view()
+
+            def keep_rows(self, rows: list[int]) -> None:
+                """Keep these rows (ascending), moving each down to its new index in place."""
+                for new, old in enumerate(rows):
+                    if new != old:
+                        self._keys[new, :, :self._length] = self._keys[old, :, :self._length]
+                        self._values[new, :, :self._length] = self._values[old, :, :self._length]
+                self._rows = len(rows)
+                self._view()
+
+        _GROWING = GrowingLayer
+    layer = _GROWING()
+    layer.adopt(keys, values, length, max_rows)
+    return layer
+
+
+def _stack_left_padded(torch: Any, blocks: list[Any], length: int, max_rows: int) -> Any:
+    """A buffer [max_rows, heads, length + GROWTH, dim] holding the blocks, each right-aligned at length.
+
+    Each block is copied once; only its padding is zeroed (masked out, but never garbage: a NaN
+    there would survive the mask).
+    """
+    first = blocks[0]
+    rows = sum(block.shape[0] for block in blocks)
+    buffer = torch.empty((max(rows, max_rows), first.shape[1], length + GROWTH, first.shape[3]),
+                         dtype=first.dtype, device=first.device)
+    row = 0
+    for block in blocks:
+        count, pad = block.shape[0], length - block.shape[2]
+        buffer[row:row + count, :, :pad].zero_()
+        buffer[row:row + count, :, pad:length] = block
+        row += count
+    return buffer
+
+
+def grow_in_place(cache: Any, max_rows: int) -> None:
+    for index, layer in enumerate(cache.layers):
+        cache.layers[index] = growing_layer([layer.keys], [layer.values], layer.keys.shape[2], max_rows)
