@@ -127,17 +127,24 @@ def _pipeserve_setting(port: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--servers", default="", help="only the servers whose name contains one of these (comma-separated)")
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients, comma-separated")
+    parser.add_argument("--output", default=str(BENCH / "GENERATION.md"))
     args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+    wanted = [part for part in args.servers.split(",") if part]
     warmup, seconds = (3.0, 8.0) if args.quick else (10.0, 30.0)
     build_model()
     results: dict[str, dict[int, dict[str, float]]] = {}
     for server_name, (command, ready, extra) in servers().items():
+        if wanted and not any(part in server_name for part in wanted):
+            continue
         print(f"-- {server_name}", flush=True)
         server = Running(command, ready)
         try:
             name = f"{server_name}: {_pipeserve_setting(server.port)}" if "pipeserve" in server_name else server_name
             results[name] = {}
-            for clients in LEVELS:
+            for clients in levels:
                 results[name][clients] = asyncio.run(level(server.port, extra, clients, warmup, seconds))
                 print(f"   C={clients}: {results[name][clients]}", flush=True)
         finally:
@@ -146,14 +153,14 @@ def main() -> None:
     lines = ["# Streamed generation", "",
              f"Measured {facts['date']} at commit {facts['commit']} on {facts['cores']} cores ({facts['cpu']}), "
              f"torch {facts['torch']}, transformers {facts['transformers']}, with `python bench/generation.py"
-             f"{' --quick' if args.quick else ''}`: a GPT-2-small-sized model with random weights, streamed "
+             f"{''.join(' ' + a for a in sys.argv[1:])}`: a GPT-2-small-sized model with random weights, streamed "
              f"/v1/completions, greedy, 64-256 new tokens; {warmup:g} s warm-up, then {seconds:g} s measured per level.",
              "", "| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | inter-token p99 ms |", "|---|---|---|---|---|---|"]
     for name, by_level in results.items():
         for clients, row in by_level.items():
             lines.append(f"| {name} | {clients} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | "
                          f"{row['ttft_p99_ms']:.0f} | {row['inter_token_p99_ms']:.0f} |")
-    (BENCH / "GENERATION.md").write_text("\n".join(lines) + "\n")
+    Path(args.output).write_text("\n".join(lines) + "\n")
     (BENCH / "out").mkdir(exist_ok=True)
     (BENCH / "out" / "generation.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
