@@ -101,6 +101,15 @@ async def test_while_loading_requests_get_503_before_their_body_is_parsed(start:
     assert (await client.get("/ready")).status == 200
 
 
+async def test_a_stop_while_the_workers_spawn_returns_and_leaves_none_running(start: Start) -> None:
+    _, runtime = await start(wait_ready=False, workers=2)
+    await asyncio.sleep(0)  # the supervisors' tasks begin: each is now spawning its process
+    spawning = [s.worker for s in runtime.supervisors if s.worker is not None]
+    assert spawning  # the stop below lands inside the spawn, where it used to wait forever
+    await asyncio.wait_for(runtime.stop(), WAIT_S)
+    assert all(worker.process is None or worker.process.exitcode is not None for worker in spawning)
+
+
 async def test_info_reports_the_loaded_schema_and_every_public_setting(start: Start) -> None:
     client, _ = await start(max_batch_size=7, api_key="secret")
     info = await (await client.get("/info", headers={"Authorization": "Bearer secret"})).json()

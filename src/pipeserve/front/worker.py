@@ -84,6 +84,7 @@ class WorkerProcess:
         self.process: Any = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._spawning: asyncio.Future[None] | None = None
         self._exit_task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[ipc.Ready] | None = None
         self._pending: tuple[int, asyncio.Future[ipc.BatchResult]] | None = None
@@ -105,7 +106,9 @@ class WorkerProcess:
             target=ipc.run_entry_point, args=(self._entry_point, child_end, self.spec),
             name=f"pipeserve-worker-{self.spec.worker_index}")
         # Spawning forks, execs and writes the preparation data to a pipe: off the event loop.
-        await asyncio.to_thread(self.process.start)
+        # Shielded: a stop() that cancels us meanwhile must find the spawn finished to kill it.
+        self._spawning = asyncio.ensure_future(asyncio.to_thread(self.process.start))
+        await asyncio.shield(self._spawning)
         self.started_at = time.monotonic()
         child_end.close()  # so that we see EOF when the child dies
         sock = socket.socket(fileno=os.dup(parent_end.fileno()))
@@ -161,6 +164,13 @@ class WorkerProcess:
     async def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Ask the worker to exit; kill it if it has not within `grace` seconds."""
         if self.exited is None or self.exited.done():
+            return
+        if self._reader_task is None and self._spawning is not None:
+            # Stopped while spawning (start() was cancelled): nothing watches its death yet.
+            await asyncio.gather(asyncio.shield(self._spawning), return_exceptions=True)
+            self.kill()
+            await asyncio.to_thread(self.process.join, grace)
+            self.exited.set_result(WorkerDied(describe_exit(self.process.exitcode), self.process.exitcode))
             return
         try:
             if self._writer is not None:
