@@ -190,8 +190,8 @@ class Engine:
         logits = logits.float()
         chosen = logits.argmax(dim=-1).tolist()  # greedy rows, all at once
         for row, sequence in enumerate(sequences):
-            if sequence.parameters.get("do_sample") and sequence.parameters.get("temperature") != 0:
-                chosen[row] = _choose(torch, logits[row], sequence.parameters, sequence.generator)
+            if _samples(sequence.parameters):
+                chosen[row] = _sample_one(torch, logits[row], sequence.parameters, sequence.generator)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen_logprobs = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
         special_ids = self._special_ids
@@ -258,7 +258,8 @@ class Engine:
             self.running, self.cache, self.mask, self.joinable = [], None, None, True
             return
         torch = self.torch
-        rows = torch.tensor([self.running.index(s) for s in keep], device=self.device)
+        kept = [self.running.index(s) for s in keep]
+        rows = torch.tensor(kept, device=self.device)
         if not self.joinable:
             self.cache.batch_select_indices(rows)
             self.mask = self.mask[rows]
@@ -268,7 +269,6 @@ class Engine:
         first = int(self.mask.any(dim=0).nonzero()[0])
         if first < kv_cache.GROWTH:  # a few columns no row needs are cheaper to keep (masked) than to copy away
             first = 0
-        kept = rows.tolist()
         for index, layer in enumerate(self.cache.layers):
             if first:
                 keys, values = layer.keys[rows, :, first:], layer.values[rows, :, first:]
@@ -291,12 +291,14 @@ class Engine:
         return ended
 
 
-def _choose(torch: Any, logits: Any, parameters: dict[str, Any], generator: Any) -> int:
-    """Greedy, or a sample after temperature, top-k and top-p, from the sequence's own generator."""
-    temperature = parameters.get("temperature")
-    if not parameters.get("do_sample") or temperature == 0:
-        return int(logits.argmax())
-    logits = logits / float(temperature or 1.0)
+def _samples(parameters: dict[str, Any]) -> bool:
+    """Whether a sequence samples its tokens; otherwise it is greedy (temperature 0 is greedy too)."""
+    return bool(parameters.get("do_sample")) and parameters.get("temperature") != 0
+
+
+def _sample_one(torch: Any, logits: Any, parameters: dict[str, Any], generator: Any) -> int:
+    """A sample after temperature, top-k and top-p, from the sequence's own generator."""
+    logits = logits / float(parameters.get("temperature") or 1.0)
     top_k = parameters.get("top_k")
     if top_k:
         threshold = torch.topk(logits, min(int(top_k), logits.shape[-1])).values[-1]

@@ -65,11 +65,9 @@ def growing_layer(keys: list[Any], values: list[Any], length: int, max_rows: int
 
             def append_rows(self, keys: Any, values: Any) -> None:
                 """Write rows no longer than this layer's, left-padded, into its free rows."""
-                rows, pad = keys.shape[0], self._length - keys.shape[2]
-                for buffer, block in ((self._keys, keys), (self._values, values)):
-                    buffer[self._rows:self._rows + rows, :, :pad].zero_()
-                    buffer[self._rows:self._rows + rows, :, pad:self._length] = block
-                self._rows += rows
+                _place(self._keys, self._rows, keys, self._length)
+                _place(self._values, self._rows, values, self._length)
+                self._rows += keys.shape[0]
                 self._view()
 
             def keep_rows(self, rows: list[int]) -> None:
@@ -90,8 +88,7 @@ def growing_layer(keys: list[Any], values: list[Any], length: int, max_rows: int
 def _stack_left_padded(torch: Any, blocks: list[Any], length: int, max_rows: int) -> Any:
     """A buffer [max_rows, heads, length + GROWTH, dim] holding the blocks, each right-aligned at length.
 
-    Each block is copied once; only its padding is zeroed (masked out, but never garbage: a NaN
-    there would survive the mask).
+    Each block is copied once.
     """
     first = blocks[0]
     rows = sum(block.shape[0] for block in blocks)
@@ -99,11 +96,20 @@ def _stack_left_padded(torch: Any, blocks: list[Any], length: int, max_rows: int
                          dtype=first.dtype, device=first.device)
     row = 0
     for block in blocks:
-        count, pad = block.shape[0], length - block.shape[2]
-        buffer[row:row + count, :, :pad].zero_()
-        buffer[row:row + count, :, pad:length] = block
-        row += count
+        _place(buffer, row, block, length)
+        row += block.shape[0]
     return buffer
+
+
+def _place(buffer: Any, row: int, block: Any, length: int) -> None:
+    """Copy a block of rows into the buffer from `row` on, right-aligned at `length`.
+
+    Only its left padding is zeroed: it is masked out, but never garbage (a NaN there would
+    survive the mask).
+    """
+    count, pad = block.shape[0], length - block.shape[2]
+    buffer[row:row + count, :, :pad].zero_()
+    buffer[row:row + count, :, pad:length] = block
 
 
 def grow_in_place(cache: Any, max_rows: int) -> None:
