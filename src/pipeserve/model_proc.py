@@ -103,8 +103,8 @@ def _free_memory_returner(allocator: str = "glibc") -> Callable[[], None]:
     more of them land there): RSS climbed 477 -> 968 MiB over 154 batches here. Trimming keeps
     it flat, at a price: the next batch faults the pages back in (~6 % of bf16 batch throughput
     against the same caches untrimmed; trimming only once over 64 MiB lay free cost as much, over
-    256 MiB ~1 % less but RSS swung by 250 MiB). A fixed mmap threshold cost up to 20 %. tcmalloc, which the front
-    preloads where installed, needs none of this (bench/MEMORY.md).
+    256 MiB ~1 % less but RSS swung by 250 MiB). A fixed mmap threshold cost up to 20 %.
+    tcmalloc, which the front preloads where installed, needs none of this (bench/MEMORY.md).
     """
     if allocator != "glibc":
         return lambda: None

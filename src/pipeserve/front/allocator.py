@@ -2,7 +2,8 @@
 
 glibc's malloc keeps the holes that a model's activations leave when every batch has a new
 shape: a worker's RSS climbed for as long as it served. Trimming the heap after each batch keeps
-it flat but costs ~4 % of bf16 batch throughput (the next batch faults the pages back in).
+it flat but costs throughput (bf16 7.4 %, fp32 4.5 % in bench/MEMORY.md: the next batch faults
+the pages back in).
 gperftools' tcmalloc, preloaded, keeps RSS flat at glibc's full speed (bench/MEMORY.md), so the
 front preloads it into the model processes where it is installed (Debian/Ubuntu:
 libtcmalloc-minimal4) and leaves glibc plus trimming as the fallback. The front itself keeps
@@ -12,10 +13,7 @@ glibc: it is already running, and its own memory is small and steady.
 from __future__ import annotations
 
 import ctypes.util
-import logging
 from collections.abc import MutableMapping
-
-log = logging.getLogger("pipeserve")
 
 CHOICES = ("auto", "tcmalloc", "glibc")
 _TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # gperftools' small build first
