@@ -112,3 +112,15 @@ def test_no_workers_flag_means_one_single_threaded_worker_per_core(start_server:
     workers = _ready_workers(server, expected)
     assert all(w["threads"] == max(1, cores() // expected) for w in workers)
     assert server.post_json({"inputs": "served"}).json()["text"] == "served"
+
+
+def test_no_workers_flag_gives_a_text_generator_one_worker_with_every_core(
+        start_server: Any, task_models: dict[str, Path]) -> None:
+    from pipeserve.front.config import cores
+
+    server = start_server("--model", str(task_models["text-generation"]), "--device", "cpu",
+                          env={"PIPESERVE_WORKERS": "0"})
+    workers = _ready_workers(server, 1)
+    assert len(server.info()["workers"]) == 1 and workers[0]["threads"] == cores()
+    reply = server.post_json({"inputs": "the good movie", "parameters": {"max_new_tokens": 2}})
+    assert reply.status == 200 and "generated_text" in reply.json()[0]
