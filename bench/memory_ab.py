@@ -125,7 +125,7 @@ def render(rows: list[dict[str, Any]], command: str, seconds: float, variants: l
         command,
         "```",
         "",
-        "| dtype | variant | items/s (median) | batches | RSS after 1st batch MiB | RSS at each quarter MiB | growth MiB |",
+        "| dtype | variant | items/s (median) | batches | RSS after 1st batch MiB | RSS at each quarter (first run) MiB | growth MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     for dtype in dict.fromkeys(row["dtype_asked"] for row in rows):
