@@ -99,3 +99,14 @@ def test_prepare_leaves_an_operators_preload_alone_and_says_when_tcmalloc_is_mis
     environ = {"LD_PRELOAD": "libother.so"}
     assert allocator.prepare("tcmalloc", environ) == "tcmalloc (libtcmalloc_minimal.so.4)"
     assert environ["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libother.so"
+
+
+def test_allocator_tcmalloc_where_it_is_missing_exits_2_with_one_line() -> None:
+    # The command line itself, in its own process, on a machine where tcmalloc cannot be found.
+    script = ("from pipeserve.front import allocator, cli; allocator.find_tcmalloc = lambda: None; "
+              "raise SystemExit(cli.main(['--allocator', 'tcmalloc', '--pipeline', 'custom_pipelines:make']))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        "--allocator tcmalloc: gperftools' tcmalloc is not installed (Debian/Ubuntu: apt install libtcmalloc-minimal4)")
