@@ -8,7 +8,8 @@ A GPT-2-small-sized model (12 layers, 768 wide, 50257 tokens) with random weight
 generated word-level tokenizer is built in bench/out/ (generation cost does not depend on the
 weights). Each client sends streamed OpenAI /v1/completions requests, one after another, greedy,
 with 64-256 new tokens (seeded), and records when each token arrives. Figures per server and
-concurrency: tokens/s over the measured period, time to first token p50/p99, inter-token p99.
+concurrency: tokens/s over the measured period, time to first token p50/p99, inter-token p99, and
+streams cut short by an error event (a deadline, a crash).
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ async def client(session: aiohttp.ClientSession, url: str, extra: dict[str, Any]
                 if not line.startswith(b"data:") or line.startswith(b"data: [DONE]"):
                     continue
                 chunk = json.loads(line[5:])
+                if "error" in chunk:  # a stream cut short (a deadline, a crash): counted, not hidden
+                    if measure_from <= time.monotonic() < stop_at:
+                        record["errors"].append(time.monotonic())
+                    break
                 if not chunk.get("choices") or not chunk["choices"][0].get("text"):
                     continue
                 now = time.monotonic()
@@ -95,7 +100,7 @@ async def client(session: aiohttp.ClientSession, url: str, extra: dict[str, Any]
 
 async def level(port: int, extra: dict[str, Any], clients: int, warmup: float, seconds: float) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}/v1/completions"
-    record: dict[str, list[float]] = {"tokens": [], "ttft": [], "gaps": []}
+    record: dict[str, list[float]] = {"tokens": [], "ttft": [], "gaps": [], "errors": []}
     measure_from = time.monotonic() + warmup
     stop_at = measure_from + seconds
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
@@ -111,7 +116,7 @@ async def level(port: int, extra: dict[str, Any], clients: int, warmup: float, s
 
     return {"tokens_per_s": len(record["tokens"]) / seconds, "ttft_p50_ms": pct(record["ttft"], 0.5),
             "ttft_p99_ms": pct(record["ttft"], 0.99), "inter_token_p99_ms": pct(record["gaps"], 0.99),
-            "streams_started": len(record["ttft"])}
+            "streams_started": len(record["ttft"]), "stream_errors": len(record["errors"])}
 
 
 def _pipeserve_setting(port: int) -> str:
@@ -155,11 +160,13 @@ def main() -> None:
              f"torch {facts['torch']}, transformers {facts['transformers']}, with `python bench/generation.py"
              f"{''.join(' ' + a for a in sys.argv[1:])}`: a GPT-2-small-sized model with random weights, streamed "
              f"/v1/completions, greedy, 64-256 new tokens; {warmup:g} s warm-up, then {seconds:g} s measured per level.",
-             "", "| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | inter-token p99 ms |", "|---|---|---|---|---|---|"]
+             "", "| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | inter-token p99 ms | streams cut |",
+             "|---|---|---|---|---|---|---|"]
     for name, by_level in results.items():
         for clients, row in by_level.items():
             lines.append(f"| {name} | {clients} | {row['tokens_per_s']:.1f} | {row['ttft_p50_ms']:.0f} | "
-                         f"{row['ttft_p99_ms']:.0f} | {row['inter_token_p99_ms']:.0f} |")
+                         f"{row['ttft_p99_ms']:.0f} | {row['inter_token_p99_ms']:.0f} | "
+                         f"{row.get('stream_errors', 0)} |")
     Path(args.output).write_text("\n".join(lines) + "\n")
     (BENCH / "out").mkdir(exist_ok=True)
     (BENCH / "out" / "generation.json").write_text(json.dumps(results, indent=1))

@@ -38,7 +38,8 @@ def test_defaults() -> None:
     assert (config.max_batch_size, config.max_batch_delay_ms, config.max_batch_tokens) == (32, 0.0, 8192)
     assert (config.batch_order, config.min_batch_fill) == ("length", 0.85)
     assert (config.max_queue, config.max_queue_wait_ms) == (128, None)
-    assert (config.request_timeout, config.batch_timeout, config.drain_timeout) == (30.0, 120.0, 30.0)
+    assert (config.request_timeout, config.generation_timeout, config.batch_timeout, config.drain_timeout) == (
+        30.0, 600.0, 120.0, 30.0)
     assert (config.load_timeout, config.max_restarts, config.restart_window) == (600.0, 5, 60.0)
     assert config.max_worker_memory is None
     assert (config.max_body_bytes, config.max_items, config.max_input_bytes) == (16 << 20, 2048, 256 << 10)

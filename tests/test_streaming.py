@@ -187,6 +187,22 @@ def test_a_deadline_ends_a_stream_with_an_error_event(generator: Server) -> None
     assert len(events) > 1  # tokens came before the deadline
 
 
+def test_a_generation_is_bounded_by_generation_timeout_not_request_timeout(start_server: Any,
+                                                                          chat_model: Path) -> None:
+    server = start_server("--model", str(chat_model), "--request-timeout", "0.5")
+    long = {"max_new_tokens": 1000, "ignore_eos": True, "details": True}
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            cut = await _stream(session, server.port, "the", long, headers={"X-Request-Timeout": "0.5"})
+            whole = await _stream(session, server.port, "the", long)
+            return cut, whole
+
+    cut, whole = asyncio.run(scenario())
+    assert cut[-1]["error"] == "request timed out while generating"  # so 1000 tokens take over 0.5 s here
+    assert len(whole) == 1000 and whole[-1]["details"]["finish_reason"] == "length"
+
+
 def test_a_worker_killed_mid_stream_ends_it_with_an_error_and_restarts(start_server: Any, chat_model: Path) -> None:
     server = start_server("--model", str(chat_model))
     pid = server.worker_pid()

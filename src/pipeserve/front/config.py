@@ -109,6 +109,11 @@ class Config:
         30.0, parsers.positive_float,
         "Seconds a request may take before it gets 504 (a request's X-Request-Timeout header may "
         "only shorten it).", "S")
+    generation_timeout: float = setting(
+        600.0, parsers.positive_float,
+        "Seconds a text generation (streamed or not) may take before it ends with a timeout "
+        "error; a request's X-Request-Timeout header may only shorten it. Longer than "
+        "--request-timeout because a long generation under load legitimately takes minutes.", "S")
     batch_timeout: float = setting(
         120.0, parsers.positive_float,
         "Seconds one pipeline batch may run before its worker is killed and restarted and its "

@@ -201,10 +201,19 @@ def request_deadline(request: web.Request) -> float:
     return time.monotonic() + request_timeout(request, request.app[RUNTIME].config.request_timeout)
 
 
+def generation_deadline(request: web.Request) -> float:
+    """When this generation's time is up (--generation-timeout, or a shorter X-Request-Timeout).
+
+    A stream of a few hundred tokens among 32 others takes more than half a minute on a CPU, so
+    generation has its own, longer bound rather than --request-timeout's.
+    """
+    return time.monotonic() + request_timeout(request, request.app[RUNTIME].config.generation_timeout)
+
+
 async def collect(request: web.Request, stream: Stream) -> tuple[list[ipc.Token], ipc.StreamEnd]:
     """Every token of a stream and its end; the stream's error is raised (before anything is sent)."""
     tokens: list[ipc.Token] = []
-    async for event in request.app[RUNTIME].streams.events(stream, request_deadline(request)):
+    async for event in request.app[RUNTIME].streams.events(stream, generation_deadline(request)):
         if event.token is not None:
             tokens.append(event.token)
         if event.error is not None:

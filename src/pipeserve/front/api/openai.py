@@ -262,7 +262,7 @@ async def _stream(request: web.Request, stream: Any, head: dict[str, Any], kind:
     if chat:
         await send(None, None, role=True)
     sent = ""
-    async for event in request.app[RUNTIME].streams.events(stream, common.request_deadline(request)):
+    async for event in request.app[RUNTIME].streams.events(stream, common.generation_deadline(request)):
         if event.error is not None:
             await common.send_event(response, orjson.dumps(errors.openai_body(event.error.status, event.error.message)))
             break

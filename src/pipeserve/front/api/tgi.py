@@ -123,7 +123,7 @@ async def stream_events(request: web.Request, prompt: str, parameters: dict[str,
     runtime = request.app[RUNTIME]
     stream = await common.start_stream(request, prompt, parameters)
     response = await common.open_event_stream(request)
-    deadline = common.request_deadline(request)
+    deadline = common.generation_deadline(request)
     text, index, tokens = "", 0, []
     async for event in runtime.streams.events(stream, deadline):
         if event.error is not None:
