@@ -1,0 +1,56 @@
+"""The feature-extraction adapter's batch path answers exactly what the transformers pipeline does.
+
+In-process, on a tiny random BERT: every pooling, both padding sides, truncation of an over-long
+input; the pipeline path is taken by passing `tokenize_kwargs` (which only the pipeline handles).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeserve.model import adapters, pooling, tasks
+
+pytestmark = pytest.mark.timeout(120)
+
+TEXTS = ["a", "the movie was good", "the book was very very bad " * 3, "good"]
+
+
+def _call(model: Path, padding_side: str) -> adapters.FeatureExtractionCall:
+    from transformers import pipeline
+
+    pipe = pipeline("feature-extraction", model=str(model), device="cpu")
+    pipe.tokenizer.padding_side = padding_side
+    return adapters.FeatureExtractionCall(pipe, tasks.task_for("feature-extraction"), pooling.SentencePooling())
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_the_batch_path_answers_what_the_pipeline_answers(tiny_models: dict[str, Path], padding_side: str) -> None:
+    call = _call(tiny_models["feature-extraction"], padding_side)
+    for mode in ("mean", "cls", "max", "none"):
+        parameters: dict[str, Any] = {"pooling": mode, "normalize": mode != "none"}
+        batched = call(TEXTS, parameters)
+        batched_counts = call.token_counts()
+        through_pipeline = call(TEXTS, {**parameters, "tokenize_kwargs": {}})
+        assert batched_counts == call.token_counts() and batched_counts is not None
+        assert len(set(batched_counts)) > 1  # the batch was padded
+        for mine, theirs in zip(batched, through_pipeline, strict=True):
+            assert np.asarray(mine).shape == np.asarray(theirs).shape
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+        if mode == "none":
+            assert [np.asarray(v).shape[1] for v in batched] == batched_counts
+
+
+def test_an_over_long_input_is_truncated_on_the_asked_side(tiny_models: dict[str, Path]) -> None:
+    call = _call(tiny_models["feature-extraction"], "right")
+    limit = call.pipe.tokenizer.model_max_length
+    long = " ".join(["good"] * (limit + 20)) + " bad"
+    for side in ("right", "left"):
+        parameters = {"pooling": "none", "normalize": False, "truncation_direction": side}
+        [mine] = call([long, "a"], parameters)[:1]
+        [theirs] = call([long, "a"], {**parameters, "tokenize_kwargs": {}})[:1]
+        assert np.asarray(mine).shape[1] == limit
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
