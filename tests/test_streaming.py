@@ -217,6 +217,24 @@ def test_a_worker_killed_mid_stream_ends_it_with_an_error_and_restarts(start_ser
     assert reply.status == 200
 
 
+def test_a_stalled_generation_step_ends_its_stream_and_restarts_the_worker(start_server: Any,
+                                                                            chat_model: Path) -> None:
+    server = start_server("--model", str(chat_model), "--batch-timeout", "1")
+    pid = server.worker_pid()
+    # SIGSTOP: the process lives but never steps again, as a hung kernel would.
+    events = _one_stream(server.port, {"max_new_tokens": 1000, "ignore_eos": True},
+                         at_event=(2, lambda: os.kill(pid, signal.SIGSTOP)))
+    assert "generation stalled" in events[-1]["error"] and events[-1]["error_type"] == "incomplete_generation"
+    assert len(events) < 1000
+    # The error event goes out before the kill: wait for the restart rather than for /ready.
+    wait_until(lambda: server.info()["workers"][0]["pid"] not in (pid, None), 60, message="a new worker")
+    server.wait_ready(60)
+    assert "no generation step in 1s (--batch-timeout); killing it" in server.log
+    reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                           {"Content-Type": "application/json"})
+    assert reply.status == 200
+
+
 def test_sigterm_lets_running_streams_finish_then_exits_0(start_server: Any, chat_model: Path) -> None:
     server = start_server("--model", str(chat_model), "--drain-timeout", "60")
     events = _one_stream(server.port, {"max_new_tokens": 300, "ignore_eos": True},

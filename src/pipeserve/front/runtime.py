@@ -118,6 +118,7 @@ class Runtime:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(s.run(), name=f"supervisor-{s.index}")
                        for s in self.supervisors]
+        self._tasks.append(asyncio.create_task(self.streams.watch(self.config.batch_timeout), name="stream-watch"))
 
     def request_stop(self, signal_name: str) -> None:
         """Signal handler: only record; the main coroutine acts on it."""

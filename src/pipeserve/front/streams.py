@@ -120,10 +120,41 @@ class Streams:
     def worker_died(self, worker: Any, cause: str) -> None:
         """End every stream of a dead worker with an error event."""
         message = f"the model process crashed ({cause}) while generating"
+        self._end_all(worker, errors.WorkerCrashed(message, retry_after=1))
+
+    def _end_all(self, worker: Any, error: errors.PipeserveError) -> None:
         for stream in [s for s in self.open.values() if s.worker is worker]:
             end = ipc.StreamEnd(stream.stream_id, "error", stream.tokens, 0,
-                                error=ipc.Failed(ipc.ErrorKind.INTERNAL, message))
-            stream.queue.put_nowait(Event(None, end, errors.WorkerCrashed(message, retry_after=1)))
+                                error=ipc.Failed(ipc.ErrorKind.INTERNAL, error.message))
+            stream.queue.put_nowait(Event(None, end, error))
+
+    # --- a generation that hangs -----------------------------------------------------------------
+
+    async def watch(self, bound: float) -> None:
+        """Kill a worker whose generation stalls: open streams, and not a word from it for `bound`.
+
+        A decoding step takes milliseconds to a second; a process that sends nothing for
+        --batch-timeout while it has sequences to step is stuck (a hung kernel, a stopped
+        process). Its streams end with a timeout error event, and it is killed and restarted,
+        as a batch that runs past the same bound is. Without this a stuck step would hold its
+        streams until their --generation-timeout.
+        """
+        while True:
+            await asyncio.sleep(min(1.0, bound / 4))
+            for worker in self.stalled_workers(time.monotonic(), bound):
+                log.error("worker[%d] pid=%s: no generation step in %gs (--batch-timeout); killing it",
+                          worker.spec.worker_index, worker.pid, bound)
+                self._end_all(worker, errors.BatchTimedOut(
+                    f"generation stalled: no step from the model process in {bound:g}s; it was restarted"))
+                worker.kill()
+
+    def stalled_workers(self, now: float, bound: float) -> list[Any]:
+        """Workers silent for `bound` since the later of their last message and their oldest open stream."""
+        oldest: dict[int, tuple[Any, float]] = {}
+        for stream in self.open.values():
+            worker, opened = oldest.get(id(stream.worker), (stream.worker, stream.opened_at))
+            oldest[id(worker)] = (worker, min(opened, stream.opened_at))
+        return [worker for worker, opened in oldest.values() if now - max(worker.last_heard_at, opened) > bound]
 
     # --- for the handler -----------------------------------------------------------------------
 

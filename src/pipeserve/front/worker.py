@@ -91,6 +91,7 @@ class WorkerProcess:
         self.exited: asyncio.Future[WorkerDied] | None = None
         self.started_at = 0.0
         self.ready_at: float | None = None
+        self.last_heard_at = 0.0  # when the process last sent anything: streams.py watches it
 
     @property
     def pid(self) -> int | None:
@@ -196,6 +197,7 @@ class WorkerProcess:
 
     def _dispatch(self, message: Any) -> None:
         assert self._ready is not None
+        self.last_heard_at = time.monotonic()
         if isinstance(message, ipc.Ready):
             if message.protocol_version != ipc.PROTOCOL_VERSION:
                 self._ready.set_exception(LoadFailed(
