@@ -12,19 +12,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeserve.model import adapters, pooling, tasks
+from pipeserve.model import embeddings, pooling, tasks
 
 pytestmark = pytest.mark.timeout(120)
 
 TEXTS = ["a", "the movie was good", "the book was very very bad " * 3, "good"]
 
 
-def _call(model: Path, padding_side: str) -> adapters.FeatureExtractionCall:
+def _call(model: Path, padding_side: str) -> embeddings.FeatureExtractionCall:
     from transformers import pipeline
 
     pipe = pipeline("feature-extraction", model=str(model), device="cpu")
     pipe.tokenizer.padding_side = padding_side
-    return adapters.FeatureExtractionCall(pipe, tasks.task_for("feature-extraction"), pooling.SentencePooling())
+    return embeddings.FeatureExtractionCall(pipe, tasks.task_for("feature-extraction"), pooling.SentencePooling())
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeserve.ipc import InputKind, ParamSpec
-from pipeserve.model import media, pooling
+from pipeserve.model import media
 from pipeserve.model.generation import Engine
 from pipeserve.model.outputs import to_plain
 from pipeserve.model.tasks import Task
@@ -234,102 +234,6 @@ class TextGenerationCall(PipelineCall):
     def agreement_inputs(self, texts: list[str]) -> tuple[list[Any], dict[str, Any]] | None:
         parameters = dict(self.entry.agreement_parameters)
         return self._fitting(texts, room=int(parameters["max_new_tokens"])), parameters
-
-
-class FeatureExtractionCall(PipelineCall):
-    """Embeddings: per-token without the padding a batch adds, or pooled into one vector.
-
-    A batched feature-extraction call pads every input to the longest one and returns the pad
-    positions too; we cut each output back to its own token count, so a per-token answer, and
-    a mean over tokens, never depends on what else was in the batch. `pooling` and `normalize`
-    default to the model's own sentence-transformers configuration, as the Hugging Face
-    Inference API does, and to per-token output otherwise. Asking the pipeline for tensors skips
-    its conversion to nested Python lists (orjson writes arrays directly).
-    """
-
-    def __init__(self, pipe: Any, task: Task, sentence: pooling.SentencePooling) -> None:
-        super().__init__(pipe, task)
-        self.sentence = sentence
-        self._counts: list[int] | None = None
-        if sentence.max_seq_length and pipe.tokenizer.model_max_length > sentence.max_seq_length:
-            pipe.tokenizer.model_max_length = sentence.max_seq_length
-
-    def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        options = dict(parameters)
-        mode = str(options.pop("pooling", self.sentence.mode)).lower()
-        normalize = options.pop("normalize", self.sentence.normalize)
-        dimensions = options.pop("dimensions", None)
-        inputs = self._with_prompt(inputs, options.pop("prompt_name", None))
-        side = options.pop("truncation_direction", None)
-        tokenizer = self.pipe.tokenizer
-        saved_side = tokenizer.truncation_side
-        try:  # a batch shares its parameters, so the side holds for the whole call
-            tokenizer.truncation_side = side.lower() if side else saved_side
-            if options.keys() <= {"truncation"}:
-                results = self._token_vectors(inputs, options.get("truncation", True))
-            else:
-                results = self._pipeline_token_vectors(inputs, options)
-        finally:
-            tokenizer.truncation_side = saved_side
-        vectors = [pooling.pool(tokens, mode, normalize and dimensions is None) for tokens in results]
-        if dimensions is not None:
-            vectors = [pooling.truncate(vector, dimensions, normalize) for vector in vectors]
-        return vectors
-
-    def token_counts(self) -> list[int] | None:
-        return self._counts
-
-    def _token_vectors(self, inputs: list[Any], truncation: Any) -> list[np.ndarray]:
-        """Each input's token vectors [1, n, H]: the pipeline's own steps, for the whole batch at once.
-
-        The same tokenizer call, padding and forward pass as the pipeline, without its
-        one-tokenizer-call-per-input preprocessing, its per-input postprocessing, and a second
-        tokenizer pass for the token counts: 7 % more items/s for all-MiniLM-L6-v2 (bf16, one
-        thread, batches of 32 of the bench mix, in-process).
-        """
-        import torch  # noqa: PLC0415 - the model process only
-
-        encoded = self.pipe.tokenizer(inputs, padding=True, truncation=truncation, return_tensors="pt")
-        with torch.inference_mode():
-            tokens = self.pipe.model(**encoded.to(self.pipe.device))[0].float().cpu().numpy()
-        self._counts = encoded["attention_mask"].sum(dim=1).tolist()
-        return self._unpadded(tokens, self._counts)
-
-    def _pipeline_token_vectors(self, inputs: list[Any], options: dict[str, Any]) -> list[np.ndarray]:
-        """Each input's token vectors through the pipeline (tokenize_kwargs and other options)."""
-        results = [np.asarray(to_plain(r)) for r in super().run(inputs, {**options, "return_tensors": True})]
-        # Alone, an input is not padded: its token count is its output's length (no second
-        # tokenizer pass on the one-input path); in a batch, the tokenizer tells.
-        self._counts = [results[0].shape[1]] if len(inputs) == 1 else self._token_counts(inputs, options)
-        return results if len(inputs) == 1 else self._unpadded(results, self._counts)
-
-    def _unpadded(self, rows: Any, counts: list[int]) -> list[np.ndarray]:
-        """Each row cut back to its own tokens (a batch pads every input to the longest)."""
-        left = getattr(self.pipe.tokenizer, "padding_side", "right") == "left"
-        return [np.asarray(row[..., -n:, :] if left else row[..., :n, :]).reshape(1, n, -1)
-                for row, n in zip(rows, counts, strict=True)]
-
-    def _with_prompt(self, inputs: list[Any], prompt_name: str | None) -> list[Any]:
-        """Prefix each text with the model's named prompt (sentence-transformers' `prompts`)."""
-        if prompt_name is None:
-            return inputs
-        prompt = self.sentence.prompts.get(prompt_name)
-        if prompt is None:
-            known = ", ".join(sorted(self.sentence.prompts)) or "none"
-            raise ValueError(f"unknown prompt_name {prompt_name!r}; this model's prompts: {known}")
-        return [prompt + text for text in inputs]
-
-    def details(self) -> dict[str, Any]:
-        return {**super().details(), "pooling": self.sentence.mode, "normalize": self.sentence.normalize,
-                "prompts": sorted(self.sentence.prompts)}
-
-    def _token_counts(self, inputs: list[Any], parameters: dict[str, Any]) -> list[int]:
-        parameters = self.with_defaults(parameters)
-        tokenize_kwargs = dict(parameters.get("tokenize_kwargs") or {})
-        if parameters.get("truncation") is not None:
-            tokenize_kwargs["truncation"] = parameters["truncation"]
-        encoded = self.pipe.tokenizer(inputs, **tokenize_kwargs)
-        return [len(ids) for ids in encoded["input_ids"]]
 
 
 class ImageCall(PipelineCall):

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.model import adapters, pooling, precision
+from pipeserve.model import adapters, embeddings, pooling, precision
 from pipeserve.model.tasks import task_for, task_for_architecture
 
 
@@ -69,12 +69,11 @@ def load_transformers(spec: ipc.WorkerSpec, device: str, torch: Any, dtype: str)
     kwargs: dict[str, Any] = {"device": device, "dtype": getattr(torch, dtype)}
     pipe = pipeline(spec.task or infer_task(spec.model), model=spec.model, **kwargs)
     task = task_for(str(pipe.task))
-    adapter = getattr(adapters, task.adapter)
-    if adapter is adapters.FeatureExtractionCall:
+    if task.adapter == embeddings.FeatureExtractionCall.__name__:  # with the folder's own pooling
         local = os.path.isdir(spec.model)
         sentence = pooling.read_sentence_pooling(spec.model) if local else pooling.SentencePooling()
-        return adapters.FeatureExtractionCall(pipe, task, sentence)
-    return adapter(pipe, task)  # type: ignore[no-any-return]
+        return embeddings.FeatureExtractionCall(pipe, task, sentence)
+    return getattr(adapters, task.adapter)(pipe, task)  # type: ignore[no-any-return]
 
 
 def infer_task(model: str) -> str:

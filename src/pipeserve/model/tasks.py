@@ -65,7 +65,8 @@ class Task:
     """One task: how to serve it, declared in one place."""
 
     name: str
-    # The adapter class's name in pipeserve.model.adapters (a name, so this table stays data).
+    # The adapter class's name in pipeserve.model.adapters (or embeddings: FeatureExtractionCall),
+    # a name, so that this table stays data.
     adapter: str = "PipelineCall"
     input_kind: InputKind = InputKind.TEXT
     # Merged under the client's parameters: text longer than the model's maximum is truncated
