@@ -47,7 +47,7 @@ class FeatureExtractionCall(PipelineCall):
         try:  # a batch shares its parameters, so the side holds for the whole call
             tokenizer.truncation_side = side.lower() if side else saved_side
             if options.keys() <= {"truncation"}:
-                results = self._token_vectors(inputs, options.get("truncation", True))
+                results = self._token_vectors(inputs, self.with_defaults(options).get("truncation", False))
             else:
                 results = self._pipeline_token_vectors(inputs, options)
         finally:
@@ -65,8 +65,8 @@ class FeatureExtractionCall(PipelineCall):
 
         The same tokenizer call, padding and forward pass as the pipeline, without its
         one-tokenizer-call-per-input preprocessing, its per-input postprocessing, and a second
-        tokenizer pass for the token counts: 7 % more items/s for all-MiniLM-L6-v2 (bf16, one
-        thread, batches of 32 of the bench mix, in-process).
+        tokenizer pass for the token counts. all-MiniLM-L6-v2, bf16, one thread, the bench mix:
+        ~7 % more items/s in-process, +3.4 % req/s through the server at 64 clients.
         """
         import torch  # noqa: PLC0415 - the model process only
 
