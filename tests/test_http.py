@@ -39,8 +39,30 @@ async def start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterato
 
     yield make
     for client, runtime in started:
-        await runtime.stop()
-        await client.close()
+        await _bounded(runtime.stop(), "runtime.stop()")
+        await _bounded(client.close(), "the test client's close()")
+
+
+async def _bounded(step: Awaitable[None], name: str) -> None:
+    """Await a teardown step; if it hangs, fail at once naming what every task is waiting on."""
+    try:
+        await asyncio.wait_for(step, WAIT_S)
+    except TimeoutError:
+        stacks = [f"{task.get_name()}: {_awaiting(task.get_coro())}" for task in asyncio.all_tasks()]
+        pytest.fail(f"{name} did not return in {WAIT_S:g}s; pending tasks:\n" + "\n".join(stacks))
+
+
+def _awaiting(awaitable: Any) -> str:
+    """The chain of coroutines a task is suspended in, down to the future it waits on."""
+    chain = []
+    while awaitable is not None:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            chain.append(repr(awaitable)[:200])
+            break
+        chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+    return " -> ".join(chain)
 
 
 async def until(runtime: Runtime, predicate: Callable[[], bool]) -> None:
