@@ -117,7 +117,8 @@ class Config:
     batch_timeout: float = setting(
         120.0, parsers.positive_float,
         "Seconds one pipeline batch may run before its worker is killed and restarted and its "
-        "requests get 504.", "S")
+        "requests get 504; also the longest a worker with open streams may go without a "
+        "generation step (its streams then end with an error event).", "S")
     drain_timeout: float = setting(
         30.0, parsers.non_negative_float,
         "On SIGTERM/SIGINT, seconds to let queued and running jobs finish.", "S")

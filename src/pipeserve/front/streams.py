@@ -124,9 +124,7 @@ class Streams:
 
     def _end_all(self, worker: Any, error: errors.PipeserveError) -> None:
         for stream in [s for s in self.open.values() if s.worker is worker]:
-            end = ipc.StreamEnd(stream.stream_id, "error", stream.tokens, 0,
-                                error=ipc.Failed(ipc.ErrorKind.INTERNAL, error.message))
-            stream.queue.put_nowait(Event(None, end, error))
+            stream.queue.put_nowait(_failure(stream, error))
 
     # --- a generation that hangs -----------------------------------------------------------------
 
@@ -170,10 +168,7 @@ class Streams:
                 try:
                     event = await asyncio.wait_for(stream.queue.get(), max(remaining, 0))
                 except TimeoutError:
-                    message = "request timed out while generating"
-                    end = ipc.StreamEnd(stream.stream_id, "error", stream.tokens, 0,
-                                        error=ipc.Failed(ipc.ErrorKind.INTERNAL, message))
-                    yield Event(None, end, errors.RequestTimeout(message))
+                    yield _failure(stream, errors.RequestTimeout("request timed out while generating"))
                     return
                 if event.end is not None:
                     stream.end = event.end
@@ -200,6 +195,13 @@ class Streams:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+def _failure(stream: Stream, error: errors.PipeserveError) -> Event:
+    """The final event of a stream that the front ends with an error (not the worker)."""
+    end = ipc.StreamEnd(stream.stream_id, "error", stream.tokens, 0,
+                        error=ipc.Failed(ipc.ErrorKind.INTERNAL, error.message))
+    return Event(None, end, error)
 
 
 def _error(end: ipc.StreamEnd | None) -> errors.PipeserveError | None:
