@@ -220,6 +220,41 @@ async def test_shortest_first_serves_short_inputs_until_the_oldest_has_waited_th
     assert sorted(job.tokens for job in third) == [12, 13]
 
 
+@pytest.mark.parametrize("window_batches", [None, 2.0])
+async def test_a_batch_window_keeps_younger_jobs_from_overtaking_the_oldest(window_batches: float | None) -> None:
+    clock = Clock()
+    batcher = Batcher(max_batch_size=3, max_batch_delay_s=0, max_queue=100, window_batches=window_batches,
+                      clock=clock)
+    _submit(batcher, ["x"])
+    batcher.finished(await batcher.next_batch(), compute_seconds=0.05)  # batches take 0.05 s
+    if window_batches is not None:
+        assert batcher.window_s() == pytest.approx(0.1)  # 2 batch times
+    _submit(batcher, [_text(40)])  # the oldest
+    clock.now += 0.05
+    _submit(batcher, [_text(10), _text(41)])  # within 0.1 s of it
+    clock.now += 0.15
+    _submit(batcher, [_text(39), _text(42)])  # 0.2 s after it
+    batches = []
+    while batcher.depth:
+        batches.append(sorted(job.tokens for job in await batcher.next_batch()))
+    if window_batches is None:  # the young 39 or 42 joins the oldest's batch; the older 10 waits
+        assert len(batches[0]) == 3 and batches[0][1:] in ([40, 41], [40, 42], [39, 40])
+    else:  # only what arrived within the window of each batch's oldest job
+        assert batches == [[40, 41], [10], [39, 42]]
+
+
+async def test_the_batch_window_follows_the_measured_batch_time() -> None:
+    batcher = Batcher(max_batch_size=4, max_batch_delay_s=0, max_queue=100, window_batches=3.0)
+    assert batcher.window_s() is None  # no batch measured yet: no window
+    _submit(batcher, ["a"])
+    batcher.finished(await batcher.next_batch(), compute_seconds=0.1)
+    assert batcher.window_s() == pytest.approx(0.3)
+    for _ in range(200):  # the model got faster: the window follows, smoothed
+        _submit(batcher, ["a"])
+        batcher.finished(await batcher.next_batch(), compute_seconds=0.01)
+    assert batcher.window_s() == pytest.approx(0.03, rel=0.01)
+
+
 async def test_token_budget_caps_padded_size() -> None:
     batcher = Batcher(max_batch_size=32, max_batch_delay_s=0, max_queue=100, max_batch_tokens=400)
     _submit(batcher, [_text(100)] * 10)

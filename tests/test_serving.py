@@ -298,6 +298,17 @@ def test_readme_documents_every_flag_endpoint_and_variable() -> None:
     assert "PIPESERVE_<FLAG>" in readme
 
 
+@pytest.mark.parametrize(("flags", "together"), [((), True), (("--batch-window", "0.000001"), False)])
+def test_a_batch_window_keeps_a_later_request_out_of_the_oldest_ones_batch(
+        start_server: Any, tmp_path: Path, flags: tuple[str, ...], together: bool) -> None:
+    server = start_server(*ECHO, "--max-batch-size", "2", *flags)
+    # Two requests: two arrival times, far more than a millionth of the held batch's time apart.
+    documents = [{"inputs": "first"}, {"inputs": "later"}]
+    held, answers = asyncio.run(queue_behind_held_batch(server, tmp_path / "gate", documents))
+    assert held.status == 200 and all(a.status == 200 for a in answers)
+    assert (answers[0].body["call"] == answers[1].body["call"]) is together
+
+
 @pytest.mark.parametrize(("flags", "short_first"), [((), False), (("--shortest-first-ms", "60000"), True)])
 def test_shortest_first_serves_queued_short_inputs_before_an_older_long_one(
         start_server: Any, tmp_path: Path, flags: tuple[str, ...], short_first: bool) -> None:

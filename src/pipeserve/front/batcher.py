@@ -49,6 +49,9 @@ _REFUSAL_MESSAGES = {
     Refused.DEADLINE: "server overloaded: the queue cannot drain before this request's deadline",
 }
 _RATE_SMOOTHING = 0.3  # weight of the newest batch in the drain-rate estimate
+# Weight of the newest batch in the batch-time estimate that sizes --batch-window: batches of
+# short and long inputs differ several-fold, so this averages over the last ~20.
+_BATCH_TIME_SMOOTHING = 0.05
 RETRY_AFTER_MIN_S = 1
 RETRY_AFTER_MAX_S = 60
 
@@ -100,10 +103,12 @@ class Batcher:
     def __init__(self, max_batch_size: int, max_batch_delay_s: float, max_queue: int,
                  max_queue_wait_s: float | None = None, max_batch_tokens: int | None = None,
                  order: str = Order.LENGTH, min_batch_fill: float = DEFAULT_MIN_BATCH_FILL,
-                 shortest_first_s: float | None = None,
+                 shortest_first_s: float | None = None, window_batches: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.shortest_first_s = shortest_first_s
+        # Arrival order never lets a job overtake an older one: no window to apply there.
+        self.window_batches = window_batches if Order(order) is Order.LENGTH else None
         self.order = Order(order)
         self.min_batch_fill = min_batch_fill
         self.max_batch_size = max_batch_size
@@ -117,6 +122,7 @@ class Batcher:
         self._idle.set()
         self._closed_reason: str | None = None
         self._items_per_second: float | None = None
+        self._batch_seconds: float | None = None  # a batch's mean compute time, slowly smoothed
         self.in_flight = 0
         self.dropped: Counter[Dropped] = Counter()
         self.refused: Counter[Refused] = Counter()
@@ -227,6 +233,7 @@ class Batcher:
 
     def _take(self, key: str, limit: int) -> list[Job]:
         now = self._clock()
+        window = self.window_s()
         candidates: list[Job] = []
         dead: set[Job] = set()
         for job in self._queue:
@@ -235,6 +242,8 @@ class Batcher:
             if self._is_dead(job, now):  # counted once, here
                 dead.add(job)
                 continue
+            if window is not None and candidates and job.enqueued_at - candidates[0].enqueued_at > window:
+                continue  # it may not overtake the oldest: it waits for a later batch
             candidates.append(job)
             if len(candidates) >= LENGTH_WINDOW:
                 break
@@ -252,7 +261,10 @@ class Batcher:
         the anchor, always taking the neighbour nearest its length, as long as the padded size
         (longest x count) fits --max-batch-tokens and at least --min-batch-fill of it are real
         tokens. The anchor is the oldest job, so nothing starves; with --shortest-first-ms it is
-        the shortest job instead, until the oldest has waited that long (see _anchor).
+        the shortest job instead, until the oldest has waited that long (see _anchor). With
+        --batch-window the candidates are only the jobs that arrived within that many batch times
+        of the oldest (see window_s): a job's neighbours by length then cannot be much younger
+        than it, so fewer jobs are passed over batch after batch, which is what makes the tail.
         """
         if not candidates:
             return []
@@ -281,6 +293,15 @@ class Batcher:
             else:
                 high += 1
         return batch
+
+    def window_s(self) -> float | None:
+        """How much later than the oldest job a job may have arrived to join its batch, or None.
+
+        In batch times rather than seconds, so that one setting holds for a fast model and a
+        slow one alike: at most about that many batches per worker can overtake a job."""
+        if self.window_batches is None or self._batch_seconds is None:
+            return None
+        return self.window_batches * self._batch_seconds
 
     def _anchor(self, candidates: list[Job], now: float) -> Job:
         """The job a batch is built around: the oldest, or (shortest-first) the shortest while
@@ -313,6 +334,9 @@ class Batcher:
             previous = self._items_per_second
             self._items_per_second = rate if previous is None else (
                 _RATE_SMOOTHING * rate + (1 - _RATE_SMOOTHING) * previous)
+            seconds = self._batch_seconds
+            self._batch_seconds = compute_seconds if seconds is None else (
+                _BATCH_TIME_SMOOTHING * compute_seconds + (1 - _BATCH_TIME_SMOOTHING) * seconds)
         self._update_idle()
 
     def requeue(self, batch: Iterable[Job]) -> None:

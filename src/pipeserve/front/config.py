@@ -93,6 +93,11 @@ class Config:
         None, parsers.optional_positive_float,
         "With --batch-order length, build each batch around the shortest queued input rather than "
         "the oldest, until the oldest has waited this long (see README).", "MS", shown="off")
+    batch_window: float | None = setting(
+        None, parsers.optional_positive_float,
+        "With --batch-order length, a batch takes only inputs that arrived within N batch times "
+        "(the recent mean compute time of a batch) of the oldest queued one, so later inputs "
+        "overtake it for a bounded time: a shorter latency tail (see README).", "N", shown="off")
     min_batch_fill: float = setting(
         0.85, parsers.fraction,
         "With --batch-order length, leave an input for the next batch rather than fill a batch "

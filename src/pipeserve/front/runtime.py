@@ -90,7 +90,8 @@ class Runtime:
             max_queue_wait_s=None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000,
             max_batch_tokens=config.max_batch_tokens, order=config.batch_order,
             min_batch_fill=config.min_batch_fill,
-            shortest_first_s=None if config.shortest_first_ms is None else config.shortest_first_ms / 1000)
+            shortest_first_s=None if config.shortest_first_ms is None else config.shortest_first_ms / 1000,
+            window_batches=config.batch_window)
         self.metrics = Metrics()
         self.changed = asyncio.Event()  # a worker changed state, or a stop began
         self.streams = Streams(config.max_running_sequences, self._serving_workers,
