@@ -54,3 +54,34 @@ def test_an_over_long_input_is_truncated_on_the_asked_side(tiny_models: dict[str
         [theirs] = call([long, "a"], {**parameters, "tokenize_kwargs": {}})[:1]
         assert np.asarray(mine).shape[1] == limit
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_linear_layers_answer_what_the_plain_ones_answer(tiny_models: dict[str, Path]) -> None:
+    import torch
+
+    from pipeserve.model import prepack
+
+    call = _call(tiny_models["feature-extraction"], "right")
+    call.pipe.model.to(torch.bfloat16)
+    plain = call(TEXTS, {"pooling": "none", "normalize": False})
+    linears = sum(type(m) is torch.nn.Linear for m in call.pipe.model.modules())
+    assert linears > 0
+    assert prepack.apply(call, torch) == linears  # every one packed, the answers unchanged
+    assert not any(type(m) is torch.nn.Linear for m in call.pipe.model.modules())
+    packed = call(TEXTS, {"pooling": "none", "normalize": False})
+    for mine, theirs in zip(packed, plain, strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_packing_that_changes_the_answers_is_undone(tiny_models: dict[str, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pipeserve.model import prepack
+
+    call = _call(tiny_models["feature-extraction"], "right")
+    call.pipe.model.to(torch.bfloat16)
+    layers = [m for m in call.pipe.model.modules() if type(m) is torch.nn.Linear]
+    monkeypatch.setattr(prepack, "SAME_COSINE", 1.5)  # no answer can pass: the check must undo it
+    assert prepack.apply(call, torch) == 0
+    assert [m for m in call.pipe.model.modules() if type(m) is torch.nn.Linear] == layers

@@ -8,12 +8,15 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import logging
 import os
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.model import adapters, embeddings, pooling, precision
+from pipeserve.model import adapters, embeddings, pooling, precision, prepack
 from pipeserve.model.tasks import task_for, task_for_architecture
+
+log = logging.getLogger("pipeserve.model")
 
 
 def load_custom(spec: ipc.WorkerSpec) -> adapters.BatchCall:
@@ -33,6 +36,16 @@ REDUCED_DTYPES = ("float16", "bfloat16")
 
 def load(spec: ipc.WorkerSpec, device: str, torch: Any) -> tuple[adapters.BatchCall, ipc.Precision]:
     """What the worker serves, and the precision it computes in (see model/precision.py)."""
+    call, chosen = _load_in_precision(spec, device, torch)
+    if (isinstance(call, embeddings.FeatureExtractionCall) and device == "cpu" and chosen.dtype == "bfloat16"
+            and precision.native_reduced_dtype(device, torch) == "bfloat16"
+            and torch.backends.mkldnn.is_available()):
+        log.info("linear layers packed for oneDNN once: %d", prepack.apply(call, torch))
+    return call, chosen
+
+
+def _load_in_precision(spec: ipc.WorkerSpec, device: str, torch: Any
+                       ) -> tuple[adapters.BatchCall, ipc.Precision]:
     if spec.pipeline:
         note = "" if spec.dtype == "auto" else "passed to the --pipeline factory"
         return load_custom(spec), ipc.Precision(spec.dtype, spec.dtype, note=note)
