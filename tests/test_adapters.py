@@ -56,13 +56,14 @@ def test_an_over_long_input_is_truncated_on_the_asked_side(tiny_models: dict[str
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_linear_layers_answer_what_the_plain_ones_answer(tiny_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_packed_linear_layers_answer_what_the_plain_ones_answer(tiny_models: dict[str, Path], dtype: str) -> None:
     import torch
 
     from pipeserve.model import prepack
 
     call = _call(tiny_models["feature-extraction"], "right")
-    call.pipe.model.to(torch.bfloat16)
+    call.pipe.model.to(getattr(torch, dtype))
     plain = call(TEXTS, {"pooling": "none", "normalize": False})
     linears = sum(type(m) is torch.nn.Linear for m in call.pipe.model.modules())
     assert linears > 0

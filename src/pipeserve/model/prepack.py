@@ -1,11 +1,12 @@
-"""Linear layers whose weights are packed for oneDNN once, at load, for bfloat16 on a CPU.
+"""Linear layers whose weights are packed for oneDNN once, at load, on an x86 CPU.
 
-torch's bfloat16 linear on a CPU lays the weight matrix out in oneDNN's blocked format again on
-every call. For the few hundred rows of a batch of short texts that costs about as much as the
-product itself: all-MiniLM-L6-v2, one thread, a 10-token input's forward pass took 6.9 ms, 4.7 ms
-with the weights packed once; on the benchmark's mix in sorted batches of 12, +8-11 % items/s.
-The packed layer runs the same oneDNN product on the same weights, and `apply` keeps it only
-where the model's answers come out the same as before on the warm-up check inputs.
+torch's linear on a CPU lays the weight matrix out in oneDNN's blocked format again on every
+call. For the few hundred rows of a batch of short texts that costs about as much as the product
+itself. all-MiniLM-L6-v2, one thread, in-process: a 10-token input's forward pass took 6.9 ms
+in bfloat16, 4.7 ms with the weights packed once (float32: 11.3 -> 6.5 ms); on the benchmark's
+mix in sorted batches of 12, +8-11 % items/s in bfloat16, +12-15 % in float32. The packed layer
+runs the same oneDNN product on the same weights, and `apply` keeps it only where the model's
+answers come out the same as before on the warm-up check inputs.
 
 Runs in the model process. Only the embeddings adapter uses it: the case measured, and one whose
 modules nothing reads a `.weight` from at run time.
@@ -14,6 +15,7 @@ modules nothing reads a `.weight` from at run time.
 from __future__ import annotations
 
 import logging
+import platform
 from typing import Any
 
 from pipeserve.model import precision
@@ -24,6 +26,15 @@ log = logging.getLogger("pipeserve.model")
 # Answers with the packed layers must match the unpacked ones this closely (cosine of every
 # vector), or the model keeps its plain layers.
 SAME_COSINE = 1 - 1e-6
+
+
+def pays(device: str, dtype: str, torch: Any) -> bool:
+    """Where packing was measured to pay: float32, or bfloat16 the CPU runs natively, on x86."""
+    if device != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == "float32" or (dtype == "bfloat16" and precision.native_reduced_dtype(device, torch) == dtype)
 
 
 def apply(call: FeatureExtractionCall, torch: Any) -> int:
