@@ -52,7 +52,7 @@ def apply(call: FeatureExtractionCall, torch: Any) -> int:
         _restore(swapped)
         log.warning("packed linear layers failed (%s); keeping the plain ones", type(exc).__name__)
         return 0
-    if not agreement.same_answers or (agreement.min_cosine or 1.0) < SAME_COSINE:
+    if not precision.agrees(agreement, mean=SAME_COSINE, floor=SAME_COSINE):
         _restore(swapped)
         log.warning("packed linear layers changed the answers (%s); keeping the plain ones",
                     precision.describe(agreement))
