@@ -159,6 +159,26 @@ def test_an_explicit_dtype_is_obeyed_without_a_check(start_server: Any, tiny_mod
     assert server.post_json({"inputs": "obeyed"}).status == 200
 
 
+def test_served_embeddings_with_packed_layers_equal_the_plain_models(
+        start_server: Any, tiny_models: dict[str, Path]) -> None:
+    import torch
+
+    from pipeserve.model import prepack
+
+    model = tiny_models["feature-extraction"]
+    server = start_server("--model", str(model), "--dtype", "float32")
+    text = "packed once, answered the same"
+    reply = server.post_json({"inputs": text})
+    assert reply.status == 200
+    if prepack.pays("cpu", "float32", torch):  # an x86 CPU with oneDNN
+        packed = int(server.wait_log("linear layers packed for oneDNN once:").rsplit(":", 1)[1])
+        assert packed > 0
+    else:
+        assert "linear layers packed" not in server.log
+    [plain] = _load(model)([text], {})  # the same model in-process, its nn.Linear layers untouched
+    np.testing.assert_allclose(np.asarray(reply.json()), np.asarray(plain), rtol=1e-5, atol=1e-6)
+
+
 def _vnni_cpuinfo(tmp_path: Path, flags: str) -> Path:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"flags\t\t: {flags}\n")
