@@ -17,6 +17,7 @@ import pytest
 from huggingface_hub import InferenceClient
 
 from conftest import TESTS_DIR, Server, _bert_tokenizer, png_bytes, wav_bytes
+from pipeserve.front.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, gpu_likely
 
 TEI_OPENAPI = json.loads((TESTS_DIR / "data" / "tei_openapi.json").read_text())
 
@@ -104,6 +105,8 @@ def test_inference_client_health_and_endpoint_info(embedder: Server) -> None:
     assert info["task"] == "feature-extraction" and info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert_tei_shape(info, "Info")  # TEI's fields, beside pipeserve's own
     assert info["model_type"] == {"embedding": {"pooling": "mean"}} and info["max_input_length"] == 256
+    # The batch budget in force: the CPU default here, as TEI clients size their batches by it.
+    assert info["max_batch_tokens"] == (GPU_BATCH_TOKENS if gpu_likely("auto") else CPU_BATCH_TOKENS)
 
 
 def test_inference_client_text_classification_top_k_and_function(classifier: Server) -> None:

@@ -18,6 +18,8 @@ import pytest
 
 from pipeserve import ipc
 from pipeserve.front.config import (
+    CPU_BATCH_TOKENS,
+    GPU_BATCH_TOKENS,
     MAX_AUTO_WORKERS,
     Config,
     build_parser,
@@ -35,7 +37,7 @@ def test_defaults() -> None:
     assert (config.model, config.task, config.pipeline, config.served_model_name) == (None, None, None, None)
     assert (config.host, config.port) == ("127.0.0.1", 8000)
     assert (config.device, config.devices, config.dtype) == ("auto", None, "auto")
-    assert (config.max_batch_size, config.max_batch_delay_ms, config.max_batch_tokens) == (32, 0.0, 8192)
+    assert (config.max_batch_size, config.max_batch_delay_ms, config.max_batch_tokens) == (32, 0.0, 0)
     assert (config.batch_order, config.min_batch_fill) == ("length", 0.85)
     assert (config.max_queue, config.max_queue_wait_ms) == (128, None)
     assert (config.request_timeout, config.generation_timeout, config.batch_timeout, config.drain_timeout) == (
@@ -180,3 +182,12 @@ def test_bad_device_lists_are_usage_errors(argv: list[str], fragment: str) -> No
     result = subprocess.run([sys.executable, "-m", "pipeserve", *argv], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and fragment in result.stderr
+
+
+def test_batch_tokens_default_by_device_and_the_flag_wins() -> None:
+    assert load_config(["--device", "cpu"], environ={}).batch_tokens() == CPU_BATCH_TOKENS == 768
+    assert load_config(["--device", "cuda:1"], environ={}).batch_tokens() == GPU_BATCH_TOKENS == 8192
+    # One GPU among the model processes: the shared queue forms batches for it too.
+    assert load_config(["--devices", "cpu,cuda:0"], environ={}).batch_tokens() == GPU_BATCH_TOKENS
+    assert load_config(["--device", "cuda", "--max-batch-tokens", "300"], environ={}).batch_tokens() == 300
+    assert load_config(["--device", "cpu"], environ={"PIPESERVE_MAX_BATCH_TOKENS": "2000"}).batch_tokens() == 2000

@@ -88,7 +88,7 @@ class Runtime:
         self.batcher = Batcher(
             config.max_batch_size, config.max_batch_delay_ms / 1000, config.max_queue,
             max_queue_wait_s=None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000,
-            max_batch_tokens=config.max_batch_tokens, order=config.batch_order,
+            max_batch_tokens=config.batch_tokens(), order=config.batch_order,
             min_batch_fill=config.min_batch_fill,
             shortest_first_s=None if config.shortest_first_ms is None else config.shortest_first_ms / 1000,
             window_batches=config.batch_window)

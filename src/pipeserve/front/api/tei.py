@@ -181,7 +181,7 @@ def info_fields(runtime: Runtime) -> dict[str, Any]:
         "model_type": model_type,
         "max_concurrent_requests": config.max_queue,
         "max_input_length": details.get("max_input_length"),
-        "max_batch_tokens": config.max_batch_tokens,
+        "max_batch_tokens": config.batch_tokens(),
         "max_batch_requests": config.max_batch_size,
         "max_client_batch_size": config.max_items,
         "auto_truncate": True,
