@@ -9,6 +9,17 @@ loop over the seeded length mix (3 s warm-up, then --seconds measured), reportin
 latency percentiles overall and per length band (short ≤ 20 words, medium ≤ 60, long). Settings
 run one after another, `--rounds` times in turn (A B A B …), and each figure is the median of
 its rounds, so a slow minute of the machine does not decide a comparison.
+
+Two versions of the code side by side: `--setting NAME --source DIR -- FLAGS...` runs that
+setting from another checkout's `src` (through PYTHONPATH), e.g. the commit before a change:
+
+    git worktree add /tmp/before HEAD~1
+    .venv/bin/python bench/tuning.py --output /tmp/AB.md --rounds 5 \
+        --setting before --source /tmp/before/src -- --setting after --
+
+`--classifier DIR` first writes all-MiniLM-L6-v2's encoder with a new, untrained two-label
+head to DIR (once), to measure text classification's cost (not its quality) with
+`-- --model DIR`.
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +44,51 @@ from run_all import PIPESERVE, Running, machine  # noqa: E402
 BANDS = ("short", "medium", "long")
 
 
-def parse_settings(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """Split `[options] --setting NAME -- FLAGS... --setting ...` into options and settings."""
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    flags: list[str]
+    source: str | None = None  # another checkout's src directory, or None: this one's
+
+
+def parse_settings(argv: list[str]) -> tuple[list[str], list[Setting]]:
+    """Split `[options] --setting NAME [--source DIR] -- FLAGS... --setting ...`."""
     options: list[str] = []
-    settings: list[tuple[str, list[str]]] = []
+    settings: list[Setting] = []
     index = 0
     while index < len(argv):
         if argv[index] == "--setting":
             name = argv[index + 1]
-            if index + 2 >= len(argv) or argv[index + 2] != "--":
+            index += 2
+            source = None
+            if index + 1 < len(argv) and argv[index] == "--source":
+                source = str(Path(argv[index + 1]).resolve())
+                index += 2
+            if index >= len(argv) or argv[index] != "--":
                 raise SystemExit(f"--setting {name!r} must be followed by -- and its flags")
-            index += 3
+            index += 1
             flags: list[str] = []
             while index < len(argv) and argv[index] != "--setting":
                 flags.append(argv[index])
                 index += 1
-            settings.append((name, flags))
+            settings.append(Setting(name, flags, source))
         else:
             options.append(argv[index])
             index += 1
     return options, settings
 
 
-def measure(flags: list[str], clients: int, seconds: float) -> dict[str, Any]:
-    server = Running(PIPESERVE + flags, "/ready")
+def measure(flags: list[str], clients: int, seconds: float, source: str | None = None) -> dict[str, Any]:
+    saved = os.environ.get("PYTHONPATH")
+    if source is not None:  # the server process imports pipeserve from there
+        os.environ["PYTHONPATH"] = source
+    try:
+        server = Running(PIPESERVE + flags, "/ready")
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     try:
         stats = asyncio.run(loadgen.closed_loop(server.port, clients, seconds, 3.0))
     finally:
@@ -86,7 +120,25 @@ def render(result: dict[str, Any]) -> str:
         r = entry["median"]
         lines.append(f"| {name} | `{' '.join(entry['flags'])}` | {r['req_s']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} | "
                      f"{r['short_p99']:.0f} | {r['medium_p99']:.0f} | {r['long_p99']:.0f} | {r['not_200']:.0f} |")
+    lines += ["", "Each round (req/s, p99 ms):", ""]
+    for name, entry in result["settings"].items():
+        rounds = ", ".join(f"{row['req_s']:.1f}/{row['p99']:.0f}" for row in entry["rounds"])
+        source = f" (from `{entry['source']}`)" if entry.get("source") else ""
+        lines.append(f"- {name}{source}: {rounds}")
     return "\n".join(lines) + "\n"
+
+
+def write_classifier(folder: Path) -> None:
+    """all-MiniLM-L6-v2's encoder with a new two-label head: the cost of classification."""
+    if (folder / "config.json").exists():
+        return
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from pipeserve.front.runtime import default_model_path
+
+    path = default_model_path()
+    BertForSequenceClassification.from_pretrained(path, num_labels=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(path).save_pretrained(folder)
 
 
 def main() -> None:
@@ -96,23 +148,27 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", default=str(BENCH / "TUNING.md"))
+    parser.add_argument("--classifier", type=Path, help="write a two-label classifier here first")
     args = parser.parse_args(options)
     if not settings:
         parser.error("no --setting given")
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in settings}
+    if args.classifier is not None:
+        write_classifier(args.classifier)
+    rounds: dict[str, list[dict[str, Any]]] = {setting.name: [] for setting in settings}
     for round_index in range(args.rounds):
-        for name, flags in settings:
-            row = measure(["--log-level", "warning", *flags], args.clients, args.seconds)
-            rounds[name].append(row)
-            print(f"round {round_index + 1} {name}: {json.dumps({k: round(v, 1) for k, v in row.items()})}",
-                  flush=True)
+        for setting in settings:
+            row = measure(["--log-level", "warning", *setting.flags], args.clients, args.seconds, setting.source)
+            rounds[setting.name].append(row)
+            print(f"round {round_index + 1} {setting.name}: "
+                  f"{json.dumps({k: round(v, 1) for k, v in row.items()})}", flush=True)
     result = {
         "machine": machine(), "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
         "command": shlex.join(["python", "bench/tuning.py", *sys.argv[1:]]),
-        "settings": {name: {"flags": flags, "rounds": rounds[name],
-                            "median": {key: statistics.median(row[key] for row in rounds[name])
-                                       for key in rounds[name][0]}}
-                     for name, flags in settings},
+        "settings": {setting.name: {"flags": setting.flags, "source": setting.source,
+                                    "rounds": rounds[setting.name],
+                                    "median": {key: statistics.median(row[key] for row in rounds[setting.name])
+                                               for key in rounds[setting.name][0]}}
+                     for setting in settings},
     }
     Path(args.output).write_text(render(result))
     print(f"wrote {args.output}")

@@ -86,3 +86,60 @@ def test_packing_that_changes_the_answers_is_undone(tiny_models: dict[str, Path]
     monkeypatch.setattr(prepack, "SAME_COSINE", 1.5)  # no answer can pass: the check must undo it
     assert prepack.apply(call, torch) == 0
     assert [m for m in call.pipe.model.modules() if type(m) is torch.nn.Linear] == layers
+
+
+def _text_call(model: Path, task: str) -> Any:
+    """The adapter the model process would serve `task` with, in float32 (no precision check)."""
+    import torch
+
+    from pipeserve import ipc
+    from pipeserve.model import loading
+
+    spec = ipc.WorkerSpec(model=str(model), task=task, pipeline=None, device="cpu", dtype="float32",
+                          threads=1, max_worker_memory=None, log_level="warning")
+    return loading.load_transformers(spec, "cpu", torch, "float32")
+
+
+def test_classification_packs_every_linear_and_scores_the_same(tiny_models: dict[str, Path]) -> None:
+    import torch
+
+    from pipeserve.model import prepack
+
+    call = _text_call(tiny_models["text-classification"], "text-classification")
+    assert prepack.suits(call)
+    every_label = {"top_k": None}
+    plain = call(TEXTS, every_label)
+    linears = sum(type(m) is torch.nn.Linear for m in call.pipe.model.modules())
+    assert prepack.apply(call, torch) == linears > 0  # the classifier head too
+    packed = call(TEXTS, every_label)
+    for mine, theirs in zip(packed, plain, strict=True):
+        assert [item["label"] for item in mine] == [item["label"] for item in theirs]
+        np.testing.assert_allclose([item["score"] for item in mine], [item["score"] for item in theirs],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_a_weight_tied_to_the_input_embeddings_stays_unpacked(tiny_models: dict[str, Path]) -> None:
+    import torch
+
+    from pipeserve.model import prepack
+
+    call = _text_call(tiny_models["fill-mask"], "fill-mask")
+    model = call.pipe.model
+    decoder = model.get_output_embeddings()
+    assert decoder.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
+    text = [f"the {call.pipe.tokenizer.mask_token} was good"]
+    plain = call(text, {"top_k": 3})
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert prepack.apply(call, torch) == linears - 1
+    assert model.get_output_embeddings() is decoder  # still the one Linear, still tied
+    [again], [before] = call(text, {"top_k": 3}), plain
+    assert [guess["token"] for guess in again] == [guess["token"] for guess in before]
+    np.testing.assert_allclose([guess["score"] for guess in again], [guess["score"] for guess in before],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_only_text_encoding_tasks_are_packed() -> None:
+    encoders = {name for name, task in tasks.TASKS.items() if task.encodes_text}
+    assert encoders == {"feature-extraction", "text-classification", "token-classification", "fill-mask",
+                        "zero-shot-classification"}
+    assert not tasks.task_for("text2text-generation").encodes_text  # not in the registry: left alone

@@ -179,6 +179,26 @@ def test_served_embeddings_with_packed_layers_equal_the_plain_models(
     np.testing.assert_allclose(np.asarray(reply.json()), np.asarray(plain), rtol=1e-5, atol=1e-6)
 
 
+def test_served_classification_with_packed_layers_scores_as_the_plain_model(
+        start_server: Any, tiny_models: dict[str, Path]) -> None:
+    import torch
+
+    from pipeserve.model import prepack
+
+    model = tiny_models["text-classification"]
+    server = start_server("--model", str(model), "--dtype", "float32")
+    text = "packed once, scored the same"
+    reply = server.post_json({"inputs": text, "parameters": {"top_k": 2}})
+    assert reply.status == 200
+    if prepack.pays("cpu", "float32", torch):
+        assert int(server.wait_log("linear layers packed for oneDNN once:").rsplit(":", 1)[1]) > 0
+    [plain] = _load(model)([text], {"top_k": 2})
+    served = np.asarray(reply.json()).ravel().tolist()  # [[{label, score}, ...]] for one text
+    assert [item["label"] for item in served] == [item["label"] for item in plain]
+    np.testing.assert_allclose([item["score"] for item in served], [item["score"] for item in plain],
+                               rtol=1e-5, atol=1e-6)
+
+
 def _vnni_cpuinfo(tmp_path: Path, flags: str) -> Path:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"flags\t\t: {flags}\n")

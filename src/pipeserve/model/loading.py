@@ -37,7 +37,7 @@ REDUCED_DTYPES = ("float16", "bfloat16")
 def load(spec: ipc.WorkerSpec, device: str, torch: Any) -> tuple[adapters.BatchCall, ipc.Precision]:
     """What the worker serves, and the precision it computes in (see model/precision.py)."""
     call, chosen = _load_in_precision(spec, device, torch)
-    if isinstance(call, embeddings.FeatureExtractionCall) and prepack.pays(device, chosen.dtype, torch):
+    if prepack.suits(call) and prepack.pays(device, chosen.dtype, torch):
         log.info("linear layers packed for oneDNN once: %d", prepack.apply(call, torch))
     return call, chosen
 

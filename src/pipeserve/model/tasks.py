@@ -85,26 +85,30 @@ class Task:
     # How each input's output is reshaped to the Hugging Face Inference API's shape for the task
     # (a name in adapters.OUTPUT_SHAPES; "" keeps the pipeline's own).
     output: str = ""
+    # Text in, one forward pass over it, no decoding loop: the Linear layers may be packed for
+    # the CPU once, at load (model/prepack.py).
+    encodes_text: bool = False
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("feature-extraction", adapter="FeatureExtractionCall", defaults={"truncation": True},
          parameters=(POOLING, NORMALIZE, TRUNCATION, TOKENIZE_KWARGS, DIMENSIONS, TRUNCATION_DIRECTION,
-                     PROMPT_NAME), introspect=False),
+                     PROMPT_NAME), introspect=False, encodes_text=True),
     # Each input answers a list of {label, score}, best first, even with top_k=1.
     Task("text-classification", defaults={"truncation": True},
          parameters=(TOP_K, FUNCTION_TO_APPLY, TRUNCATION), agreement_parameters={"top_k": 1},
-         architectures=("ForSequenceClassification",), output="label_list"),
+         architectures=("ForSequenceClassification",), output="label_list", encodes_text=True),
     Task("token-classification", parameters=(AGGREGATION_STRATEGY,),
-         architectures=("ForTokenClassification",)),
+         architectures=("ForTokenClassification",), encodes_text=True),
     # fill-mask takes tokenizer options in a dict of their own.
     Task("fill-mask", adapter="FillMaskCall", defaults={"tokenizer_kwargs": {"truncation": True}},
-         parameters=(TOP_K, TARGETS), agreement_parameters={"top_k": 1}, architectures=("ForMaskedLM",)),
+         parameters=(TOP_K, TARGETS), agreement_parameters={"top_k": 1}, architectures=("ForMaskedLM",),
+         encodes_text=True),
     # The zero-shot pipeline reads a bare **kwargs itself: only its documented keywords.
     Task("zero-shot-classification", parameters=(CANDIDATE_LABELS, HYPOTHESIS_TEMPLATE, MULTI_LABEL),
          introspect=False, warmup_parameters={"candidate_labels": ["warm", "up"]},
          agreement_parameters={"candidate_labels": ["news", "question", "opinion"]},
-         output="zero_shot_labels"),
+         output="zero_shot_labels", encodes_text=True),
     # The generated text without the prompt, as TGI and the Inference API answer by default.
     Task(GENERATION_TASK, adapter="TextGenerationCall", parameters=GENERATION,
          defaults={"return_full_text": False},
