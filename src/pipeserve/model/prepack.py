@@ -47,8 +47,9 @@ def suits(call: BatchCall) -> TypeGuard[PipelineCall]:
 def apply(call: PipelineCall, torch: Any) -> int:
     """Pack the model's Linear layers if its answers stay the same; return how many were packed.
 
-    "The same": every label, token and ranking identical, and every vector (embeddings, per-label
-    scores) at cosine >= SAME_COSINE to the plain layers' (see precision.compare)."""
+    "The same" is precision.compare's reading of the check answers: every label, token and
+    ranking identical, and every vector (an embedding) at cosine >= SAME_COSINE to the plain
+    layers'. A lone score is not compared: its ranking is."""
     model = call.pipe.model
     check = call.agreement_inputs(list(precision.CHECK_TEXTS))
     if check is None:
