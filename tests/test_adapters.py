@@ -118,28 +118,50 @@ def test_classification_packs_every_linear_and_scores_the_same(tiny_models: dict
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_a_weight_tied_to_the_input_embeddings_stays_unpacked(tiny_models: dict[str, Path]) -> None:
+def test_a_tied_output_layer_is_packed_as_a_copy(tiny_models: dict[str, Path],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     import torch
 
     from pipeserve.model import prepack
 
     call = _text_call(tiny_models["fill-mask"], "fill-mask")
     model = call.pipe.model
-    decoder = model.get_output_embeddings()
-    assert decoder.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
+    embedding = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()  # tied
     text = [f"the {call.pipe.tokenizer.mask_token} was good"]
-    plain = call(text, {"top_k": 3})
+    [before] = call(text, {"top_k": 3})
     linears = sum(type(m) is torch.nn.Linear for m in model.modules())
-    assert prepack.apply(call, torch) == linears - 1
-    assert model.get_output_embeddings() is decoder  # still the one Linear, still tied
-    [again], [before] = call(text, {"top_k": 3}), plain
+    with caplog.at_level("INFO", logger="pipeserve.model"):
+        assert prepack.apply(call, torch) == linears  # the tied decoder too
+    assert "packed a copy of" in caplog.text  # the shared weight is now held twice, and it says so
+    assert type(model.get_output_embeddings()) is not torch.nn.Linear
+    assert model.get_input_embeddings().weight is embedding  # the lookup keeps the original
+    [again] = call(text, {"top_k": 3})
     assert [guess["token"] for guess in again] == [guess["token"] for guess in before]
     np.testing.assert_allclose([guess["score"] for guess in again], [guess["score"] for guess in before],
                                rtol=1e-5, atol=1e-6)
 
 
-def test_only_text_encoding_tasks_are_packed() -> None:
-    encoders = {name for name, task in tasks.TASKS.items() if task.encodes_text}
-    assert encoders == {"feature-extraction", "text-classification", "token-classification", "fill-mask",
-                        "zero-shot-classification"}
-    assert not tasks.task_for("text2text-generation").encodes_text  # not in the registry: left alone
+def test_a_generator_packs_its_conv1d_layers_and_head_and_generates_the_same(
+        task_models: dict[str, Path]) -> None:
+    import torch
+
+    from pipeserve.model import prepack
+
+    call = _text_call(task_models["text-generation"], "text-generation")
+    model = call.pipe.model
+    layers = sum(type(m).__name__ in ("Conv1D", "Linear") for m in model.modules())
+    assert layers > model.config.n_layer * 4  # GPT-2: four Conv1D a block, and the (tied) head
+    greedy = {"max_new_tokens": 12, "do_sample": False}
+    before = call(["the cat sat on", "a"], greedy)
+    assert prepack.suits(call)
+    assert prepack.apply(call, torch) == layers
+    assert not any(type(m).__name__ in ("Conv1D", "Linear") for m in model.modules())
+    assert call(["the cat sat on", "a"], greedy) == before
+
+
+def test_which_tasks_pack_their_weights() -> None:
+    packed = {name for name, task in tasks.TASKS.items() if task.packs_weights}
+    assert packed == {"feature-extraction", "text-classification", "token-classification", "fill-mask",
+                      "zero-shot-classification", "text-generation"}
+    assert not tasks.task_for("text2text-generation").packs_weights  # not in the registry: left alone

@@ -199,6 +199,24 @@ def test_served_classification_with_packed_layers_scores_as_the_plain_model(
                                rtol=1e-5, atol=1e-6)
 
 
+def test_served_generation_with_packed_layers_streams_the_plain_models_tokens(
+        start_server: Any, task_models: dict[str, Path]) -> None:
+    import torch
+
+    from pipeserve.model import prepack
+
+    model = task_models["text-generation"]
+    server = start_server("--model", str(model), "--dtype", "float32")
+    greedy = {"max_new_tokens": 10, "do_sample": False}
+    reply = server.post_json({"inputs": "the cat sat on", "parameters": greedy})
+    assert reply.status == 200
+    if prepack.pays("cpu", "float32", torch):
+        assert int(server.wait_log("linear layers packed for oneDNN once:").rsplit(":", 1)[1]) > 0
+    [plain] = _load(model)(["the cat sat on"], greedy)
+    served = reply.json()
+    assert (served[0] if isinstance(served, list) else served)["generated_text"] == plain[0]["generated_text"]
+
+
 def _vnni_cpuinfo(tmp_path: Path, flags: str) -> Path:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"flags\t\t: {flags}\n")

@@ -85,35 +85,35 @@ class Task:
     # How each input's output is reshaped to the Hugging Face Inference API's shape for the task
     # (a name in adapters.OUTPUT_SHAPES; "" keeps the pipeline's own).
     output: str = ""
-    # Text in, one forward pass over it, no decoding loop: the Linear layers may be packed for
-    # the CPU once, at load (model/prepack.py).
-    encodes_text: bool = False
+    # Text in, answers the warm-up check can compare: the Linear layers may be packed for the
+    # CPU once, at load (model/prepack.py).
+    packs_weights: bool = False
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("feature-extraction", adapter="FeatureExtractionCall", defaults={"truncation": True},
          parameters=(POOLING, NORMALIZE, TRUNCATION, TOKENIZE_KWARGS, DIMENSIONS, TRUNCATION_DIRECTION,
-                     PROMPT_NAME), introspect=False, encodes_text=True),
+                     PROMPT_NAME), introspect=False, packs_weights=True),
     # Each input answers a list of {label, score}, best first, even with top_k=1.
     Task("text-classification", defaults={"truncation": True},
          parameters=(TOP_K, FUNCTION_TO_APPLY, TRUNCATION), agreement_parameters={"top_k": 1},
-         architectures=("ForSequenceClassification",), output="label_list", encodes_text=True),
+         architectures=("ForSequenceClassification",), output="label_list", packs_weights=True),
     Task("token-classification", parameters=(AGGREGATION_STRATEGY,),
-         architectures=("ForTokenClassification",), encodes_text=True),
+         architectures=("ForTokenClassification",), packs_weights=True),
     # fill-mask takes tokenizer options in a dict of their own.
     Task("fill-mask", adapter="FillMaskCall", defaults={"tokenizer_kwargs": {"truncation": True}},
          parameters=(TOP_K, TARGETS), agreement_parameters={"top_k": 1}, architectures=("ForMaskedLM",),
-         encodes_text=True),
+         packs_weights=True),
     # The zero-shot pipeline reads a bare **kwargs itself: only its documented keywords.
     Task("zero-shot-classification", parameters=(CANDIDATE_LABELS, HYPOTHESIS_TEMPLATE, MULTI_LABEL),
          introspect=False, warmup_parameters={"candidate_labels": ["warm", "up"]},
          agreement_parameters={"candidate_labels": ["news", "question", "opinion"]},
-         output="zero_shot_labels", encodes_text=True),
+         output="zero_shot_labels", packs_weights=True),
     # The generated text without the prompt, as TGI and the Inference API answer by default.
     Task(GENERATION_TASK, adapter="TextGenerationCall", parameters=GENERATION,
          defaults={"return_full_text": False},
          warmup_parameters={"max_new_tokens": 1}, agreement_parameters={"max_new_tokens": 8, "do_sample": False},
-         architectures=GENERATION_ARCHITECTURES),
+         architectures=GENERATION_ARCHITECTURES, packs_weights=True),
     Task("image-classification", adapter="ImageCall", input_kind=InputKind.IMAGE,
          parameters=(TOP_K, FUNCTION_TO_APPLY), architectures=("ForImageClassification",)),
     Task("audio-classification", adapter="AudioCall", input_kind=InputKind.AUDIO,
