@@ -142,10 +142,10 @@ def tree_rss_mb(pid: int) -> dict[str, float]:
 
 
 class Running:
-    def __init__(self, command: list[str], ready_path: str) -> None:
+    def __init__(self, command: list[str], ready_path: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.process = subprocess.Popen([*command, "--port", str(self.port)], start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -215,6 +215,16 @@ def measure_server(name: str, durations: dict[str, float], reference: np.ndarray
               f"C=64 {result['c64']['requests_per_s']:.1f} req/s p99 {result['c64']['p99_ms']:.0f} ms",
               flush=True)
         return result
+    finally:
+        server.stop()
+
+
+def closed_loop_alone(command: list[str], ready_path: str, clients: int, seconds: float, path: str | None = None,
+                      style: str = "hf", env: dict[str, str] | None = None) -> loadgen.Stats:
+    """Start one server, drive it closed loop (3 s warm-up, then `seconds`), stop it."""
+    server = Running(command, ready_path, env)
+    try:
+        return asyncio.run(loadgen.closed_loop(server.port, clients, seconds, 3.0, path=path, style=style))
     finally:
         server.stop()
 

@@ -25,7 +25,6 @@ head to DIR (once), to measure text classification's cost (not its quality) with
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
@@ -38,8 +37,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import loadgen  # noqa: E402
-from run_all import PIPESERVE, Running, machine  # noqa: E402
+from run_all import PIPESERVE, closed_loop_alone, machine  # noqa: E402
 
 BANDS = ("short", "medium", "long")
 
@@ -79,20 +77,9 @@ def parse_settings(argv: list[str]) -> tuple[list[str], list[Setting]]:
 
 
 def measure(flags: list[str], clients: int, seconds: float, source: str | None = None) -> dict[str, Any]:
-    saved = os.environ.get("PYTHONPATH")
-    if source is not None:  # the server process imports pipeserve from there
-        os.environ["PYTHONPATH"] = source
-    try:
-        server = Running(PIPESERVE + flags, "/ready")
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
-    try:
-        stats = asyncio.run(loadgen.closed_loop(server.port, clients, seconds, 3.0))
-    finally:
-        server.stop()
+    # With a source, the server process imports pipeserve from there.
+    env = None if source is None else {**os.environ, "PYTHONPATH": source}
+    stats = closed_loop_alone(PIPESERVE + flags, "/ready", clients, seconds, env=env)
     row = {"req_s": stats.requests_per_s, "p50": stats.p50_ms, "p99": stats.p99_ms,
            "not_200": sum(v for k, v in stats.counts.items() if k != "200")}
     for band in BANDS:

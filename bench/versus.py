@@ -13,7 +13,6 @@ and reports both servers' req/s and p99 and their ratios for every round.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shlex
 import sys
 from pathlib import Path
@@ -22,17 +21,12 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import loadgen  # noqa: E402
-from run_all import SERVERS, Running, machine  # noqa: E402
+from run_all import SERVERS, closed_loop_alone, machine  # noqa: E402
 
 
 def measure(name: str, clients: int, seconds: float) -> loadgen.Stats:
     spec = SERVERS[name]
-    server = Running(spec.command, spec.ready_path)
-    try:
-        return asyncio.run(loadgen.closed_loop(server.port, clients, seconds, 3.0, path=spec.path,
-                                               style=spec.style))
-    finally:
-        server.stop()
+    return closed_loop_alone(spec.command, spec.ready_path, clients, seconds, path=spec.path, style=spec.style)
 
 
 def main() -> None:
