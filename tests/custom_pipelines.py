@@ -14,6 +14,9 @@ way a real model process can:
     "EXIT"        the process calls os._exit(7)
     "ALLOC:<mb>"  the process allocates and keeps <mb> MiB
     "OOM"         the call raises MemoryError whenever this input is in the batch
+    "ORPHAN:<path>" the process leaves an orphan behind: a grandchild (its pid written to
+                  <path>) that exits once its own parent has, re-parented to the namespace's
+                  init (or a subreaper), which must reap it
 
 Environment:
 
@@ -92,10 +95,27 @@ class EchoPipeline:
             os.kill(os.getpid(), signal.SIGSEGV)
         elif text == "EXIT":
             os._exit(7)
+        elif text.startswith("ORPHAN:"):
+            _leave_an_orphan(text.split(":", 1)[1])
         elif text.startswith("ALLOC:"):
             chunk = bytearray(int(text.split(":", 1)[1]) * 1024 * 1024)
             chunk[::4096] = b"x" * len(chunk[::4096])  # touch every page so it counts in RSS
             _kept.append(chunk)
+
+
+def _leave_an_orphan(pid_file: str) -> None:
+    child = os.fork()
+    if child == 0:
+        grandchild = os.fork()
+        if grandchild == 0:  # exits once re-parented, as a zombie of its new parent
+            parent = os.getppid()
+            while os.getppid() == parent:
+                time.sleep(GATE_POLL_S)
+            os._exit(0)
+        with open(pid_file, "w") as handle:
+            handle.write(str(grandchild))
+        os._exit(0)
+    os.waitpid(child, 0)
 
 
 def make() -> EchoPipeline:

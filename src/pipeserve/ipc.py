@@ -130,6 +130,9 @@ class WorkerSpec:
     # With --devices cuda:N: CUDA_VISIBLE_DEVICES for this worker, which then uses cuda:0.
     visible_devices: str | None = None
     max_running_sequences: int = 32  # generated sequences sharing one decoding step
+    # The front's pid: a model process whose parent is no longer this is an orphan. Not "PID 1
+    # means orphaned": in a container the front itself is PID 1.
+    parent_pid: int = 0
 
 
 @dataclass(frozen=True)

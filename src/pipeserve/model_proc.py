@@ -49,7 +49,7 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if spec.visible_devices is not None:  # before torch is imported: it reads this once
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_devices
-    _die_with_parent()
+    _die_with_parent(spec.parent_pid)
     _bound_shape_caches(os.environ)  # before torch creates its first kernel
     _volunteer_for_oom_killer()
     _yield_cpu_to_the_front()
@@ -74,14 +74,16 @@ def _configure_logging(spec: ipc.WorkerSpec) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """Ask the kernel to SIGKILL us if the front dies, so no orphan keeps holding (GPU) memory."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: pipe EOF still ends the serve loop
         return
-    if os.getppid() == 1:  # the front died before prctl took effect
+    # The front died before prctl took effect: we were re-parented (to init, or a subreaper).
+    # Compared with the front's own pid, not with 1: in a container the front is PID 1.
+    if parent_pid and os.getppid() != parent_pid:
         os._exit(ExitCode.PIPE_CLOSED)
 
 

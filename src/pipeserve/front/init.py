@@ -1,0 +1,70 @@
+"""What the front must do when it is its PID namespace's init: a container's PID 1.
+
+The kernel treats PID 1 apart in two ways that matter here. A signal it has no handler for is
+not acted on at all (SIGTERM from `docker stop` or the kubelet would be ignored until the
+SIGKILL that follows), so the front records SIGTERM from the moment it starts, before its event
+loop can (cli.py). And every orphan in the namespace is re-parented to it: a process that a
+model process left behind (a helper a library forked, a grandchild of a custom pipeline) becomes
+the front's child, and once it exits, a zombie that only the front can reap. `reap_orphans`
+does that on each SIGCHLD without taking the exit status of a model process away from
+`multiprocess`, which reports it ("killed by SIGKILL").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from types import FrameType
+
+import multiprocess
+
+log = logging.getLogger("pipeserve")
+
+# At most this many zombies are reaped per SIGCHLD; more wait for the next one.
+_MOST_PER_SIGNAL = 1000
+
+
+def is_init() -> bool:
+    """Whether this process is its PID namespace's init (PID 1)."""
+    return os.getpid() == 1
+
+
+class EarlySignals:
+    """SIGTERM recorded from process start until the event loop installs its own handlers."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._record)
+
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def reap_orphans() -> int:
+    """Reap every exited child that is not one of our model processes; return how many.
+
+    Our own model processes are reaped by `multiprocess` (active_children), which keeps their
+    exit codes. Any other zombie child is an orphan re-parented to us: it is looked at without
+    being reaped (WNOWAIT) and reaped only once it is known not to be ours.
+    """
+    reaped = 0
+    for _ in range(_MOST_PER_SIGNAL):
+        ours = {process.pid for process in multiprocess.active_children()}  # reaps ours that exited
+        try:
+            exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # no children at all
+            break
+        if exited is None:
+            break
+        if exited.si_pid in ours:
+            continue  # one of ours exited since active_children(): it is reaped on the next turn
+        try:
+            os.waitpid(exited.si_pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        reaped += 1
+        log.debug("reaped orphaned process pid=%d (exit status %d)", exited.si_pid, exited.si_status)
+    return reaped
