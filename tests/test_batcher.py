@@ -121,6 +121,21 @@ async def test_retry_after_follows_the_backlog_and_the_measured_rate() -> None:
     assert batcher.retry_after() == 60  # clamped
 
 
+async def test_the_drain_rate_counts_every_worker() -> None:
+    """Four workers each running 10 items/s drain 40/s: Retry-After and the deadline refusal
+    predict from that, not from one worker's rate."""
+    clock = Clock()
+    batcher = Batcher(max_batch_size=10, max_batch_delay_s=0, max_queue=1000, clock=clock, workers=4)
+    _submit(batcher, ["x"] * 10)
+    batcher.finished(await batcher.next_batch(), compute_seconds=1.0)
+    assert batcher.drain_rate() == 40
+    _submit(batcher, ["y"] * 395)
+    assert batcher.retry_after() == 10  # 395 queued at 40/s, not 40 s at 10/s
+    _submit(batcher, ["z"], deadline=clock.now + 11)  # 396 at 40/s: met in ~10 s, so admitted
+    with pytest.raises(errors.Overloaded, match="cannot drain"):
+        _submit(batcher, ["w"], deadline=clock.now + 5)
+
+
 async def test_a_request_whose_deadline_the_backlog_cannot_meet_is_refused() -> None:
     clock = Clock()
     batcher = Batcher(max_batch_size=4, max_batch_delay_s=0, max_queue=1000, clock=clock)

@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert (config.host, config.port) == ("127.0.0.1", 8000)
     assert (config.device, config.devices, config.dtype) == ("auto", None, "auto")
     assert (config.max_batch_size, config.max_batch_delay_ms, config.max_batch_tokens) == (32, 0.0, 0)
-    assert (config.batch_order, config.min_batch_fill) == ("length", 0.85)
+    assert (config.batch_order, config.min_batch_fill) == ("length", None)  # None: the device decides
     assert (config.max_queue, config.max_queue_wait_ms) == (128, None)
     assert (config.request_timeout, config.generation_timeout, config.batch_timeout, config.drain_timeout) == (
         30.0, 600.0, 120.0, 30.0)

@@ -104,8 +104,11 @@ class Batcher:
                  max_queue_wait_s: float | None = None, max_batch_tokens: int | None = None,
                  order: str = Order.LENGTH, min_batch_fill: float = DEFAULT_MIN_BATCH_FILL,
                  shortest_first_s: float | None = None, window_batches: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, workers: int = 1) -> None:
         self.max_batch_tokens = max_batch_tokens
+        # Model processes taking batches from this queue at once: the queue drains that many
+        # times faster than one batch's items per compute second.
+        self.workers = workers
         self.shortest_first_s = shortest_first_s
         # Arrival order never lets a job overtake an older one: no window to apply there.
         self.window_batches = window_batches if Order(order) is Order.LENGTH else None
@@ -164,6 +167,11 @@ class Batcher:
         self._arrival.set()
         return jobs
 
+    @property
+    def room(self) -> int:
+        """How many more inputs the queue takes before it is full."""
+        return max(0, self.max_queue - len(self._queue))
+
     def _refusal(self, count: int, now: float, deadline: float) -> Refused | None:
         if len(self._queue) + count > self.max_queue:
             return Refused.QUEUE_FULL
@@ -172,16 +180,21 @@ class Batcher:
             return Refused.QUEUE_WAIT
         backlog = len(self._queue) + self.in_flight
         # Only a real backlog (more than one batch) is worth predicting from the drain rate.
-        if (self._items_per_second and backlog >= self.max_batch_size
-                and now + (backlog + count) / self._items_per_second > deadline):
+        rate = self.drain_rate()
+        if (rate and backlog >= self.max_batch_size and now + (backlog + count) / rate > deadline):
             return Refused.DEADLINE
         return None
 
+    def drain_rate(self) -> float | None:
+        """Inputs per second the queue drains at: a batch's measured rate, once per worker."""
+        return self._items_per_second * self.workers if self._items_per_second else None
+
     def retry_after(self) -> int:
         """Seconds for the current backlog to drain at the measured rate, clamped to 1..60."""
-        if not self._items_per_second:
+        rate = self.drain_rate()
+        if not rate:
             return RETRY_AFTER_MIN_S
-        seconds = (len(self._queue) + self.in_flight) / self._items_per_second
+        seconds = (len(self._queue) + self.in_flight) / rate
         return int(min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, math.ceil(seconds))))
 
     # --- batch formation ----------------------------------------------------------------------

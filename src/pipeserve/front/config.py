@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ MAX_AUTO_WORKERS = 4
 # alternating rounds). A GPU needs big batches to be busy; its default is the earlier one.
 CPU_BATCH_TOKENS = 768
 GPU_BATCH_TOKENS = 8192
+# Default least share of real tokens in a length-ordered batch: on a CPU every padded token costs
+# as much as a real one (0.85 served best, bench/TUNING.md); a GPU pads nearly for free.
+CPU_MIN_BATCH_FILL = 0.85
+GPU_MIN_BATCH_FILL = 0.0
+# A request's inputs enter the queue this many batches per worker at a time (api/common.py):
+# enough for length-aware batching to choose from, few enough that a request arriving meanwhile
+# waits behind one window, not behind the whole of a large request.
+WINDOW_BATCHES_PER_WORKER = 2
 
 
 @dataclass(frozen=True)
@@ -107,11 +116,12 @@ class Config:
         "With --batch-order length, a batch takes only inputs that arrived within N batch times "
         "(the recent mean compute time of a batch) of the oldest queued one, so later inputs "
         "overtake it for a bounded time: a shorter latency tail (see README).", "N", shown="off")
-    min_batch_fill: float = setting(
-        0.85, parsers.fraction,
+    min_batch_fill: float | None = setting(
+        None, parsers.optional_fraction,
         "With --batch-order length, leave an input for the next batch rather than fill a batch "
-        "below this share of real (unpadded) tokens; use 0 on a GPU, where padding is nearly free.",
-        "F", shown="0.85, best measured on CPU")
+        "below this share of real (unpadded) tokens.",
+        "F", shown=f"auto = {CPU_MIN_BATCH_FILL} on a CPU (best measured), {GPU_MIN_BATCH_FILL:g} on a GPU, "
+        "where padding is nearly free")
     max_queue: int = setting(
         128, parsers.positive_int,
         "Most items waiting for the model; beyond it requests get 503 at once.", "N")
@@ -224,12 +234,32 @@ class Config:
             return 1
         return min(cores(), MAX_AUTO_WORKERS)
 
+    def on_gpu(self) -> bool:
+        """Whether any model process will (or, for auto, is likely to) run on a GPU."""
+        return any(gpu_likely(device) for device in self.devices or (self.device,))
+
     def batch_tokens(self) -> int:
         """Most padded tokens in one batch: the flag, or the default for the device."""
         if self.max_batch_tokens:
             return self.max_batch_tokens
-        devices = self.devices or (self.device,)
-        return GPU_BATCH_TOKENS if any(gpu_likely(device) for device in devices) else CPU_BATCH_TOKENS
+        return GPU_BATCH_TOKENS if self.on_gpu() else CPU_BATCH_TOKENS
+
+    def batch_fill(self) -> float:
+        """Least share of real tokens in a length-ordered batch: the flag, or the device's default."""
+        if self.min_batch_fill is not None:
+            return self.min_batch_fill
+        return GPU_MIN_BATCH_FILL if self.on_gpu() else CPU_MIN_BATCH_FILL
+
+    def admission_window(self) -> int:
+        """Most inputs of one request in the queue at a time; never more than the queue holds, so
+        that a request of --max-items inputs is admitted on an idle server whatever --workers is."""
+        return min(WINDOW_BATCHES_PER_WORKER * self.max_batch_size * self.worker_count(), self.max_queue)
+
+    def derived(self) -> dict[str, Any]:
+        """The values in force where a setting's default depends on the machine (for /info)."""
+        return {"workers": self.worker_count(), "threads": self.torch_threads(), "cores": cores(),
+                "gpu": self.on_gpu(), "max_batch_tokens": self.batch_tokens(),
+                "min_batch_fill": self.batch_fill(), "admission_window": self.admission_window()}
 
     def worker_device(self, index: int) -> str:
         return self.devices[index] if self.devices else self.device
@@ -271,12 +301,65 @@ def generates_text(model: str | None, task: str | None) -> bool:
     return any(str(name).endswith(GENERATION_ARCHITECTURES) for name in architectures)
 
 
+@functools.lru_cache
 def cores() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    """CPUs this process may use: its affinity mask (a container's cpuset), lowered to its cgroup's
+    CPU quota rounded up (`docker run --cpus`, a Kubernetes CPU limit, systemd's CPUQuota=).
+
+    A container limited to 2 CPUs on a 64-core host sees 64 in its affinity mask; sized from
+    that, 4 workers x 16 threads would share 2 CPUs' worth of time. Read once, then cached:
+    it is asked on every request (the admission window) and the machine does not change.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        available = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        available = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(available, math.ceil(quota))) if quota else available
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> float | None:
+    """The CPUs' worth of time this process's cgroup (or a parent of it) allows, or None."""
+    try:
+        with open(membership) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: cpu.max holds "<quota> <period>" or "max <period>"
+            limits += [_quota(os.path.join(root, d, "cpu.max"), None) for d in _and_parents(path)]
+        elif "cpu" in controllers.split(","):  # cgroup v1: the quota and period in two files
+            base = os.path.join(root, controllers)
+            limits += [_quota(os.path.join(base, d, "cpu.cfs_quota_us"), os.path.join(base, d, "cpu.cfs_period_us"))
+                       for d in _and_parents(path)]
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def _and_parents(path: str) -> list[str]:
+    """"/a/b" -> ["a/b", "a", ""]: a cgroup and each of its parents, relative to the root.
+
+    Inside a container the cgroup namespace shows the container's own cgroup as the root.
+    """
+    parts = [part for part in path.split("/") if part]
+    return ["/".join(parts[:end]) for end in range(len(parts), -1, -1)]
+
+
+def _quota(quota_file: str, period_file: str | None) -> float | None:
+    try:
+        with open(quota_file) as handle:
+            fields = handle.read().split()
+        if period_file is not None:
+            with open(period_file) as handle:
+                fields.append(handle.read().strip())
+        quota, period = fields[0], float(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    if quota in ("max", "-1") or period <= 0:
+        return None
+    return float(quota) / period
 
 
 def flag_name(name: str) -> str:

@@ -74,6 +74,11 @@ def fraction(text: str) -> float:
     return value
 
 
+def optional_fraction(text: str) -> float | None:
+    """A fraction, or None for "auto" (the device's default)."""
+    return None if text.strip().lower() in ("", "auto") else fraction(text)
+
+
 def choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         lowered = text.strip().lower()

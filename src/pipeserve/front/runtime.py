@@ -89,9 +89,9 @@ class Runtime:
             config.max_batch_size, config.max_batch_delay_ms / 1000, config.max_queue,
             max_queue_wait_s=None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000,
             max_batch_tokens=config.batch_tokens(), order=config.batch_order,
-            min_batch_fill=config.min_batch_fill,
+            min_batch_fill=config.batch_fill(),
             shortest_first_s=None if config.shortest_first_ms is None else config.shortest_first_ms / 1000,
-            window_batches=config.batch_window)
+            window_batches=config.batch_window, workers=config.worker_count())
         self.metrics = Metrics()
         self.changed = asyncio.Event()  # a worker changed state, or a stop began
         self.streams = Streams(config.max_running_sequences, self._serving_workers,
@@ -245,6 +245,7 @@ class Runtime:
             "versions": {"pipeserve": __version__, **(ready.versions if ready else {})},
             "parameters": sorted(spec.name for spec in ready.parameters) if ready else None,
             "settings": public_settings(config),
+            "in_force": config.derived(),
             "workers": [s.describe() for s in self.supervisors],
             "counters": {
                 "batches": self.batcher.batches,

@@ -90,15 +90,15 @@ async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[An
     else:
         key = orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS).decode()
     deadline = request_deadline(request)
-    # Two batches' worth per worker: enough for length-aware batching to choose from, few
-    # enough that a request arriving meanwhile waits behind one window, not the whole batch.
-    window = 2 * config.max_batch_size * config.worker_count()
+    window = config.admission_window()
     batcher = runtime.batcher
 
     def submit(items: Sequence[Any], admitted: bool) -> list[Job]:
         return batcher.submit(list(items), parameters, key, request[REQUEST_ID], deadline, op, admitted)
 
-    jobs = submit(inputs[:window], admitted=False)  # the door: 503 at once when full
+    # The door: as much of the first window as the queue has room for (503 at once when it has
+    # none), so a large request beside steady traffic is admitted and grows as the queue drains.
+    jobs = submit(inputs[:min(window, max(batcher.room, 1))], admitted=False)
     waiting = set(jobs)
     try:
         while waiting:
@@ -110,7 +110,9 @@ async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[An
             finished = [job for job in waiting if job.future.done()]
             waiting.difference_update(finished)
             _raise_first_failure(jobs, finished, single=len(inputs) == 1)
-            more = inputs[len(jobs):len(jobs) + len(finished)]
+            # Back up to a window where the queue has room; at least as many as just finished.
+            count = max(len(finished), min(window - len(waiting), batcher.room))
+            more = inputs[len(jobs):len(jobs) + count]
             if more:
                 added = submit(more, admitted=True)
                 jobs.extend(added)
