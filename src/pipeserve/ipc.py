@@ -69,6 +69,11 @@ class InputKind(enum.StrEnum):
     AUDIO = "audio"
 
 
+# Tokens a generation request may leave unsaid: the same on every route (OpenAI's, TGI's, the
+# Inference API's) and in the engine.
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
 class ErrorKind(enum.StrEnum):
     """Why one input failed in the model process; `status` is the HTTP status it becomes."""
 

@@ -175,6 +175,7 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.streams.settle(timeout=1.0)  # Cancel messages still on their way
         await asyncio.gather(*(s.stop() for s in self.supervisors), return_exceptions=True)
         self.batcher.fail_queued(lambda: errors.Unavailable("the server is shutting down"))
 

@@ -12,6 +12,7 @@ worker's death ends each of its streams with an error within the time it takes t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -47,6 +48,7 @@ class Stream:
     end: ipc.StreamEnd | None = None
     tokens: int = 0
     first_token_at: float | None = None
+    peeked: Event | None = None  # the first event, taken before the response was started
 
 
 class Streams:
@@ -64,6 +66,7 @@ class Streams:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed_reason: str | None = None
+        self._cancels: set[asyncio.Task[None]] = set()  # Cancel messages on their way to a worker
 
     def close(self, reason: str) -> None:
         """Refuse new streams with 503 `reason` (draining); open ones run to their end."""
@@ -96,7 +99,21 @@ class Streams:
         except (ConnectionError, OSError):
             self._close(stream)
             raise errors.WorkerCrashed("the model process is restarting", retry_after=1) from None
+        except BaseException:  # the client left while a busy worker's pipe was full: the frame
+            self.release(stream)  # is already buffered, so the worker must be told to cancel it
+            raise
         return stream
+
+    @contextlib.asynccontextmanager
+    async def opened(self, request_id: str, prompt: str | None, parameters: dict[str, Any],
+                     messages: list[dict[str, Any]] | None = None) -> AsyncIterator[Stream]:
+        """A stream for the body of an `async with`, released however the body ends (an answer,
+        an error, or the client going away at any await), so no stream outlives its request."""
+        stream = await self.start(request_id, prompt, parameters, messages)
+        try:
+            yield stream
+        finally:
+            self.release(stream)
 
     # --- from the workers ------------------------------------------------------------------------
 
@@ -156,13 +173,34 @@ class Streams:
 
     # --- for the handler -----------------------------------------------------------------------
 
+    async def first_event(self, stream: Stream, deadline: float) -> Event:
+        """Wait for the stream's first event before a response is started; a stream that ends
+        before its first token (the model refused the prompt, the worker died, the deadline
+        passed) raises its error, so the client gets a 4xx/5xx status, not a failed stream."""
+        remaining = deadline - time.monotonic()
+        try:
+            event = await asyncio.wait_for(stream.queue.get(), max(remaining, 0))
+        except TimeoutError:
+            raise errors.RequestTimeout("request timed out before the first token") from None
+        if event.end is not None:
+            stream.end = event.end
+        if event.error is not None and event.token is None:
+            raise event.error
+        stream.peeked = event
+        return event
+
     async def events(self, stream: Stream, deadline: float) -> AsyncIterator[Event]:
         """The stream's events until its end; a deadline ends it with a timeout error event.
 
-        The stream is closed when the iteration stops, however it stops: a client that went
+        The stream is released when the iteration stops, however it stops: a client that went
         away (the handler is cancelled) cancels its sequence at the next step.
         """
         try:
+            if stream.peeked is not None:
+                event, stream.peeked = stream.peeked, None
+                yield event
+                if event.end is not None:
+                    return
             while True:
                 remaining = deadline - time.monotonic()
                 try:
@@ -176,16 +214,33 @@ class Streams:
                 if event.end is not None:
                     return
         finally:
-            await self._finish(stream)
+            self.release(stream)
 
-    async def _finish(self, stream: Stream) -> None:
-        if stream.end is None:  # not ended by the worker: cancel it there
+    def release(self, stream: Stream) -> None:
+        """Close the stream in the front (idempotent); one the worker has not ended is cancelled
+        there, by a message sent in the background: releasing never waits on a busy pipe."""
+        if self.open.get(stream.stream_id) is not stream:
+            return
+        if stream.end is None:
             self.cancelled += 1
-            try:
-                await stream.worker.send(ipc.Cancel(stream.stream_id))
-            except (ConnectionError, OSError):
-                pass  # the worker is gone, and its sequence with it
+            task = asyncio.ensure_future(self._send_cancel(stream))
+            self._cancels.add(task)
+            task.add_done_callback(self._cancels.discard)
         self._close(stream)
+
+    @staticmethod
+    async def _send_cancel(stream: Stream) -> None:
+        try:
+            await stream.worker.send(ipc.Cancel(stream.stream_id))
+        except (ConnectionError, OSError):
+            pass  # the worker is gone, and its sequence with it
+
+    async def settle(self, timeout: float) -> None:
+        """Let Cancel messages still on their way reach their workers (at shutdown)."""
+        if self._cancels:
+            await asyncio.wait(set(self._cancels), timeout=timeout)
+        for task in set(self._cancels):
+            task.cancel()
 
     def _close(self, stream: Stream) -> None:
         if self.open.pop(stream.stream_id, None) is not None and self._observe is not None:

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.ipc import ErrorKind
+from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
 from pipeserve.model import kv_cache
 
 log = logging.getLogger("pipeserve.worker")
 
-DEFAULT_MAX_NEW_TOKENS = 64
 
 
 @dataclass
@@ -104,19 +103,21 @@ class Engine:
                 sequence.cancelled = True
 
     def _prompt_ids(self, request: ipc.Generate) -> list[int]:
+        """The prompt's tokens, its end kept where it is longer than the positions left."""
+        max_new_tokens = int(request.parameters.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        room = self.max_positions - max_new_tokens
+        if room < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
+                             f"model's {self.max_positions} positions")
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model has no chat template")
             text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids = tail_ids(self.tokenizer, text, room, add_special_tokens=False)
         else:
-            ids = list(self.tokenizer(request.prompt or "")["input_ids"])
+            ids = tail_ids(self.tokenizer, request.prompt or "", room, add_special_tokens=True)
         if not ids:
-            bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_ids[0]
-            ids = [bos]
-        room = self.max_positions - int(request.parameters.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-        if room < 1:
-            raise ValueError(f"max_new_tokens must leave room in the model's {self.max_positions} positions")
+            raise ValueError("the prompt is empty: it has no tokens for this model")
         return ids[-room:]  # keep the end of an over-long prompt
 
     # --- one step ---------------------------------------------------------------------------
@@ -289,6 +290,27 @@ class Engine:
         self.waiting.clear()
         self.running, self.cache, self.mask, self.joinable = [], None, None, True
         return ended
+
+
+# A prompt longer than the model's positions keeps only its last tokens. Tokenizing all of it
+# would cost time in proportion to its length on the loop that steps every other stream (a
+# 256 KB prompt: tens of milliseconds); only its tail is tokenized, a window of this many
+# characters per token kept, if that window gives the kept tokens with this many to spare: the
+# tokenizers served split text into words before merging, so a cut far before the kept tokens
+# cannot change them.
+_TAIL_CHARACTERS_PER_TOKEN = 16
+_TAIL_SPARE_TOKENS = 32
+
+
+def tail_ids(tokenizer: Any, text: str, room: int, add_special_tokens: bool) -> list[int]:
+    """The tokens of `text` (the last `room` of them at least exactly), tokenizing only as much of
+    its end as needed."""
+    window = (room + _TAIL_SPARE_TOKENS) * _TAIL_CHARACTERS_PER_TOKEN
+    if len(text) > window:
+        ids = list(tokenizer(text[-window:], add_special_tokens=add_special_tokens)["input_ids"])
+        if len(ids) >= room + _TAIL_SPARE_TOKENS:
+            return ids
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def _samples(parameters: dict[str, Any]) -> bool:

@@ -10,8 +10,9 @@ large nor holds every later request behind all of its inputs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -55,12 +56,27 @@ async def read_body(request: web.Request) -> bytes:
         raise errors.BodyTimeout() from None
 
 
+TOKEN_ID_BYTES = 4  # a token id in a /decode list counts as an int32 against --max-input-bytes
+
+
+def input_size(item: Any) -> int:
+    """An input's size against --max-input-bytes: UTF-8 text, a file's bytes, a text pair or a
+    chat's messages together, a token id list at TOKEN_ID_BYTES an id."""
+    if isinstance(item, str):
+        return len(item.encode())
+    if isinstance(item, bytes):
+        return len(item)
+    if isinstance(item, dict):
+        return sum(input_size(part) for part in item.values())
+    if isinstance(item, list):
+        return sum(input_size(part) if isinstance(part, (str, dict)) else TOKEN_ID_BYTES for part in item)
+    return 0
+
+
 def check_input_sizes(inputs: Sequence[Any], limit: int) -> None:
     """413 for one input over --max-input-bytes (the body limit admits whole client batches)."""
     for index, item in enumerate(inputs):
-        parts = item.values() if isinstance(item, dict) else [item]  # a text pair counts whole
-        size = sum(len(part.encode()) if isinstance(part, str) else len(part) if isinstance(part, bytes)
-                   else 0 for part in parts)
+        size = input_size(item)
         if size > limit:
             raise errors.PayloadTooLarge(f"input {index} is {size} bytes; at most {limit} per input "
                                          "(--max-input-bytes)")
@@ -150,15 +166,18 @@ def batch_size(jobs: list[Job]) -> int:
 # --- generation ----------------------------------------------------------------------------------
 
 STOP_SEQUENCES_MAX = 4
+# Sampling temperature, on every route: OpenAI's bound (TGI declares none; above 2 the
+# distribution is nearly uniform, so nothing useful is refused).
+TEMPERATURE_MAX = 2.0
 
 
-def generation_parameters(raw: dict[str, Any], limit: int, default_max_new_tokens: int) -> dict[str, Any]:
+def generation_parameters(raw: dict[str, Any], limit: int) -> dict[str, Any]:
     """The engine's parameters from a dialect's, checked: a 400 naming the first bad one.
 
     `raw` holds max_new_tokens, do_sample, temperature, top_p, top_k, seed, stop, ignore_eos
     (already renamed by the dialect); None means "the default".
     """
-    out: dict[str, Any] = {"max_new_tokens": default_max_new_tokens}
+    out: dict[str, Any] = {"max_new_tokens": min(ipc.DEFAULT_MAX_NEW_TOKENS, limit)}
 
     def number(name: str, low: float, high: float | None = None, integer: bool = False) -> Any:
         value = raw.get(name)
@@ -174,7 +193,7 @@ def generation_parameters(raw: dict[str, Any], limit: int, default_max_new_token
     max_new = number("max_new_tokens", 1, limit, integer=True)
     if max_new is not None:
         out["max_new_tokens"] = max_new
-    for name, low, high, integer in (("temperature", 0, 100, False), ("top_p", 0, 1, False),
+    for name, low, high, integer in (("temperature", 0, TEMPERATURE_MAX, False), ("top_p", 0, 1, False),
                                      ("top_k", 0, None, True), ("seed", 0, 2**63 - 1, True)):
         value = number(name, low, high, integer)
         if value is not None:
@@ -225,15 +244,27 @@ async def collect(request: web.Request, stream: Stream) -> tuple[list[ipc.Token]
     raise errors.InferenceFailed("the stream ended without an end")
 
 
-async def start_stream(request: web.Request, prompt: str | None, parameters: dict[str, Any],
-                       messages: list[dict[str, Any]] | None = None) -> Stream:
-    stream = await request.app[RUNTIME].streams.start(request[REQUEST_ID], prompt, parameters, messages)
-    request[STREAM] = stream
-    return stream
+@contextlib.asynccontextmanager
+async def generation(request: web.Request, prompt: str | None, parameters: dict[str, Any],
+                     messages: list[dict[str, Any]] | None = None) -> AsyncIterator[Stream]:
+    """A generated stream for the handler's `async with`: admitted (503 at once when every
+    worker is full), and released however the handler ends, the client leaving included."""
+    runtime = request.app[RUNTIME]
+    # Before the prompt reaches the model process, whose loop tokenizes it between other
+    # streams' steps: a prompt (or a chat's messages together) over --max-input-bytes is a 413.
+    size = input_size(messages if messages is not None else prompt or "")
+    if size > runtime.config.max_input_bytes:
+        raise errors.PayloadTooLarge(f"the prompt is {size} bytes; at most {runtime.config.max_input_bytes} "
+                                     "(--max-input-bytes)")
+    async with runtime.streams.opened(request[REQUEST_ID], prompt, parameters, messages) as stream:
+        request[STREAM] = stream
+        yield stream
 
 
-async def open_event_stream(request: web.Request) -> web.StreamResponse:
-    """A server-sent-events response, its headers sent."""
+async def open_event_stream(request: web.Request, stream: Stream, deadline: float) -> web.StreamResponse:
+    """A server-sent-events response, its headers sent once the first token is in: a prompt the
+    model refuses, or any failure before it, is answered with its own status instead."""
+    await request.app[RUNTIME].streams.first_event(stream, deadline)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)

@@ -22,6 +22,7 @@ from pipeserve.front.api import common
 from pipeserve.front.api.routes import Route, Schema, json_type, obj, parse_object, texts
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
+from pipeserve.front.streams import Stream
 
 ENCODING_FORMATS = ("float", "base64")
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer"}}
@@ -113,7 +114,7 @@ ROUTES = (
 _STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}, {"type": "null"}]}
 _SAMPLING: dict[str, Schema] = {
     "model": {"type": "string"}, "max_tokens": {"type": ["integer", "null"], "minimum": 1},
-    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": common.TEMPERATURE_MAX},
     "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
     "stop": _STOP, "seed": {"type": ["integer", "null"], "minimum": 0},
     "n": {"type": ["integer", "null"], "enum": [1, None]},
@@ -149,14 +150,13 @@ def _sampling(document: dict[str, Any], max_tokens: Any, limit: int) -> dict[str
     if document.get("logprobs") not in (None, False):
         raise errors.BadRequest('"logprobs" is not supported')
     temperature = document.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not 0 <= temperature <= 2):
-        raise errors.BadRequest('"temperature" must be a number from 0 to 2')
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        raise errors.BadRequest('"temperature" must be a number')  # its bounds: common.generation_parameters
     wanted = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": document.get("top_p"),
               "seed": document.get("seed"), "stop": document.get("stop"), "ignore_eos": document.get("ignore_eos"),
               # OpenAI samples at temperature 1 by default; 0 is greedy.
               "do_sample": (1.0 if temperature is None else temperature) > 0}
-    return common.generation_parameters(wanted, limit, 16)
+    return common.generation_parameters(wanted, limit)
 
 
 def _stream_options(document: dict[str, Any]) -> bool:
@@ -229,26 +229,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _respond(request: web.Request, kind: str, parameters: dict[str, Any], document: dict[str, Any],
                    prompt: str | None = None, messages: list[dict[str, Any]] | None = None) -> web.StreamResponse:
     include_usage = _stream_options(document)
-    stream = await common.start_stream(request, prompt, parameters, messages)
     head = {"id": f"{'chatcmpl' if messages is not None else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()), "model": request.app[RUNTIME].served_model_name}
     stops = parameters.get("stop") or []
-    if not document.get("stream"):
+    async with common.generation(request, prompt, parameters, messages) as stream:
+        if document.get("stream"):
+            return await _stream(request, stream, head, kind, stops, include_usage, chat=messages is not None)
         tokens, end = await common.collect(request, stream)
-        text = _cut_at_stop("".join(token.text for token in tokens), stops)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(end), "logprobs": None}
-        if messages is not None:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return json_response({**head, "object": kind, "choices": [choice], "usage": _usage(end)})
-    return await _stream(request, stream, head, kind, stops, include_usage, chat=messages is not None)
+    text = _cut_at_stop("".join(token.text for token in tokens), stops)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(end), "logprobs": None}
+    if messages is not None:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return json_response({**head, "object": kind, "choices": [choice], "usage": _usage(end)})
 
 
-async def _stream(request: web.Request, stream: Any, head: dict[str, Any], kind: str, stops: list[str],
+async def _stream(request: web.Request, stream: Stream, head: dict[str, Any], kind: str, stops: list[str],
                   include_usage: bool, chat: bool) -> web.StreamResponse:
     chunk_kind = "chat.completion.chunk" if chat else kind
-    response = await common.open_event_stream(request)
+    deadline = common.generation_deadline(request)
+    response = await common.open_event_stream(request, stream, deadline)
 
     async def send(delta: str | None, finish: str | None, role: bool = False) -> None:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -262,7 +263,7 @@ async def _stream(request: web.Request, stream: Any, head: dict[str, Any], kind:
     if chat:
         await send(None, None, role=True)
     sent = ""
-    async for event in request.app[RUNTIME].streams.events(stream, common.generation_deadline(request)):
+    async for event in request.app[RUNTIME].streams.events(stream, deadline):
         if event.error is not None:
             await common.send_event(response, orjson.dumps(errors.openai_body(event.error.status, event.error.message)))
             break

@@ -20,6 +20,7 @@ from pipeserve.front.api import common
 from pipeserve.front.api.routes import ANY_JSON, Route, json_type, obj, parse_object
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
+from pipeserve.front.streams import Stream
 
 # TGI parameters served, by the engine's name for each.
 _SERVED = {"max_new_tokens": "max_new_tokens", "do_sample": "do_sample", "temperature": "temperature",
@@ -30,7 +31,8 @@ _NEUTRAL = {"decoder_input_details": False, "watermark": False, "best_of": 1, "t
             "grammar": None, "adapter_id": None}
 PARAMETERS = obj({
     "max_new_tokens": {"type": "integer", "minimum": 1}, "do_sample": {"type": "boolean"},
-    "temperature": {"type": "number", "minimum": 0}, "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": common.TEMPERATURE_MAX},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
     "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer", "minimum": 0},
     "stop": {"type": "array", "items": {"type": "string"}}, "ignore_eos": {"type": "boolean"},
     "details": {"type": "boolean"}, "return_full_text": {"type": "boolean"},
@@ -71,7 +73,7 @@ def parse(document: dict[str, Any], limit: int) -> tuple[str, dict[str, Any], di
     # TGI samples when asked to, or when given a sampling knob.
     if wanted.get("do_sample") is None and any(raw.get(k) is not None for k in ("temperature", "top_p", "top_k")):
         wanted["do_sample"] = raw.get("temperature") != 0
-    return prompt, common.generation_parameters(wanted, limit, 20), flags
+    return prompt, common.generation_parameters(wanted, limit), flags
 
 
 def _details(tokens: list[ipc.Token], end: ipc.StreamEnd, with_tokens: bool) -> dict[str, Any]:
@@ -103,8 +105,8 @@ async def generate(request: web.Request) -> web.Response:
 async def answer(request: web.Request, prompt: str, parameters: dict[str, Any],
                  flags: dict[str, bool]) -> dict[str, Any]:
     """The whole generation as TGI's /generate answers it."""
-    stream = await common.start_stream(request, prompt, parameters)
-    tokens, end = await common.collect(request, stream)
+    async with common.generation(request, prompt, parameters) as stream:
+        tokens, end = await common.collect(request, stream)
     text = "".join(token.text for token in tokens)
     body: dict[str, Any] = {"generated_text": prompt + text if flags["return_full_text"] else text}
     if flags["details"]:
@@ -120,12 +122,16 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 async def stream_events(request: web.Request, prompt: str, parameters: dict[str, Any],
                         flags: dict[str, bool]) -> web.StreamResponse:
     """TGI's token events for one generation (a 4xx or 503 comes before the first event)."""
-    runtime = request.app[RUNTIME]
-    stream = await common.start_stream(request, prompt, parameters)
-    response = await common.open_event_stream(request)
-    deadline = common.generation_deadline(request)
+    async with common.generation(request, prompt, parameters) as stream:
+        deadline = common.generation_deadline(request)
+        response = await common.open_event_stream(request, stream, deadline)
+        return await _write_events(request, response, stream, deadline, prompt, flags)
+
+
+async def _write_events(request: web.Request, response: web.StreamResponse, stream: Stream, deadline: float,
+                        prompt: str, flags: dict[str, bool]) -> web.StreamResponse:
     text, index, tokens = "", 0, []
-    async for event in runtime.streams.events(stream, deadline):
+    async for event in request.app[RUNTIME].streams.events(stream, deadline):
         if event.error is not None:
             kind = _error_type(event.error)
             await common.send_event(response, orjson.dumps({"error": event.error.message, "error_type": kind}))

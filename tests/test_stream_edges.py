@@ -1,0 +1,200 @@
+"""Generated streams at their edges, against a real server: clients that leave at every stage
+(while the request is read, handed to a busy worker, queued in it, decoding), refusals that
+come before the first event, and prompts over --max-input-bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Server, wait_until
+from test_streaming import chat_model  # noqa: F401 - the fixture, shared
+
+pytestmark = pytest.mark.timeout(240)
+MAX_INPUT_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def generator(chat_model: Path) -> Iterator[Server]:  # noqa: F811 - the fixture above
+    # One sequence decodes at a time, so a second one waits in the model process.
+    server = Server(["--model", str(chat_model), "--max-running-sequences", "1",
+                     "--max-input-bytes", str(MAX_INPUT_BYTES)])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def _send(port: int, path: str, document: Any, body_bytes: int | None = None) -> socket.socket:
+    """A raw HTTP request on its own connection; `body_bytes` sends only that much of the body."""
+    body = json.dumps(document).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(head + body[:body_bytes])
+    return sock
+
+
+def _read_until(sock: socket.socket, marker: bytes) -> bytes:
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before {marker!r}: {received[-300:]!r}"
+        received += chunk
+    return received
+
+
+def _open_streams(server: Server) -> int:
+    return int(server.info()["counters"]["streams"]["open"])
+
+
+def _running_sequences(server: Server) -> float:
+    text = server.request("GET", "/metrics").body.decode()
+    return float(re.search(r"^pipeserve_running_sequences (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+def _long(prompt: str = "the") -> dict[str, Any]:
+    return {"inputs": prompt, "parameters": {"max_new_tokens": 400, "ignore_eos": True}}
+
+
+def _no_stream_left(server: Server) -> None:
+    wait_until(lambda: _open_streams(server) == 0 and _running_sequences(server) == 0, 30,
+               message="no stream open")
+
+
+# --- refusals come before the first event ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "document", "message"), [
+    ("/generate_stream", {"inputs": "the", "parameters": {"max_new_tokens": 1024}}, "leaves no room"),
+    ("/generate_stream", {"inputs": ""}, "the prompt is empty"),
+    ("/generate", {"inputs": "", "parameters": {"max_new_tokens": 4}}, "the prompt is empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "the"}], "max_tokens": 1024,
+                              "stream": True}, "leaves no room"),
+    ("/v1/completions", {"prompt": "", "stream": True}, "the prompt is empty"),
+])
+def test_a_prompt_the_model_refuses_is_a_4xx_before_any_event(generator: Server, path: str, document: Any,
+                                                              message: str) -> None:
+    reply = generator.request("POST", path, json.dumps(document), {"Content-Type": "application/json"})
+    assert reply.status == 400, reply.body
+    assert reply.headers["content-type"].startswith("application/json")  # not an event stream
+    body = reply.json()
+    text = body["error"]["message"] if path.startswith("/v1/") else body["error"]
+    assert message in text
+    if not path.startswith("/v1/"):
+        assert body["error_type"]  # TGI's envelope
+
+
+# --- size limits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "document"), [
+    ("/v1/completions", {"prompt": "the " * 20_000}),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "the " * 9_000},
+                                           {"role": "user", "content": "the " * 9_000}]}),  # 72 KB together
+    ("/generate_stream", {"inputs": "the " * 20_000}),
+    ("/generate", {"inputs": "the " * 20_000}),
+    ("/", {"inputs": "the " * 20_000, "stream": True}),
+    ("/decode", {"ids": list(range(20_000))}),  # 80 KB at 4 bytes an id
+])
+def test_every_route_refuses_an_input_over_max_input_bytes(generator: Server, path: str, document: Any) -> None:
+    reply = generator.request("POST", path, json.dumps(document), {"Content-Type": "application/json"})
+    assert reply.status == 413, reply.body
+    assert "--max-input-bytes" in reply.body.decode()
+    assert generator.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                             {"Content-Type": "application/json"}).status == 200
+
+
+def test_a_long_allowed_prompt_keeps_its_end(generator: Server) -> None:
+    """A prompt past the model's positions keeps its last tokens (only its tail is tokenized)."""
+    document = {"inputs": "cat " * 15_000 + "dog", "parameters": {"max_new_tokens": 1, "details": True}}
+    reply = generator.request("POST", "/generate", json.dumps(document), {"Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
+    assert reply.json()["details"]["finish_reason"] == "length"
+
+
+# --- clients that leave --------------------------------------------------------------------------------
+
+
+def test_a_client_that_leaves_while_its_body_is_read(generator: Server) -> None:
+    sock = _send(generator.port, "/generate_stream", _long(), body_bytes=10)
+    sock.close()
+    _no_stream_left(generator)
+
+
+def test_clients_that_leave_while_their_prompts_are_handed_to_a_stopped_worker(chat_model: Path) -> None:  # noqa: F811
+    """The worker cannot read (SIGSTOP): the Generate messages fill the pipe, the later ones wait
+    to be handed over, and the clients leave meanwhile. Once it reads again, their sequences are
+    cancelled, not left running (nor holding admission, nor tripping the stall watchdog)."""
+    generator = Server(["--model", str(chat_model), "--max-running-sequences", "8"]).wait_ready()
+    try:
+        _leave_a_stopped_worker(generator)
+    finally:
+        generator.stop()
+
+
+def _leave_a_stopped_worker(generator: Server) -> None:
+    worker = int(generator.info()["workers"][0]["pid"])
+    prompt = "the " * 50_000  # 200 KB: a few fill the pipe's buffers
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        clients = [_send(generator.port, "/generate_stream", _long(prompt)) for _ in range(8)]
+        wait_until(lambda: _open_streams(generator) == 8, 30, message="8 streams handed over")
+        for sock in clients:
+            sock.close()
+        wait_until(lambda: _open_streams(generator) == 0, 30, message="the front released them")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    _no_stream_left(generator)
+    assert generator.info()["workers"][0]["restarts"] == 0  # the stall watchdog left it alone
+    # It serves again, and is not still generating the abandoned sequences first.
+    reply = generator.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                              {"Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
+
+
+def test_a_client_that_leaves_while_its_sequence_waits_in_the_worker(generator: Server) -> None:
+    running = _send(generator.port, "/generate_stream", _long())
+    _read_until(running, b"data:")  # decoding: the one running sequence
+    waiting = _send(generator.port, "/generate_stream", _long("a"))
+    wait_until(lambda: _open_streams(generator) == 2, 30, message="a second stream, waiting")
+    waiting.close()
+    wait_until(lambda: _open_streams(generator) == 1, 30, message="the waiting one released")
+    running.close()
+    _no_stream_left(generator)
+
+
+def test_a_client_that_leaves_while_decoding(generator: Server) -> None:
+    for path, document in (("/generate_stream", _long()),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "the"}],
+                                                     "max_tokens": 400, "ignore_eos": True, "stream": True})):
+        sock = _send(generator.port, path, document)
+        _read_until(sock, b"data:")
+        sock.close()
+        _no_stream_left(generator)
+
+
+def test_after_every_leaver_sigterm_exits_at_once(chat_model: Path) -> None:  # noqa: F811
+    server = Server(["--model", str(chat_model), "--max-running-sequences", "1"]).wait_ready()
+    try:
+        for _ in range(3):
+            sock = _send(server.port, "/generate_stream", _long())
+            _read_until(sock, b"data:")
+            sock.close()
+        leaver = _send(server.port, "/generate_stream", _long(), body_bytes=5)
+        leaver.close()
+        _no_stream_left(server)
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(30) == 0
+        assert "draining" not in server.log  # nothing was left to wait for
+        assert "drain incomplete" not in server.log
+    finally:
+        server.stop()
