@@ -210,10 +210,6 @@ def test_cores_are_lowered_to_the_quota(monkeypatch: pytest.MonkeyPatch) -> None
     from pipeserve.front import config
 
     monkeypatch.setattr(config.os, "sched_getaffinity", lambda _pid: set(range(64)))
-    monkeypatch.setattr(config, "cgroup_cpu_quota", lambda: 2.5)
-    config.cores.cache_clear()
-    try:
-        assert config.cores() == 3  # 2.5 CPUs' worth of time: 3 threads can use it
-        assert Config(device="cpu").worker_count() == 3 and Config(device="cpu").torch_threads() == 1
-    finally:
-        config.cores.cache_clear()
+    monkeypatch.setattr(config, "CGROUP_CPU_QUOTA", 2.5)
+    assert config.cores() == 3  # 2.5 CPUs' worth of time: 3 threads can use it
+    assert Config(device="cpu").worker_count() == 3 and Config(device="cpu").torch_threads() == 1

@@ -141,7 +141,7 @@ async def test_a_garbage_frame_kills_the_worker_and_fails_its_batch(
     with pytest.raises(errors.WorkerCrashed):
         await slot.result(job)
     assert "sent a bad frame" in caplog.text
-    assert slot.supervisor.last_exit == "killed by SIGKILL — out of memory?"
+    assert slot.supervisor.last_exit == "killed by the front with SIGKILL (it sent a bad frame)"  # not "out of memory?"
 
 
 async def test_a_reply_for_an_unknown_batch_is_logged_and_ignored(

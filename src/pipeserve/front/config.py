@@ -301,20 +301,18 @@ def generates_text(model: str | None, task: str | None) -> bool:
     return any(str(name).endswith(GENERATION_ARCHITECTURES) for name in architectures)
 
 
-@functools.lru_cache
 def cores() -> int:
     """CPUs this process may use: its affinity mask (a container's cpuset), lowered to its cgroup's
     CPU quota rounded up (`docker run --cpus`, a Kubernetes CPU limit, systemd's CPUQuota=).
 
     A container limited to 2 CPUs on a 64-core host sees 64 in its affinity mask; sized from
-    that, 4 workers x 16 threads would share 2 CPUs' worth of time. Read once, then cached:
-    it is asked on every request (the admission window) and the machine does not change.
+    that, 4 workers x 16 threads would share 2 CPUs' worth of time.
     """
     try:
         available = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         available = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
+    quota = CGROUP_CPU_QUOTA
     return max(1, min(available, math.ceil(quota))) if quota else available
 
 
@@ -360,6 +358,10 @@ def _quota(quota_file: str, period_file: str | None) -> float | None:
     if quota in ("max", "-1") or period <= 0:
         return None
     return float(quota) / period
+
+
+# Read once, at import, as the GPU's device node is: no event loop waits on these files.
+CGROUP_CPU_QUOTA = cgroup_cpu_quota()
 
 
 def flag_name(name: str) -> str:

@@ -161,7 +161,7 @@ class Streams:
                           worker.spec.worker_index, worker.pid, bound)
                 self._end_all(worker, errors.BatchTimedOut(
                     f"generation stalled: no step from the model process in {bound:g}s; it was restarted"))
-                worker.kill()
+                worker.kill(f"no generation step in {bound:g}s (--batch-timeout)")
 
     def stalled_workers(self, now: float, bound: float) -> list[Any]:
         """Workers silent for `bound` since the later of their last message and their oldest open stream."""

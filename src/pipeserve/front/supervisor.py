@@ -130,7 +130,7 @@ class Supervisor:
                                                      f"{self.config.load_timeout:g}s; giving up")
                 return
             except LoadFailed as exc:
-                worker.kill()
+                worker.kill("it reported that it cannot load the model")
                 log.debug("load failure detail:\n%s", exc.detail)
                 self._give_up(ExitCode.LOAD_FAILED, exc.reason)
                 return

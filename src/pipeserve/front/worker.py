@@ -53,9 +53,12 @@ class BatchTimeout(Exception):
     """A batch ran past --batch-timeout; the worker has been killed."""
 
 
-def describe_exit(exitcode: int | None) -> str:
+def describe_exit(exitcode: int | None, killed_for: str | None = None) -> str:
+    """How a model process ended; `killed_for` is why the front killed it, if it did."""
     if exitcode is None:
         return "exited (status unknown)"
+    if killed_for is not None and exitcode == -signal.SIGKILL:
+        return f"killed by the front with SIGKILL ({killed_for})"
     if exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name
@@ -92,6 +95,7 @@ class WorkerProcess:
         self.started_at = 0.0
         self.ready_at: float | None = None
         self.last_heard_at = 0.0  # when the process last sent anything: streams.py watches it
+        self.killed_for: str | None = None  # why the front killed it: its death is no mystery
 
     @property
     def pid(self) -> int | None:
@@ -101,6 +105,9 @@ class WorkerProcess:
         """Spawn the process and wait for Ready; raises LoadFailed, LoadTimedOut or WorkerDied."""
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
+        # Whoever stops waiting for Ready (a load timeout, a stop while loading) leaves its
+        # outcome unread; it is settled all the same, so it is marked read here.
+        self._ready.add_done_callback(_mark_read)
         self.exited = loop.create_future()
         parent_end, child_end = self._context.Pipe(duplex=True)
         self.process = self._context.Process(
@@ -122,9 +129,7 @@ class WorkerProcess:
         try:
             return await asyncio.wait_for(asyncio.shield(self._ready), load_timeout)
         except TimeoutError:
-            self.kill()
-            # Its death will settle _ready with WorkerDied, which nobody waits for any more.
-            self._ready.add_done_callback(lambda future: future.cancelled() or future.exception())
+            self.kill(f"not loaded within --load-timeout {load_timeout:g}s")
             raise LoadTimedOut() from None
 
     async def run(self, batch: ipc.Batch, timeout: float) -> ipc.BatchResult:
@@ -142,7 +147,7 @@ class WorkerProcess:
                 raise WorkerDied(died.cause, died.exitcode, sent=False) from None
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:  # before OSError, of which it is a subclass
-            self.kill()
+            self.kill(f"a batch ran past --batch-timeout {timeout:g}s")
             raise BatchTimeout() from None
         except (ConnectionError, OSError):
             raise await asyncio.shield(self.exited) from None
@@ -155,10 +160,12 @@ class WorkerProcess:
             raise ConnectionError("the model process has exited")
         await ipc.write_message(self._writer, message)
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, reason: str) -> None:
+        """SIGKILL the process, remembering why: its death is then reported as the front's doing."""
         if self.process is not None and self.process.exitcode is None:
+            self.killed_for = self.killed_for or reason
             try:
-                os.kill(self.process.pid, sig)
+                os.kill(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -169,9 +176,15 @@ class WorkerProcess:
         if self._reader_task is None and self._spawning is not None:
             # Stopped while spawning (start() was cancelled): nothing watches its death yet.
             await asyncio.gather(asyncio.shield(self._spawning), return_exceptions=True)
-            self.kill()
+            self.kill("stopped while starting")
             await asyncio.to_thread(self.process.join, grace)
-            self.exited.set_result(WorkerDied(describe_exit(self.process.exitcode), self.process.exitcode))
+            exitcode = self.process.exitcode
+            self.exited.set_result(WorkerDied(describe_exit(exitcode, self.killed_for), exitcode))
+            return
+        if self._ready is not None and not self._ready.done():
+            # Still loading: it reads no message until it has loaded, which may take minutes.
+            self.kill("stopped while loading")
+            await asyncio.shield(self.exited)
             return
         try:
             if self._writer is not None:
@@ -180,7 +193,7 @@ class WorkerProcess:
         except (TimeoutError, ConnectionError, OSError):
             log.warning("worker[%d] pid=%s did not exit in %.0fs; killing it",
                         self.spec.worker_index, self.pid, grace)
-            self.kill()
+            self.kill(f"did not exit within {grace:g}s of Shutdown")
             await asyncio.shield(self.exited)
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
@@ -191,7 +204,7 @@ class WorkerProcess:
                 return
             except ipc.ProtocolError as exc:
                 log.error("worker[%d] sent a bad frame (%s); killing it", self.spec.worker_index, exc)
-                self.kill()
+                self.kill("it sent a bad frame")
                 return
             self._dispatch(message)
 
@@ -232,7 +245,7 @@ class WorkerProcess:
         while exitcode is None and time.monotonic() < deadline:
             await asyncio.sleep(_EXIT_STATUS_POLL_S)  # the sentinel fires just before the reap
             exitcode = self.process.exitcode
-        died = WorkerDied(describe_exit(exitcode), exitcode)
+        died = WorkerDied(describe_exit(exitcode, self.killed_for), exitcode)
         if self._writer is not None:
             self._writer.close()
         self._reader_task.cancel()
@@ -242,3 +255,8 @@ class WorkerProcess:
         self.exited.set_result(died)
         if self._streams is not None:
             self._streams.worker_died(self, died.cause)
+
+
+def _mark_read(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
