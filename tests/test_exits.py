@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from conftest import Server, wait_until
 
 ECHO = ("--pipeline", "custom_pipelines:make")
