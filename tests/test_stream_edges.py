@@ -198,3 +198,33 @@ def test_after_every_leaver_sigterm_exits_at_once(chat_model: Path) -> None:  # 
         assert "drain incomplete" not in server.log
     finally:
         server.stop()
+
+
+# --- one rule on every route ------------------------------------------------------------------------
+
+
+def _post(server: Server, path: str, document: Any) -> Any:
+    return server.request("POST", path, json.dumps(document), {"Content-Type": "application/json"})
+
+
+def test_one_temperature_bound_on_every_route(generator: Server) -> None:
+    for path, document in (("/generate", {"inputs": "the", "parameters": {"temperature": 2.5}}),
+                           ("/", {"inputs": "the", "parameters": {"temperature": 2.5, "details": True}}),
+                           ("/v1/completions", {"prompt": "the", "temperature": 2.5}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "the"}],
+                                                     "temperature": 2.5})):
+        reply = _post(generator, path, document)
+        assert reply.status == 400, (path, reply.body)
+        assert "'temperature' must be a number from 0 to 2" in reply.body.decode(), path
+    assert _post(generator, "/generate", {"inputs": "the", "parameters": {"temperature": 2, "max_new_tokens": 2,
+                                                                            "seed": 1}}).status == 200
+
+
+def test_one_default_number_of_new_tokens_on_every_route(generator: Server) -> None:
+    tgi = _post(generator, "/generate", {"inputs": "the", "parameters": {"ignore_eos": True, "details": True}})
+    completion = _post(generator, "/v1/completions", {"prompt": "the", "ignore_eos": True, "temperature": 0})
+    chat = _post(generator, "/v1/chat/completions", {"messages": [{"role": "user", "content": "the"}],
+                                                     "ignore_eos": True, "temperature": 0})
+    counts = {tgi.json()["details"]["generated_tokens"], completion.json()["usage"]["completion_tokens"],
+              chat.json()["usage"]["completion_tokens"]}
+    assert counts == {64}, counts

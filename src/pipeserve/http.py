@@ -73,8 +73,9 @@ def _account(request: web.Request, status: int, seconds: float) -> None:
                                  "latency_ms": round(seconds * 1000, 3), "batch_size": batch_size,
                                  "request_id": request[REQUEST_ID]}
     stream = request.get(STREAM)
+    path = printable(request.path)  # a decoded %0A would otherwise end the line and forge the next
     if stream is None:
-        access_log.info("%s %s %d %.1fms batch=%s id=%s", request.method, request.path, status,
+        access_log.info("%s %s %d %.1fms batch=%s id=%s", request.method, path, status,
                         seconds * 1000, batch_size if batch_size is not None else "-", request[REQUEST_ID],
                         extra=fields)
         return
@@ -82,8 +83,16 @@ def _account(request: web.Request, status: int, seconds: float) -> None:
     fields.update(prompt_tokens=end.prompt_tokens if end else None, generated_tokens=stream.tokens,
                   finish_reason=end.finish_reason if end else "cancelled")
     access_log.info("%s %s %d %.1fms prompt_tokens=%s generated_tokens=%d finish=%s id=%s", request.method,
-                    request.path, status, seconds * 1000, fields["prompt_tokens"], stream.tokens,
+                    path, status, seconds * 1000, fields["prompt_tokens"], stream.tokens,
                     fields["finish_reason"], request[REQUEST_ID], extra=fields)
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (newlines, escapes) written as \\xNN."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                   for c in text)
 
 
 def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:

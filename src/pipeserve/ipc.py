@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 # The model process the front starts, named (as gunicorn names a worker class) so that the
 # front never imports model code; tests name torch-free children the same way.
 MODEL_ENTRY_POINT = "pipeserve.model_proc:main"
@@ -78,12 +78,13 @@ class ErrorKind(enum.StrEnum):
     """Why one input failed in the model process; `status` is the HTTP status it becomes."""
 
     BAD_INPUT = "bad_input"
+    TOO_LARGE = "too_large"  # over a size limit of pipeserve's own (--max-image-pixels)
     OUT_OF_MEMORY = "out_of_memory"
     INTERNAL = "internal"
 
     @property
     def status(self) -> int:
-        return {"bad_input": 400, "out_of_memory": 413, "internal": 500}[self.value]
+        return {"bad_input": 400, "too_large": 413, "out_of_memory": 413, "internal": 500}[self.value]
 
 
 class Op(enum.StrEnum):
@@ -114,6 +115,7 @@ class ParamSpec:
     name: str
     type: ParamType = ParamType.ANY
     minimum: float | None = None
+    maximum: float | None = None  # e.g. dimensions: at most the model's embedding size
     choices: tuple[str, ...] = ()
     contains: str | None = None  # a STRING that must contain this (hypothesis_template's "{}")
 
@@ -138,6 +140,7 @@ class WorkerSpec:
     # The front's pid: a model process whose parent is no longer this is an orphan. Not "PID 1
     # means orphaned": in a container the front itself is PID 1.
     parent_pid: int = 0
+    max_image_pixels: int | None = None  # an image larger (width x height) is refused before decoding
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeserve import ipc, logs
 from pipeserve.ipc import ErrorKind, ExitCode
-from pipeserve.model import loading, precision
+from pipeserve.model import loading, media, precision
 from pipeserve.model.adapters import BatchCall
 from pipeserve.model.generation import Engine
 
@@ -351,6 +351,9 @@ def _failure(exc: BaseException, out_of_memory: bool, batch: ipc.Batch, index: i
     if out_of_memory:
         log.warning("request %s: input does not fit in memory even alone: %s", request_id, _describe(exc))
         return ipc.Failed(ErrorKind.OUT_OF_MEMORY, "input too large for the model's memory")
+    if isinstance(exc, media.InputTooLarge):
+        log.info("request %s: input over a size limit: %s", request_id, exc)
+        return ipc.Failed(ErrorKind.TOO_LARGE, ipc.public_message(str(exc)))
     if isinstance(exc, _BAD_INPUT_TYPES) or type(exc).__name__ == "PipelineException":
         log.info("request %s: input rejected by the pipeline: %s", request_id, _describe(exc))
         message = ipc.public_message(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))

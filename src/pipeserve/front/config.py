@@ -176,6 +176,10 @@ class Config:
     max_input_bytes: int = setting(
         256 * 1024, parse_size, "Largest single input (UTF-8 text or a file); larger gets 413.",
         "SIZE", shown="256K")
+    max_image_pixels: int = setting(
+        64 * 1024 * 1024, parse_size,
+        "Most pixels (width x height) in one image input, read from its header before it is "
+        "decoded; more gets 413.", "N", shown="64M")
     served_model_name: str | None = setting(
         None, parsers.optional_text,
         "The model name the OpenAI and TEI APIs report (and /v1/models lists).", "NAME",

@@ -102,6 +102,7 @@ class InferenceFailed(PipeserveError):
 
 _ERROR_FOR_KIND: dict[ErrorKind, type[PipeserveError]] = {
     ErrorKind.BAD_INPUT: BadRequest,
+    ErrorKind.TOO_LARGE: PayloadTooLarge,
     ErrorKind.OUT_OF_MEMORY: InputTooLargeForMemory,
     ErrorKind.INTERNAL: InferenceFailed,
 }

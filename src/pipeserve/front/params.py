@@ -49,15 +49,20 @@ _TYPES: dict[ParamType, tuple[Callable[[Any, ParamSpec], bool], Callable[[ParamS
 def describe(spec: ParamSpec) -> str:
     """What a value of this parameter must be, e.g. 'an integer >= 1'."""
     text = _TYPES[spec.type][1](spec)
-    if spec.minimum is not None:
+    if spec.minimum is not None and spec.maximum is not None:
+        text += f" from {spec.minimum:g} to {spec.maximum:g}"
+    elif spec.minimum is not None:
         text += f" >= {spec.minimum:g}"
+    elif spec.maximum is not None:
+        text += f" <= {spec.maximum:g}"
     return text
 
 
 def is_valid(spec: ParamSpec, value: Any) -> bool:
     if not _TYPES[spec.type][0](value, spec):
         return False
-    return spec.minimum is None or bool(value >= spec.minimum)
+    return ((spec.minimum is None or bool(value >= spec.minimum))
+            and (spec.maximum is None or bool(value <= spec.maximum)))
 
 
 def check_parameters(parameters: Mapping[str, Any], schema: Mapping[str, ParamSpec],

@@ -61,7 +61,8 @@ def worker_spec(config: Config, model: str, index: int) -> ipc.WorkerSpec:
         visible_devices=visible, dtype=config.dtype, threads=config.torch_threads(),
         max_worker_memory=config.max_worker_memory, log_level=config.log_level,
         log_format=config.log_format, worker_index=index,
-        max_running_sequences=config.max_running_sequences, parent_pid=os.getpid())
+        max_running_sequences=config.max_running_sequences, parent_pid=os.getpid(),
+        max_image_pixels=config.max_image_pixels)
 
 
 class Supervisor:

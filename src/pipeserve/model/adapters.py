@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -239,14 +240,17 @@ class TextGenerationCall(PipelineCall):
 class ImageCall(PipelineCall):
     """Image tasks: each input arrives as the bytes of an encoded image (PNG, JPEG, …)."""
 
+    max_pixels: int | None = None  # --max-image-pixels
+
     def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
-        return super().run([media.decode_image(item) for item in inputs], parameters)
+        return super().run([media.decode_image(item, self.max_pixels) for item in inputs], parameters)
 
     def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
         from PIL import Image  # noqa: PLC0415 - only image models need Pillow
 
+        side = min(64, math.isqrt(self.max_pixels)) if self.max_pixels else 64  # within --max-image-pixels
         buffer = io.BytesIO()
-        Image.new("RGB", (64, 64), (127, 127, 127)).save(buffer, format="PNG")
+        Image.new("RGB", (side, side), (127, 127, 127)).save(buffer, format="PNG")
         return [buffer.getvalue()], dict(self.entry.warmup_parameters)
 
 

@@ -7,10 +7,12 @@ batch at once (one tokenizer call, one forward pass); options that only the pipe
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
+from pipeserve.ipc import ParamSpec
 from pipeserve.model import pooling
 from pipeserve.model.adapters import PipelineCall
 from pipeserve.model.outputs import to_plain
@@ -99,6 +101,16 @@ class FeatureExtractionCall(PipelineCall):
             known = ", ".join(sorted(self.sentence.prompts)) or "none"
             raise ValueError(f"unknown prompt_name {prompt_name!r}; this model's prompts: {known}")
         return [prompt + text for text in inputs]
+
+    def schema(self) -> tuple[tuple[ParamSpec, ...], bool]:
+        """The task's parameters, `dimensions` bounded by the embedding size: a larger value is
+        refused by the front before any forward pass (the pipeline would refuse it only after)."""
+        specs, open_parameters = super().schema()
+        size = getattr(getattr(self.pipe.model, "config", None), "hidden_size", None)
+        if isinstance(size, int):
+            specs = tuple(dataclasses.replace(spec, maximum=size) if spec.name == "dimensions" else spec
+                          for spec in specs)
+        return specs, open_parameters
 
     def details(self) -> dict[str, Any]:
         return {**super().details(), "pooling": self.sentence.mode, "normalize": self.sentence.normalize,

@@ -84,7 +84,10 @@ def load_transformers(spec: ipc.WorkerSpec, device: str, torch: Any, dtype: str)
         local = os.path.isdir(spec.model)
         sentence = pooling.read_sentence_pooling(spec.model) if local else pooling.SentencePooling()
         return embeddings.FeatureExtractionCall(pipe, task, sentence)
-    return getattr(adapters, task.adapter)(pipe, task)  # type: ignore[no-any-return]
+    call: adapters.PipelineCall = getattr(adapters, task.adapter)(pipe, task)
+    if isinstance(call, adapters.ImageCall):
+        call.max_pixels = spec.max_image_pixels
+    return call
 
 
 def infer_task(model: str) -> str:

@@ -10,14 +10,28 @@ from typing import Any
 import numpy as np
 
 
-def decode_image(data: bytes) -> Any:
-    """An RGB PIL image from encoded bytes; ValueError (a 400) if it is not one."""
+class InputTooLarge(ValueError):
+    """An input over one of pipeserve's own size limits (a 413, not a 400)."""
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Any:
+    """An RGB PIL image from encoded bytes; ValueError (a 400) if it is not one, InputTooLarge
+    (a 413) if it has more than `max_pixels` pixels: told by its header, before it is decoded
+    (a few KB of PNG can declare gigabytes of pixels)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - only image models need Pillow
 
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check (a warning, then a 400) gives way to ours
     try:
         image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise InputTooLarge(f"the image is {width}x{height} = {width * height} pixels; at most "
+                                f"{max_pixels} (--max-image-pixels)")
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except InputTooLarge:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"not a readable image ({type(exc).__name__})") from None
     return image.convert("RGB")
 
