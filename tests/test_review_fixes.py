@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from conftest import Server, png_bytes
 
 ECHO = ("--pipeline", "custom_pipelines:make")
