@@ -23,13 +23,12 @@ from pipeserve.front.config import (
     MAX_AUTO_WORKERS,
     Config,
     build_parser,
-    cores,
     env_name,
     flag_name,
-    gpu_likely,
     load_config,
     parse_size,
 )
+from pipeserve.front.machine import cores, gpu_likely
 
 
 def test_defaults() -> None:

@@ -142,8 +142,8 @@ def test_a_burst_beyond_the_queue_is_refused_at_once_with_every_worker_held(serv
 @pytest.mark.parametrize("cores", [1, 2, 4, 8, 16, 64])
 @pytest.mark.parametrize("generator", [False, True])
 def test_cpu_defaults_for_every_core_count(monkeypatch: pytest.MonkeyPatch, cores: int, generator: bool) -> None:
-    monkeypatch.setattr("pipeserve.front.config.cores", lambda: cores)
-    monkeypatch.setattr("pipeserve.front.config.NVIDIA_DEVICE_PRESENT", False)
+    monkeypatch.setattr("pipeserve.front.machine.cores", lambda: cores)
+    monkeypatch.setattr("pipeserve.front.machine.NVIDIA_DEVICE_PRESENT", False)
     config = Config(device="auto", task="text-generation" if generator else None)
     workers = 1 if generator else min(cores, MAX_AUTO_WORKERS)
     assert config.worker_count() == workers
@@ -157,8 +157,8 @@ def test_cpu_defaults_for_every_core_count(monkeypatch: pytest.MonkeyPatch, core
 @pytest.mark.parametrize("cores", [1, 2, 4, 8, 16, 64])
 @pytest.mark.parametrize("device", ["auto", "cuda", "cuda:1"])
 def test_gpu_defaults_for_every_core_count(monkeypatch: pytest.MonkeyPatch, cores: int, device: str) -> None:
-    monkeypatch.setattr("pipeserve.front.config.cores", lambda: cores)
-    monkeypatch.setattr("pipeserve.front.config.NVIDIA_DEVICE_PRESENT", True)
+    monkeypatch.setattr("pipeserve.front.machine.cores", lambda: cores)
+    monkeypatch.setattr("pipeserve.front.machine.NVIDIA_DEVICE_PRESENT", True)
     config = Config(device=device)
     assert config.worker_count() == 1 and config.torch_threads() == cores
     assert config.batch_tokens() == GPU_BATCH_TOKENS and config.batch_fill() == GPU_MIN_BATCH_FILL
@@ -166,7 +166,7 @@ def test_gpu_defaults_for_every_core_count(monkeypatch: pytest.MonkeyPatch, core
 
 
 def test_several_gpus_and_explicit_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeserve.front.config.cores", lambda: 64)
+    monkeypatch.setattr("pipeserve.front.machine.cores", lambda: 64)
     config = Config(devices=("cuda:0", "cuda:1", "cuda:2", "cuda:3"), max_batch_size=64)
     assert config.worker_count() == 4 and config.torch_threads() == 16
     assert config.admission_window() == config.max_queue  # 2 x 64 x 4 would be 512: capped
@@ -200,16 +200,16 @@ def _cgroup_tree(tmp_path: Path, membership: str, files: dict[str, str]) -> tupl
 ])
 def test_a_cgroup_cpu_quota_is_read(tmp_path: Path, membership: str, files: dict[str, str],
                                     quota: float | None) -> None:
-    from pipeserve.front.config import cgroup_cpu_quota
+    from pipeserve.front.machine import cgroup_cpu_quota
 
     root, cgroup = _cgroup_tree(tmp_path, membership, files)
     assert cgroup_cpu_quota(root, cgroup) == quota
 
 
 def test_cores_are_lowered_to_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeserve.front import config
+    from pipeserve.front import machine
 
-    monkeypatch.setattr(config.os, "sched_getaffinity", lambda _pid: set(range(64)))
-    monkeypatch.setattr(config, "CGROUP_CPU_QUOTA", 2.5)
-    assert config.cores() == 3  # 2.5 CPUs' worth of time: 3 threads can use it
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setattr(machine, "CGROUP_CPU_QUOTA", 2.5)
+    assert machine.cores() == 3  # 2.5 CPUs' worth of time: 3 threads can use it
     assert Config(device="cpu").worker_count() == 3 and Config(device="cpu").torch_threads() == 1

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from pipeserve.front import allocator, parsers
+from pipeserve.front import allocator, machine, parsers
 from pipeserve.front.parsers import parse_size
-from pipeserve.ipc import GENERATION_ARCHITECTURES, GENERATION_TASK
 
 ENV_PREFIX = "PIPESERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -234,13 +230,13 @@ class Config:
             return len(self.devices)
         if self.workers:
             return self.workers
-        if gpu_likely(self.device) or generates_text(self.model, self.task):
+        if machine.gpu_likely(self.device) or machine.generates_text(self.model, self.task):
             return 1
-        return min(cores(), MAX_AUTO_WORKERS)
+        return min(machine.cores(), MAX_AUTO_WORKERS)
 
     def on_gpu(self) -> bool:
         """Whether any model process will (or, for auto, is likely to) run on a GPU."""
-        return any(gpu_likely(device) for device in self.devices or (self.device,))
+        return any(machine.gpu_likely(device) for device in self.devices or (self.device,))
 
     def batch_tokens(self) -> int:
         """Most padded tokens in one batch: the flag, or the default for the device."""
@@ -261,7 +257,7 @@ class Config:
 
     def derived(self) -> dict[str, Any]:
         """The values in force where a setting's default depends on the machine (for /info)."""
-        return {"workers": self.worker_count(), "threads": self.torch_threads(), "cores": cores(),
+        return {"workers": self.worker_count(), "threads": self.torch_threads(), "cores": machine.cores(),
                 "gpu": self.on_gpu(), "max_batch_tokens": self.batch_tokens(),
                 "min_batch_fill": self.batch_fill(), "admission_window": self.admission_window()}
 
@@ -272,100 +268,7 @@ class Config:
         """Threads each worker gives torch: the flag, or the cores shared out between workers."""
         if self.threads:
             return self.threads
-        return max(1, cores() // self.worker_count())
-
-
-# The front has no torch to ask whether `--device auto` will find CUDA; the NVIDIA driver's
-# device node says. Looked up once, at import, so that no event loop ever waits on the stat.
-NVIDIA_DEVICE_PRESENT = os.path.exists("/dev/nvidia0")
-
-
-def gpu_likely(device: str) -> bool:
-    """Whether the worker's device is (or, for auto, will resolve to) a GPU."""
-    if device.startswith("cuda"):
-        return True
-    return device == "auto" and NVIDIA_DEVICE_PRESENT
-
-
-@functools.lru_cache
-def generates_text(model: str | None, task: str | None) -> bool:
-    """Whether the model generates text, as far as can be told before it loads.
-
-    One process with every core serves generated streams best (bench/GENERATION.md: 1 worker x 2
-    threads against 2 x 1 here, 41 against 26 tokens/s for a lone stream, 216 against 191 at 16
-    streams), and a generator is often too big to load twice. Read once: the answer is cached.
-    """
-    if task is not None:
-        return task == GENERATION_TASK
-    try:
-        with open(os.path.join(model or "", "config.json")) as handle:
-            architectures = json.load(handle).get("architectures") or []
-    except (OSError, ValueError, AttributeError):  # a hub id, the embedded model, an odd file
-        return False
-    return any(str(name).endswith(GENERATION_ARCHITECTURES) for name in architectures)
-
-
-def cores() -> int:
-    """CPUs this process may use: its affinity mask (a container's cpuset), lowered to its cgroup's
-    CPU quota rounded up (`docker run --cpus`, a Kubernetes CPU limit, systemd's CPUQuota=).
-
-    A container limited to 2 CPUs on a 64-core host sees 64 in its affinity mask; sized from
-    that, 4 workers x 16 threads would share 2 CPUs' worth of time.
-    """
-    try:
-        available = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        available = os.cpu_count() or 1
-    quota = CGROUP_CPU_QUOTA
-    return max(1, min(available, math.ceil(quota))) if quota else available
-
-
-def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> float | None:
-    """The CPUs' worth of time this process's cgroup (or a parent of it) allows, or None."""
-    try:
-        with open(membership) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return None
-    limits = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2: cpu.max holds "<quota> <period>" or "max <period>"
-            limits += [_quota(os.path.join(root, d, "cpu.max"), None) for d in _and_parents(path)]
-        elif "cpu" in controllers.split(","):  # cgroup v1: the quota and period in two files
-            base = os.path.join(root, controllers)
-            limits += [_quota(os.path.join(base, d, "cpu.cfs_quota_us"), os.path.join(base, d, "cpu.cfs_period_us"))
-                       for d in _and_parents(path)]
-    found = [limit for limit in limits if limit is not None]
-    return min(found) if found else None
-
-
-def _and_parents(path: str) -> list[str]:
-    """"/a/b" -> ["a/b", "a", ""]: a cgroup and each of its parents, relative to the root.
-
-    Inside a container the cgroup namespace shows the container's own cgroup as the root.
-    """
-    parts = [part for part in path.split("/") if part]
-    return ["/".join(parts[:end]) for end in range(len(parts), -1, -1)]
-
-
-def _quota(quota_file: str, period_file: str | None) -> float | None:
-    try:
-        with open(quota_file) as handle:
-            fields = handle.read().split()
-        if period_file is not None:
-            with open(period_file) as handle:
-                fields.append(handle.read().strip())
-        quota, period = fields[0], float(fields[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    if quota in ("max", "-1") or period <= 0:
-        return None
-    return float(quota) / period
-
-
-# Read once, at import, as the GPU's device node is: no event loop waits on these files.
-CGROUP_CPU_QUOTA = cgroup_cpu_quota()
+        return max(1, machine.cores() // self.worker_count())
 
 
 def flag_name(name: str) -> str:
