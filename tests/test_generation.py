@@ -177,3 +177,32 @@ def test_rows_leave_in_place_and_many_unneeded_columns_are_dropped(gpt2: tuple[A
         tokens = first[stream_id] + rest[stream_id]
         assert tokens == _alone(gpt2, prompts[stream_id], 8), stream_id
     assert first[1] == _alone(gpt2, prompts[1], 2) and first_ended[1].finish_reason == "length"
+
+
+def _byte_level_bpe() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = [" ".join(f"{w}{s}" for w in ("alpha", "beta", "gamma", "delta") for s in ("", ",", ".", "ing"))] * 50
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+@pytest.mark.parametrize("kind", ["word-level", "byte-level BPE"])
+def test_an_over_long_prompt_keeps_the_same_last_tokens_from_its_tail_alone(gpt2: tuple[Any, Any], kind: str) -> None:
+    """Only a long prompt's end is tokenized; the tokens kept are those of the whole prompt's."""
+    import random
+
+    from pipeserve.model.generation import tail_ids
+
+    tokenizer = gpt2[1] if kind == "word-level" else _byte_level_bpe()
+    rng = random.Random(0)
+    vocabulary = ["the", "cat", "dog", "alphabeta", "gammadelta,", "alpha.", "beta", "  ", "\n"]
+    for room in (1, 7, 64, 500):
+        for length in (10, 2_000, 60_000):
+            text = "".join(rng.choice(vocabulary) + rng.choice([" ", "", "  "]) for _ in range(length))
+            whole = list(tokenizer(text)["input_ids"])
+            assert tail_ids(tokenizer, text, room, add_special_tokens=True)[-room:] == whole[-room:], (room, length)
