@@ -23,6 +23,7 @@ from pipeserve.front import errors, metrics
 from pipeserve.front.api import hf, openai, openapi, tei, tgi
 from pipeserve.front.api.routes import Route, add_routes, obj
 from pipeserve.front.jsonio import json_response
+from pipeserve.front.page import PAGE
 from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, Runtime
 
 log = logging.getLogger("pipeserve.http")
@@ -98,11 +99,14 @@ def printable(text: str) -> str:
 def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """Middleware: every route but the public ones (/health, /ready) needs `Authorization: Bearer <key>`."""
     expected = key.encode()
-    public_paths = frozenset(route.path for route in ROUTES if route.public)
+    # By method and declared path: GET / (the page) is public, POST / (the model) is not.
+    public = frozenset((route.method, route.path) for route in ROUTES if route.public)
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in public_paths:
+        resource = request.match_info.route.resource
+        declared = resource.canonical if resource is not None else request.path
+        if (request.method, declared) not in public:
             scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken does not reveal how much of the key matched.
             if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected):
@@ -150,6 +154,10 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
+async def stats(request: web.Request) -> web.Response:
+    return json_response(request.app[RUNTIME].stats())
+
+
 async def openapi_document(request: web.Request) -> web.Response:
     secured = bool(request.app[RUNTIME].config.required_api_key())
     return json_response(openapi.document(ROUTES, secured))
@@ -166,6 +174,12 @@ OPERATIONS = (
     Route("GET", "/metrics", prometheus_metrics, "Prometheus metrics (text exposition)", "ops",
           response={"type": "string"}, media="text/plain"),
     Route("GET", "/openapi.json", openapi_document, "This document", "ops", response={"type": "object"}),
+    Route("GET", "/stats", stats, "Live figures for the page: totals, gauges, recent latency quantiles",
+          "ops", response={"type": "object", "required": ["requests", "latency_ms", "queue_depth", "workers"]}),
+    Route("GET", "/", PAGE.index, "The page, for a browser (Accept: text/html)", "hf", public=True,
+          media="text/html", documented=False),
+    Route("GET", "/page/{name}", PAGE.asset, "The page's script and style", "ops", public=True,
+          media="text/plain", documented=False),
 )
 ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *openai.GENERATION_ROUTES, *tei.ROUTES, *tgi.ROUTES)
 _DIALECT_BY_PATH = {route.path: route.dialect for route in ROUTES}

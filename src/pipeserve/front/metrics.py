@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from pipeserve.front.batcher import Batcher, Dropped, Job, Refused
+from pipeserve.front.live import Recent
 from pipeserve.front.streams import Stream, Streams
 from pipeserve.front.supervisor import Supervisor
 
@@ -31,6 +32,7 @@ class Metrics:
         # A `_created` series beside every counter and histogram doubles the scrape for a
         # timestamp that dashboards do not read.
         disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.recent = Recent()  # what GET /stats summarises for the page
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "pipeserve_requests", "HTTP requests answered, by route and status.",
@@ -64,6 +66,7 @@ class Metrics:
         self.registry.register(_StateCollector(batcher, supervisors, started_at, streams))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.recent.request(status, seconds)
         self.requests.labels(route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 

@@ -95,7 +95,7 @@ class Runtime:
         self.metrics = Metrics()
         self.changed = asyncio.Event()  # a worker changed state, or a stop began
         self.streams = Streams(config.max_running_sequences, self._serving_workers,
-                               observe=self.metrics.observe_stream)
+                               observe=self.metrics.observe_stream, first_token=self.metrics.recent.first_token)
         self.supervisors = [
             Supervisor(index, config, self.model, self.batcher, self._give_up,
                        functools.partial(self._serving, excluding=index),
@@ -245,6 +245,7 @@ class Runtime:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "versions": {"pipeserve": __version__, **(ready.versions if ready else {})},
             "parameters": sorted(spec.name for spec in ready.parameters) if ready else None,
+            "details": ready.details if ready else None,
             "settings": public_settings(config),
             "in_force": config.derived(),
             "workers": [s.describe() for s in self.supervisors],
@@ -260,6 +261,25 @@ class Runtime:
                 "streams": {"open": len(self.streams.open), "cancelled": self.streams.cancelled,
                             "refused": self.streams.refused},
             },
+        }
+
+
+    def stats(self) -> dict[str, Any]:
+        """The live figures the page polls (GET /stats): cheap to answer, nothing kept for it."""
+        ready = self._loaded.ready if self._loaded else None
+        recent = self.metrics.recent.summary()
+        recent["generated_tokens"] = self.streams.tokens
+        return {
+            "time": time.time(), "uptime_seconds": round(time.time() - self.started_at, 3),
+            "status": self.unavailable_reason() or "ready",
+            "model": {"name": self.served_model_name, "task": ready.task if ready else self.config.task,
+                      "device": ready.device if ready else None, "dtype": ready.dtype if ready else None},
+            **recent,
+            "queue_depth": self.batcher.depth, "in_flight": self.batcher.in_flight,
+            "batches": self.batcher.batches, "items": self.batcher.items,
+            "streams_open": len(self.streams.open),
+            "workers": [{"index": s.index, "state": s.state.value, "pid": s.worker.pid if s.worker else None,
+                         "restarts": s.restarts} for s in self.supervisors],
         }
 
 

@@ -55,10 +55,13 @@ class Streams:
     """Every open stream of the front, by id."""
 
     def __init__(self, max_running: int, serving_workers: Callable[[], list[Any]],
-                 observe: Callable[[Stream], None] | None = None) -> None:
+                 observe: Callable[[Stream], None] | None = None,
+                 first_token: Callable[[float], None] | None = None) -> None:
         self.max_running = max_running
         self._serving_workers = serving_workers
-        self._observe = observe
+        self._observe = observe  # a stream that ended
+        self._first_token = first_token  # seconds from a stream's start to its first token
+        self.tokens = 0  # tokens delivered to streams since start
         self._ids = itertools.count(1)
         self.open: dict[int, Stream] = {}
         self.cancelled = 0  # streams whose client went away or whose deadline passed
@@ -126,7 +129,10 @@ class Streams:
                 continue  # cancelled meanwhile
             if stream.first_token_at is None:
                 stream.first_token_at = time.monotonic()
+                if self._first_token is not None:
+                    self._first_token(stream.first_token_at - stream.opened_at)
             stream.tokens += 1
+            self.tokens += 1
             end = ends.pop(token.stream_id, None)
             stream.queue.put_nowait(Event(token, end, _error(end)))
         for end in ends.values():

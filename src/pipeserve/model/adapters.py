@@ -210,6 +210,9 @@ class FillMaskCall(PipelineCall):
     def warmup(self) -> tuple[list[Any], dict[str, Any]] | None:
         return [f"Warm up the {self.pipe.tokenizer.mask_token} model."], {}
 
+    def details(self) -> dict[str, Any]:
+        return {**super().details(), "mask_token": str(self.pipe.tokenizer.mask_token)}
+
     def agreement_inputs(self, texts: list[str]) -> tuple[list[Any], dict[str, Any]] | None:
         # First, so that truncating a long text never cuts the mask off.
         return [f"{self.pipe.tokenizer.mask_token} {text}" for text in texts], dict(self.entry.agreement_parameters)

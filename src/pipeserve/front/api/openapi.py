@@ -67,7 +67,7 @@ def _operation(route: Route, secured: bool) -> dict[str, Any]:
 def document(routes: Sequence[Route], secured: bool) -> dict[str, Any]:
     """The OpenAPI 3.1 document for these routes."""
     paths: dict[str, dict[str, Any]] = {}
-    for route in routes:
+    for route in (route for route in routes if route.documented):
         path = re.sub(r"{(\w+):[^}]*}", r"{\1}", route.path)
         paths.setdefault(path, {})[route.method.lower()] = _operation(route, secured)
     components: dict[str, Any] = {"schemas": _ERROR_SCHEMAS}

@@ -33,6 +33,7 @@ class Route:
     raw_bodies: tuple[str, ...] = ()  # other media types the body may have (text/plain, ...)
     public: bool = False  # reachable without the API key
     media: str = "application/json"  # the 200 body's media type
+    documented: bool = True  # in /openapi.json (the page's routes are for browsers, not API clients)
 
 
 def add_routes(app: web.Application, routes: Sequence[Route]) -> None:
