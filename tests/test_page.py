@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import REPO_ROOT, Server, png_bytes, request, wait_until
 from test_streaming import chat_model  # noqa: F401 - the fixture, shared
 
