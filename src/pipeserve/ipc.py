@@ -141,6 +141,9 @@ class WorkerSpec:
     # means orphaned": in a container the front itself is PID 1.
     parent_pid: int = 0
     max_image_pixels: int | None = None  # an image larger (width x height) is refused before decoding
+    # The malloc the front set up for it (front/allocator.py): "glibc" is trimmed after batches;
+    # tcmalloc, or any malloc an operator preloaded (jemalloc), is left alone.
+    allocator: str = "glibc"
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     if spec.visible_devices is not None:  # before torch is imported: it reads this once
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_devices
     _die_with_parent(spec.parent_pid)
+    if spec.allocator.startswith("tcmalloc") and not hasattr(ctypes.CDLL(None), "tc_malloc"):
+        log.warning("the front preloaded %s, but it is not this process's malloc", spec.allocator)
     _bound_shape_caches(os.environ)  # before torch creates its first kernel
     _volunteer_for_oom_killer()
     _yield_cpu_to_the_front()
@@ -90,11 +92,6 @@ def _die_with_parent(parent_pid: int) -> None:
 def _bound_shape_caches(environ: MutableMapping[str, str]) -> None:
     for name, value in SHAPE_CACHE_SETTINGS.items():
         environ.setdefault(name, value)
-
-
-def _allocator() -> str:
-    """tcmalloc when the front preloaded it (front/allocator.py), else the C library's malloc."""
-    return "tcmalloc" if hasattr(ctypes.CDLL(None), "tc_malloc") else "glibc"
 
 
 def _free_memory_returner(allocator: str = "glibc") -> Callable[[], None]:
@@ -190,7 +187,7 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
         precision=chosen,
     )
     log.info("loaded %s (%s) on %s in %s in %.1fs%s; allocator %s", spec.model or spec.pipeline, call.task,
-             device, chosen.dtype, ready.load_seconds, _precision_note(chosen), _allocator())
+             device, chosen.dtype, ready.load_seconds, _precision_note(chosen), spec.allocator)
     return call, ready
 
 
@@ -214,7 +211,7 @@ def _resolve_device(device: str, torch: Any) -> str:
 def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
     """Answer messages; while sequences are being generated, one decoding step between reads."""
     engine = call.engine(spec.max_running_sequences)
-    return_free_memory = _free_memory_returner(_allocator())
+    return_free_memory = _free_memory_returner(spec.allocator)
     while True:
         try:
             # Block for the next message only when no sequence waits for its next step.

@@ -100,7 +100,7 @@ class Runtime:
             Supervisor(index, config, self.model, self.batcher, self._give_up,
                        functools.partial(self._serving, excluding=index),
                        on_batch=self.metrics.observe_batch, on_change=self._worker_changed,
-                       entry_point=entry_point, streams=self.streams)
+                       entry_point=entry_point, streams=self.streams, allocator=worker_allocator)
             for index in range(config.worker_count())
         ]
         self.started_at = time.time()

@@ -50,7 +50,7 @@ class Backoff:
         self._next = self.initial
 
 
-def worker_spec(config: Config, model: str, index: int) -> ipc.WorkerSpec:
+def worker_spec(config: Config, model: str, index: int, allocator: str = "glibc") -> ipc.WorkerSpec:
     """What the model process in slot `index` is started with."""
     device = config.worker_device(index)
     visible = None
@@ -62,7 +62,7 @@ def worker_spec(config: Config, model: str, index: int) -> ipc.WorkerSpec:
         max_worker_memory=config.max_worker_memory, log_level=config.log_level,
         log_format=config.log_format, worker_index=index,
         max_running_sequences=config.max_running_sequences, parent_pid=os.getpid(),
-        max_image_pixels=config.max_image_pixels)
+        max_image_pixels=config.max_image_pixels, allocator=allocator)
 
 
 class Supervisor:
@@ -73,12 +73,13 @@ class Supervisor:
                  on_batch: BatchObserver | None = None,
                  on_change: Callable[[], None] | None = None,
                  entry_point: str = ipc.MODEL_ENTRY_POINT,
-                 backoff: Backoff | None = None, streams: Streams | None = None) -> None:
+                 backoff: Backoff | None = None, streams: Streams | None = None,
+                 allocator: str = "glibc") -> None:
         self.index = index
         self.config = config
         self.batcher = batcher
         self.device = config.worker_device(index)
-        self.spec = worker_spec(config, model, index)
+        self.spec = worker_spec(config, model, index, allocator)
         self.dispatcher = Dispatcher(index, batcher, config.max_batch_size, config.batch_timeout,
                                      self.retry_after, on_batch)
         self._entry_point = entry_point
