@@ -84,9 +84,9 @@ class Config:
         "or cpu,cpu; replaces --device and --workers.", "LIST", shown="none")
     dtype: str = setting(
         "auto", parsers.choice(*DTYPES),
-        "auto|float32|float16|bfloat16|int8; auto = bfloat16 where the device runs it natively (a GPU, "
-        "a CPU with avx512_bf16 or AMX) and its answers agree with float32's at warm-up, "
-        "else float32; int8 (opt-in, CPUs with VNNI) = dynamic int8 layers, kept only where "
+        "auto|float32|float16|bfloat16|int8; auto = bfloat16 where the device runs it natively (a GPU "
+        "with bf16, a CPU with avx512_bf16 or AMX; float16 on an older GPU) and its answers agree with "
+        "float32's at warm-up, else float32; int8 (opt-in, CPUs with VNNI) = dynamic int8 layers, kept only where "
         "answers hold its floor (see README).", "DTYPE")
     max_batch_size: int = setting(
         32, parsers.positive_int, "Most items in one pipeline call.", "N")
