@@ -17,7 +17,8 @@ import pytest
 from huggingface_hub import InferenceClient
 
 from conftest import TESTS_DIR, Server, _bert_tokenizer, png_bytes, wav_bytes
-from pipeserve.front.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, gpu_likely
+from pipeserve.front.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+from pipeserve.front.machine import gpu_likely
 
 TEI_OPENAPI = json.loads((TESTS_DIR / "data" / "tei_openapi.json").read_text())
 
@@ -122,13 +123,23 @@ def test_inference_client_text_classification_top_k_and_function(classifier: Ser
 
 def test_inference_client_fill_mask_and_token_classification(start_server: Any, tiny_models: dict[str, Path],
                                                              task_models: dict[str, Path]) -> None:
+    import torch
+    from transformers import pipeline
+
     fill = hf(start_server("--model", str(tiny_models["fill-mask"])))
     predictions = fill.fill_mask("the [MASK] is good", top_k=3)
     assert len(predictions) == 3 and all(p.sequence and p.token_str for p in predictions)
-    tokens = hf(start_server("--model", str(task_models["token-classification"])))
-    entities = tokens.token_classification("sarah lives in paris", aggregation_strategy="simple")
-    assert isinstance(entities, list)
-    assert all(entity.entity_group in ("PER", "LOC", "O") for entity in entities)
+    tagger = start_server("--model", str(task_models["token-classification"]))
+    text = "sarah lives in paris"
+    entities = hf(tagger).token_classification(text, aggregation_strategy="simple")
+    # What transformers' own pipeline answers (in the dtype the server chose); not nothing.
+    reference = pipeline("token-classification", model=str(task_models["token-classification"]),
+                         dtype=getattr(torch, tagger.info()["dtype"]), device="cpu")
+    expected = reference(text, aggregation_strategy="simple")
+    assert expected and all(entity.entity_group in ("PER", "LOC") for entity in entities)
+    assert [(e.entity_group, e.word, e.start, e.end) for e in entities] == \
+        [(e["entity_group"], e["word"], e["start"], e["end"]) for e in expected]
+    assert [e.score for e in entities] == pytest.approx([float(e["score"]) for e in expected], rel=1e-4)
 
 
 def test_inference_client_zero_shot(start_server: Any, task_models: dict[str, Path]) -> None:
@@ -189,7 +200,7 @@ def test_openai_errors_use_the_openai_envelope(embedder: Server, classifier: Ser
     with pytest.raises(openai.BadRequestError) as token_ids:
         client.embeddings.create(model="m", input=[[1, 2, 3]])
     assert "token ids" in token_ids.value.message and token_ids.value.type == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError, match="dimensions must be at most 384"):
+    with pytest.raises(openai.BadRequestError, match="'dimensions' must be an integer from 1 to 384"):
         client.embeddings.create(model="m", input="x", dimensions=1000)
     with pytest.raises(openai.BadRequestError, match="needs a feature-extraction model"):
         _openai(classifier).embeddings.create(model="m", input="x")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import Server, client_session, completed, counters, eventually, held_batch, input_count, post
+from pipeserve.front import machine
 from pipeserve.front.config import (
     CPU_BATCH_TOKENS,
     CPU_MIN_BATCH_FILL,
@@ -23,6 +24,7 @@ from pipeserve.front.config import (
     MAX_AUTO_WORKERS,
     Config,
 )
+from pipeserve.front.runtime import Runtime
 
 ECHO = ("--pipeline", "custom_pipelines:make")
 MAX_QUEUE, BATCH = 64, 16
@@ -213,3 +215,20 @@ def test_cores_are_lowered_to_the_quota(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(machine, "CGROUP_CPU_QUOTA", 2.5)
     assert machine.cores() == 3  # 2.5 CPUs' worth of time: 3 threads can use it
     assert Config(device="cpu").worker_count() == 3 and Config(device="cpu").torch_threads() == 1
+
+
+@pytest.mark.parametrize(("guessed_gpu", "device"), [(True, "cpu"), (False, "cuda:0")])
+async def test_batch_defaults_follow_the_device_a_model_process_reports(
+        monkeypatch: pytest.MonkeyPatch, guessed_gpu: bool, device: str) -> None:
+    """The front guesses a GPU from /dev/nvidia0; the first Ready says where the model runs."""
+    monkeypatch.setattr(machine, "NVIDIA_DEVICE_PRESENT", guessed_gpu)
+    runtime = Runtime(Config(device="auto", pipeline="m:f"))
+    assert runtime.batcher.max_batch_tokens == (GPU_BATCH_TOKENS if guessed_gpu else CPU_BATCH_TOKENS)
+    runtime.device_known(device)
+    gpu = device.startswith("cuda")
+    assert runtime.batcher.max_batch_tokens == (GPU_BATCH_TOKENS if gpu else CPU_BATCH_TOKENS)
+    assert runtime.batcher.min_batch_fill == (GPU_MIN_BATCH_FILL if gpu else CPU_MIN_BATCH_FILL)
+    assert runtime.info()["in_force"]["gpu"] is gpu
+    explicit = Runtime(Config(device="auto", pipeline="m:f", max_batch_tokens=1000, min_batch_fill=0.5))
+    explicit.device_known(device)
+    assert (explicit.batcher.max_batch_tokens, explicit.batcher.min_batch_fill) == (1000, 0.5)

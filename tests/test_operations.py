@@ -197,8 +197,12 @@ def test_socket_activation_serves_on_the_passed_socket(start_server: Any) -> Non
         listener.close()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        # CI installs it (.ci/run, Debian's systemd package): there a missing tool is a failure.
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail("systemd-analyze is not installed, and CI must run this test (apt-get install systemd)")
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
     source = REPO / "deploy" / "systemd"
     for name in ("pipeserve.service", "pipeserve.socket"):
         text = (source / name).read_text()

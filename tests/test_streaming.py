@@ -89,17 +89,23 @@ def test_inference_client_chat_completion_plain_and_streamed(generator: Server) 
 
 def test_openai_completions_and_chat_plain_and_streamed(generator: Server) -> None:
     client = _openai(generator)
-    completion = client.completions.create(model="m", prompt="the good movie", max_tokens=4, temperature=0)
-    assert completion.usage.completion_tokens == len(completion.choices) * 4 or \
-        completion.choices[0].finish_reason == "stop"
+    # ignore_eos: exactly max_tokens tokens, whatever the tiny model's greedy choice is.
+    completion = client.completions.create(model="m", prompt="the good movie", max_tokens=4, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert len(completion.choices) == 1 and completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 4 and completion.choices[0].text  # words, not nothing
     pieces = [c.choices[0].text for c in client.completions.create(
-        model="m", prompt="the good movie", max_tokens=4, temperature=0, stream=True) if c.choices]
+        model="m", prompt="the good movie", max_tokens=4, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices]
     assert "".join(pieces) == completion.choices[0].text
     chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
-                                          max_completion_tokens=5, temperature=0, seed=3)
+                                          max_completion_tokens=5, temperature=0, seed=3,
+                                          extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 5 and chat.choices[0].message.content
     chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
                                                  max_completion_tokens=5, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == chat.usage.total_tokens
     sampled = [client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
@@ -144,6 +150,18 @@ async def _stream(session: aiohttp.ClientSession, port: int, prompt: str, parame
     return events
 
 
+def _generate(server: Server) -> dict[str, Any]:
+    """A plain TGI /generate of two greedy tokens, with its details; checks its shape and length."""
+    reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {
+        "max_new_tokens": 2, "ignore_eos": True, "details": True}}), {"Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
+    answer = reply.json()
+    details = answer["details"]
+    assert (details["finish_reason"], details["generated_tokens"], len(details["tokens"])) == ("length", 2, 2)
+    assert answer["generated_text"] and answer["generated_text"] == "".join(t["text"] for t in details["tokens"])
+    return answer
+
+
 def _one_stream(port: int, parameters: dict[str, Any], at_event: tuple[int, Callable[[], None]]) -> list[dict[str, Any]]:
     async def scenario() -> list[dict[str, Any]]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -157,20 +175,29 @@ def test_concurrent_streams_share_steps_and_an_abandoned_one_is_cancelled(genera
 
     async def scenario() -> list[list[dict[str, Any]]]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            abandoned = _stream(session, generator.port, "the cat", {"max_new_tokens": 400, "ignore_eos": True},
-                                abandon_after=1)
+            # A long stream runs first; every short one's decoding steps must include it.
+            running = asyncio.Event()
+            long = asyncio.ensure_future(_stream(session, generator.port, "the cat",
+                                                 {"max_new_tokens": 1000, "ignore_eos": True},
+                                                 at_event=(1, running.set), abandon_after=None))
+            await asyncio.wait_for(running.wait(), 60)
             streams = [_stream(session, generator.port, f"the {word} movie", LONG)
                        for word in ("good", "bad", "new", "old", "big", "small", "red", "blue")]
-            return list(await asyncio.gather(abandoned, *streams))
+            short = list(await asyncio.gather(*streams))
+            long.cancel()  # the client leaves mid-stream
+            await asyncio.gather(long, return_exceptions=True)
+            return [[], *short]
 
     results = asyncio.run(scenario())
-    assert len(results[0]) == 1
     for events in results[1:]:
         assert len(events) == 12 and events[-1]["details"]["finish_reason"] == "length"
         assert [e["index"] for e in events] == list(range(1, 13))
     wait_until(lambda: generator.info()["counters"]["streams"]["open"] == 0, 30, message="streams closed")
     after = generator.info()["counters"]["streams"]
     assert after["cancelled"] == before["cancelled"] + 1
+    # Each short stream's 11 decoding steps after its first token ran beside the long one.
+    assert after["shared_steps"] - before["shared_steps"] >= 11
+    assert after["steps"] - before["steps"] < 8 * 12  # not one forward pass per token
     metrics = generator.request("GET", "/metrics").body.decode()
     assert 'pipeserve_streams_total{finish_reason="cancelled"}' in metrics
     assert "pipeserve_time_to_first_token_seconds_count" in metrics
@@ -206,21 +233,23 @@ def test_a_generation_is_bounded_by_generation_timeout_not_request_timeout(start
 def test_a_worker_killed_mid_stream_ends_it_with_an_error_and_restarts(start_server: Any, chat_model: Path) -> None:
     server = start_server("--model", str(chat_model))
     pid = server.worker_pid()
+    first = _generate(server)
     events = _one_stream(server.port, {"max_new_tokens": 1000, "ignore_eos": True},
                          at_event=(2, lambda: os.kill(pid, signal.SIGKILL)))
     assert "crashed" in events[-1]["error"] and events[-1]["error_type"] == "incomplete_generation"
     assert len(events) < 1000
     server.wait_ready(60)
     assert server.worker_pid() != pid
-    reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
-                           {"Content-Type": "application/json"})
-    assert reply.status == 200
+    again = _generate(server)  # the restarted worker generates, and greedily the same tokens
+    assert [t["id"] for t in again["details"]["tokens"]] == [t["id"] for t in first["details"]["tokens"]]
+    assert again["generated_text"] == first["generated_text"]
 
 
 def test_a_stalled_generation_step_ends_its_stream_and_restarts_the_worker(start_server: Any,
                                                                             chat_model: Path) -> None:
     server = start_server("--model", str(chat_model), "--batch-timeout", "1")
     pid = server.worker_pid()
+    first = _generate(server)
     # SIGSTOP: the process lives but never steps again, as a hung kernel would.
     events = _one_stream(server.port, {"max_new_tokens": 1000, "ignore_eos": True},
                          at_event=(2, lambda: os.kill(pid, signal.SIGSTOP)))
@@ -230,9 +259,9 @@ def test_a_stalled_generation_step_ends_its_stream_and_restarts_the_worker(start
     wait_until(lambda: server.info()["workers"][0]["pid"] not in (pid, None), 60, message="a new worker")
     server.wait_ready(60)
     assert "no generation step in 1s (--batch-timeout); killing it" in server.log
-    reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
-                           {"Content-Type": "application/json"})
-    assert reply.status == 200
+    again = _generate(server)  # the restarted worker generates, and greedily the same tokens
+    assert [t["id"] for t in again["details"]["tokens"]] == [t["id"] for t in first["details"]["tokens"]]
+    assert again["generated_text"] == first["generated_text"]
 
 
 def test_sigterm_lets_running_streams_finish_then_exits_0(start_server: Any, chat_model: Path) -> None:

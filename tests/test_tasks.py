@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,20 @@ from test_serving import _close, _shape
 # A batch waits this long for more requests (counted from its first): the concurrent requests
 # below share batches however the machine schedules their sending.
 BATCH_DELAY = ("--max-batch-delay-ms", "50")
+
+
+def _pipeline(model: Path, task: str, dtype: str) -> Any:
+    """The task's own transformers pipeline in `dtype`, in this process: answers worked out
+    without pipeserve."""
+    import torch
+    from transformers import pipeline
+
+    return pipeline(task, model=str(model), dtype=getattr(torch, dtype), device="cpu")
+
+
+def _plain(value: Any) -> Any:
+    """A pipeline's answer as JSON reads it (numpy scalars made Python numbers)."""
+    return json.loads(json.dumps(value, default=lambda item: item.item()))
 
 
 def _check_consistent(server: Server, inputs: list[Any], parameters: dict[str, Any],
@@ -67,12 +82,23 @@ def test_text_classification_top_k_and_function_to_apply(start_server: Any, tiny
 
 
 def test_token_classification_with_aggregation(start_server: Any, task_models: dict[str, Path]) -> None:
-    server = start_server("--model", str(task_models["token-classification"]), *BATCH_DELAY)
+    model = task_models["token-classification"]
+    server = start_server("--model", str(model), *BATCH_DELAY)
     texts = ["the king of france", "hello world from paris the capital city"]
     raw = _check_consistent(server, texts, {})
-    assert all({"entity", "score", "index", "word", "start", "end"} <= set(item) for item in raw[1])
     grouped = _check_consistent(server, texts, {"aggregation_strategy": "simple"})
-    assert all({"entity_group", "score", "word", "start", "end"} <= set(item) for item in grouped[1])
+    # The same answers as transformers' own pipeline (in the dtype the server chose), and none
+    # of them empty: the tiny model tags a word or more of each text.
+    reference = _pipeline(model, "token-classification", server.info()["dtype"])
+    for text, tokens, groups in zip(texts, raw, grouped, strict=True):
+        expected_tokens = _plain(reference(text))
+        expected_groups = _plain(reference(text, aggregation_strategy="simple"))
+        assert expected_tokens and expected_groups
+        assert all({"entity", "score", "index", "word", "start", "end"} <= set(item) for item in tokens)
+        assert all({"entity_group", "score", "word", "start", "end"} <= set(item) for item in groups)
+        assert _close(tokens, expected_tokens), (tokens, expected_tokens)
+        assert _close(groups, expected_groups), (groups, expected_groups)
+        assert all(text[item["start"]:item["end"]] == item["word"].lstrip("#") for item in tokens)
 
 
 def test_fill_mask_top_k_and_targets(start_server: Any, tiny_models: dict[str, Path]) -> None:
@@ -162,7 +188,10 @@ def test_explicit_cpu_device_and_dtype(start_server: Any, tiny_models: dict[str,
                           "--dtype", dtype)
     info = server.info()
     assert info["device"] == "cpu" and info["dtype"] == dtype
-    assert server.post_json({"inputs": "fine"}).status == 200
+    reply = server.post_json({"inputs": "fine", "parameters": {"top_k": 2}})
+    assert reply.status == 200, reply.body
+    expected = _plain(_pipeline(tiny_models["text-classification"], "text-classification", dtype)("fine", top_k=2))
+    assert _close(reply.json(), [expected]), (reply.json(), expected)
 
 
 def test_cuda_requested_without_cuda_fails_to_load(start_server: Any, tiny_models: dict[str, Path]) -> None:

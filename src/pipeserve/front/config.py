@@ -238,28 +238,30 @@ class Config:
         """Whether any model process will (or, for auto, is likely to) run on a GPU."""
         return any(machine.gpu_likely(device) for device in self.devices or (self.device,))
 
-    def batch_tokens(self) -> int:
-        """Most padded tokens in one batch: the flag, or the default for the device."""
+    def batch_tokens(self, gpu: bool | None = None) -> int:
+        """Most padded tokens in one batch: the flag, or the default for the device (`gpu`: what
+        a model process reported; None: the front's guess)."""
         if self.max_batch_tokens:
             return self.max_batch_tokens
-        return GPU_BATCH_TOKENS if self.on_gpu() else CPU_BATCH_TOKENS
+        return GPU_BATCH_TOKENS if (self.on_gpu() if gpu is None else gpu) else CPU_BATCH_TOKENS
 
-    def batch_fill(self) -> float:
+    def batch_fill(self, gpu: bool | None = None) -> float:
         """Least share of real tokens in a length-ordered batch: the flag, or the device's default."""
         if self.min_batch_fill is not None:
             return self.min_batch_fill
-        return GPU_MIN_BATCH_FILL if self.on_gpu() else CPU_MIN_BATCH_FILL
+        return GPU_MIN_BATCH_FILL if (self.on_gpu() if gpu is None else gpu) else CPU_MIN_BATCH_FILL
 
     def admission_window(self) -> int:
         """Most inputs of one request in the queue at a time; never more than the queue holds, so
         that a request of --max-items inputs is admitted on an idle server whatever --workers is."""
         return min(WINDOW_BATCHES_PER_WORKER * self.max_batch_size * self.worker_count(), self.max_queue)
 
-    def derived(self) -> dict[str, Any]:
+    def derived(self, gpu: bool | None = None) -> dict[str, Any]:
         """The values in force where a setting's default depends on the machine (for /info)."""
+        gpu = self.on_gpu() if gpu is None else gpu
         return {"workers": self.worker_count(), "threads": self.torch_threads(), "cores": machine.cores(),
-                "gpu": self.on_gpu(), "max_batch_tokens": self.batch_tokens(),
-                "min_batch_fill": self.batch_fill(), "admission_window": self.admission_window()}
+                "gpu": gpu, "max_batch_tokens": self.batch_tokens(gpu),
+                "min_batch_fill": self.batch_fill(gpu), "admission_window": self.admission_window()}
 
     def worker_device(self, index: int) -> str:
         return self.devices[index] if self.devices else self.device

@@ -34,8 +34,10 @@ def generates_text(model: str | None, task: str | None) -> bool:
     """
     if task is not None:
         return task == GENERATION_TASK
+    if not model:  # the embedded embedder, or a --pipeline factory: not ./config.json
+        return False
     try:
-        with open(os.path.join(model or "", "config.json")) as handle:
+        with open(os.path.join(model, "config.json")) as handle:
             architectures = json.load(handle).get("architectures") or []
     except (OSError, ValueError, AttributeError):  # a hub id, the embedded model, an odd file
         return False

@@ -103,6 +103,7 @@ class Runtime:
                        entry_point=entry_point, streams=self.streams, allocator=worker_allocator)
             for index in range(config.worker_count())
         ]
+        self.gpu = config.on_gpu()  # the front's guess until a model process reports its device
         self.started_at = time.time()
         self.connections = ConnectionStats()
         self.draining = False
@@ -140,7 +141,20 @@ class Runtime:
         ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
         if ready is not None and (self._loaded is None or self._loaded.ready is not ready):
             self._loaded = LoadedModel(ready)
+            self.device_known(ready.device)
         self.changed.set()
+
+    def device_known(self, device: str) -> None:
+        """A model process reported its device: batch by that device's defaults, not the front's
+        guess from /dev/nvidia0 (wrong on a node without CUDA torch, or a GPU without that node)."""
+        gpu = device.startswith("cuda")
+        if gpu == self.gpu:
+            return
+        self.gpu = gpu
+        self.batcher.max_batch_tokens = self.config.batch_tokens(gpu)
+        self.batcher.min_batch_fill = self.config.batch_fill(gpu)
+        log.info("model processes run on %s: --max-batch-tokens %d, --min-batch-fill %g", device,
+                 self.batcher.max_batch_tokens, self.batcher.min_batch_fill)
 
     async def drain(self) -> bool:
         """Refuse new work, then wait for queued and running jobs to finish; False if cut short."""
@@ -247,7 +261,7 @@ class Runtime:
             "parameters": sorted(spec.name for spec in ready.parameters) if ready else None,
             "details": ready.details if ready else None,
             "settings": public_settings(config),
-            "in_force": config.derived(),
+            "in_force": config.derived(self.gpu),
             "workers": [s.describe() for s in self.supervisors],
             "counters": {
                 "batches": self.batcher.batches,
@@ -259,7 +273,8 @@ class Runtime:
                 "refused": {reason.value: count for reason, count in self.batcher.refused.items()},
                 "connections": dict(vars(self.connections)),
                 "streams": {"open": len(self.streams.open), "cancelled": self.streams.cancelled,
-                            "refused": self.streams.refused},
+                            "refused": self.streams.refused, "steps": self.streams.steps,
+                            "shared_steps": self.streams.shared_steps},
             },
         }
 

@@ -62,6 +62,8 @@ class Streams:
         self._observe = observe  # a stream that ended
         self._first_token = first_token  # seconds from a stream's start to its first token
         self.tokens = 0  # tokens delivered to streams since start
+        self.steps = 0  # decoding steps (one forward pass each) that produced tokens
+        self.shared_steps = 0  # of those, the ones that decoded more than one stream together
         self._ids = itertools.count(1)
         self.open: dict[int, Stream] = {}
         self.cancelled = 0  # streams whose client went away or whose deadline passed
@@ -123,6 +125,10 @@ class Streams:
     def deliver(self, step: ipc.Step) -> None:
         """Hand each token (and end) of a step to its stream."""
         ends = {end.stream_id: end for end in step.ended}
+        if step.tokens:
+            self.steps += 1
+            if len({token.stream_id for token in step.tokens}) > 1:
+                self.shared_steps += 1
         for token in step.tokens:
             stream = self.open.get(token.stream_id)
             if stream is None:

@@ -57,7 +57,8 @@ CPUINFO = Path("/proc/cpuinfo")
 def native_reduced_dtype(device: str, torch: Any, cpuinfo: Path = CPUINFO) -> str | None:
     """The reduced dtype this device computes natively, or None where only float32 is native."""
     if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # Not counting emulation: a V100 or T4 "supports" bf16 only by emulating it, slowly.
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     if device == "cpu" and cpu_flags(cpuinfo) & _NATIVE_BF16_CPU_FLAGS:
         return "bfloat16"
     return None
