@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -120,7 +121,7 @@ async def one_round(port: int, prompt: str) -> dict[str, float]:
         await asyncio.gather(*tasks)
     before, during = [], []
     for times in arrivals:
-        for previous, current in zip(times, times[1:]):
+        for previous, current in itertools.pairwise(times):
             gap = (current - previous) * 1000
             if current < join_started:
                 before.append(gap)
