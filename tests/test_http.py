@@ -183,8 +183,9 @@ async def test_the_api_key_guards_every_route_but_liveness_and_readiness(start: 
 
     client, _ = await start(api_key="the-key")
     for route in ROUTES:
-        path = route.path.replace("{model:.+}", "some-model")
-        response = await client.request(route.method, path, json={})
+        path = route.path.replace("{model:.+}", "some-model").replace("{name}", "page.js")
+        headers = {"Accept": "text/html"} if route.media == "text/html" else {}  # the page: a browser's GET /
+        response = await client.request(route.method, path, json={}, headers=headers)
         if route.public:
             assert response.status == 200, route.path
             continue
@@ -194,6 +195,7 @@ async def test_the_api_key_guards_every_route_but_liveness_and_readiness(start: 
         assert message == "missing or invalid API key", (route.path, body)
     wrong = await client.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer nope"})
     assert wrong.status == 401
+    assert (await client.post("/", json={"inputs": "x"})).status == 401  # GET / is public; POST / is not
 
 
 async def test_neither_the_key_nor_bodies_reach_the_log(start: Start, caplog: pytest.LogCaptureFixture) -> None:
