@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from typing import Any
 
@@ -104,18 +105,10 @@ class EchoPipeline:
 
 
 def _leave_an_orphan(pid_file: str) -> None:
-    child = os.fork()
-    if child == 0:
-        grandchild = os.fork()
-        if grandchild == 0:  # exits once re-parented, as a zombie of its new parent
-            parent = os.getppid()
-            while os.getppid() == parent:
-                time.sleep(GATE_POLL_S)
-            os._exit(0)
-        with open(pid_file, "w") as handle:
-            handle.write(str(grandchild))
-        os._exit(0)
-    os.waitpid(child, 0)
+    # Through a shell, not os.fork: a forked copy of this multi-threaded process (torch's
+    # threads, tcmalloc's locks) may deadlock at its first allocation. The shell's background
+    # subshell outlives the shell, so it is re-parented, and exits a moment later.
+    subprocess.run(["/bin/sh", "-c", f'(sleep 0.3; exit 0) & echo $! > "{pid_file}"'], check=True)
 
 
 def make() -> EchoPipeline:

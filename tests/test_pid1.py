@@ -87,7 +87,10 @@ def test_serves_as_pid_1_reaps_orphans_and_drains_on_sigterm(start_server: Calla
     reply = server.post_json({"inputs": f"ORPHAN:{pid_file}"})
     assert reply.status == 200, reply.body
     orphan = int(pid_file.read_text())
-    wait_until(lambda: not _in_a_namespace(orphan), 10, message=f"orphan pid={orphan} reaped")
+    try:
+        wait_until(lambda: not _in_a_namespace(orphan), 10, message=f"orphan pid={orphan} reaped")
+    except AssertionError:
+        raise AssertionError(f"{_in_a_namespace(orphan)}\n{server.log}") from None
     assert server.process.poll() is None
 
     # SIGTERM, for which PID 1 has no default action, drains the request in flight and exits 0.

@@ -116,7 +116,7 @@ def test_no_workers_flag_means_one_single_threaded_worker_per_core(start_server:
 
 def test_no_workers_flag_gives_a_text_generator_one_worker_with_every_core(
         start_server: Any, task_models: dict[str, Path]) -> None:
-    from pipeserve.front.config import cores
+    from pipeserve.front.machine import cores
 
     server = start_server("--model", str(task_models["text-generation"]), "--device", "cpu",
                           env={"PIPESERVE_WORKERS": "0"})
