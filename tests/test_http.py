@@ -188,6 +188,7 @@ async def test_the_api_key_guards_every_route_but_liveness_and_readiness(start: 
         response = await client.request(route.method, path, json={}, headers=headers)
         if route.public:
             assert response.status == 200, route.path
+            response.release()
             continue
         body = await response.json()
         assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer", route.path
@@ -195,7 +196,8 @@ async def test_the_api_key_guards_every_route_but_liveness_and_readiness(start: 
         assert message == "missing or invalid API key", (route.path, body)
     wrong = await client.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer nope"})
     assert wrong.status == 401
-    assert (await client.post("/", json={"inputs": "x"})).status == 401  # GET / is public; POST / is not
+    async with client.post("/", json={"inputs": "x"}) as refused:  # GET / is public; POST / is not
+        assert refused.status == 401
 
 
 async def test_neither_the_key_nor_bodies_reach_the_log(start: Start, caplog: pytest.LogCaptureFixture) -> None:
