@@ -186,7 +186,7 @@ def _byte_level_bpe() -> Any:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    corpus = [" ".join(f"{w}{s}" for w in ("alpha", "beta", "gamma", "delta") for s in ("", ",", ".", "ing"))] * 50
+    corpus = [" ".join(f"{w}{s}" for w in ("alpha", "beta", "gamma", "delta", "aaa", "aaaaaaaa") for s in ("", ",", ".", "ing"))] * 50
     core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=core)
 
@@ -201,8 +201,14 @@ def test_an_over_long_prompt_keeps_the_same_last_tokens_from_its_tail_alone(gpt2
     tokenizer = gpt2[1] if kind == "word-level" else _byte_level_bpe()
     rng = random.Random(0)
     vocabulary = ["the", "cat", "dog", "alphabeta", "gammadelta,", "alpha.", "beta", "  ", "\n"]
+    texts = ["".join(rng.choice(vocabulary) + rng.choice([" ", "", "  "]) for _ in range(length))
+             for length in (10, 2_000, 60_000)]
+    # One word of 100,000 letters (BPE pairs equal merges from its start), one with a space
+    # 3,000 letters from its end, and a run of spaces before the end.
+    texts += ["a" * 100_000, "a" * 100_001, "a" * 100_003, "b" * 100_000 + " " + "a" * 3_001,
+              "the cat " * 5_000 + " " * 20_000 + "dog"]
     for room in (1, 7, 64, 500):
-        for length in (10, 2_000, 60_000):
-            text = "".join(rng.choice(vocabulary) + rng.choice([" ", "", "  "]) for _ in range(length))
+        for text in texts:
             whole = list(tokenizer(text)["input_ids"])
-            assert tail_ids(tokenizer, text, room, add_special_tokens=True)[-room:] == whole[-room:], (room, length)
+            tail = tail_ids(tokenizer, text, room, add_special_tokens=True)
+            assert tail[-room:] == whole[-room:], (room, len(text), text[-20:])

@@ -116,3 +116,15 @@ def test_sigint_as_pid_1_stops_cleanly(start_server: Callable[..., Server]) -> N
     assert server.wait_exit(30) == 0
     assert "SIGINT received" in server.log
     assert "Traceback" not in server.log
+
+
+def test_a_sigterm_before_the_event_loop_runs_is_kept(start_server: Callable[..., Server]) -> None:
+    """As PID 1, a SIGTERM that arrives while the front still imports would be dropped; it is
+    recorded from the first line and acted on at once: no model process is even started."""
+    program = ("from pipeserve.front import early; early.install(); import os, signal; "
+               "os.kill(os.getpid(), signal.SIGTERM); from pipeserve.front.cli import main; raise SystemExit(main())")
+    server = start_server(*PIPELINE, command=[*UNSHARE, sys.executable, "-c", program, "--host", "127.0.0.1",
+                                              "--port", "0"], ready=False)
+    assert server.wait_exit(30) == 0
+    assert "SIGTERM received" in server.log and "starting" not in server.log
+    assert "Traceback" not in server.log

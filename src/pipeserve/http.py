@@ -68,7 +68,7 @@ def _account(request: web.Request, status: int, seconds: float) -> None:
     """One access line and the request metrics, for every answered request."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[RUNTIME].metrics.observe_request(route, status, seconds)
+    request.app[RUNTIME].metrics.observe_request(route, status, seconds, (request.method, route) in _MODEL_ROUTES)
     batch_size = request.get(BATCH_SIZE) or None
     fields: dict[str, object] = {"method": request.method, "path": request.path, "status": status,
                                  "latency_ms": round(seconds * 1000, 3), "batch_size": batch_size,
@@ -183,6 +183,8 @@ OPERATIONS = (
 )
 ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *openai.GENERATION_ROUTES, *tei.ROUTES, *tgi.ROUTES)
 _DIALECT_BY_PATH = {route.path: route.dialect for route in ROUTES}
+# What the page's figures count: the routes that ask the model, not probes, scrapes or the page.
+_MODEL_ROUTES = frozenset((route.method, route.path) for route in ROUTES if route.dialect != "ops" and route.documented)
 
 
 def create_app(runtime: Runtime) -> web.Application:

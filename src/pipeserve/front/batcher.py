@@ -11,11 +11,12 @@ whose client went away, or whose deadline passed, are dropped here and never com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,7 @@ class Batcher:
         self._arrival = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._open_requests = 0  # requests between their door and their last window (see request())
         self._closed_reason: str | None = None
         self._items_per_second: float | None = None
         self._batch_seconds: float | None = None  # a batch's mean compute time, slowly smoothed
@@ -146,14 +148,18 @@ class Batcher:
         self._closed_reason = None
 
     def submit(self, inputs: list[Any], parameters: dict[str, Any], parameters_key: str,
-               request_id: str, deadline: float, op: Op = Op.PIPELINE, admitted: bool = False) -> list[Job]:
-        """Queue one job per input, all or none; raise Unavailable/Overloaded without waiting."""
-        if self._closed_reason is not None:
+               request_id: str, deadline: float, op: Op = Op.PIPELINE, admitted: bool = False,
+               expected: int | None = None) -> list[Job]:
+        """Queue one job per input, all or none; raise Unavailable/Overloaded without waiting.
+
+        `admitted`: a later window of a request the door took (api/common.py): never refused,
+        draining or not. `expected`: the whole request's inputs, for the deadline prediction.
+        """
+        if self._closed_reason is not None and not admitted:
             raise errors.Unavailable(self._closed_reason, retry_after=self.retry_after())
         now = self._clock()
         self._drop_dead_head()
-        # `admitted`: the next window of a request the door already took (see api/common.py).
-        refusal = None if admitted else self._refusal(len(inputs), now, deadline)
+        refusal = None if admitted else self._refusal(len(inputs), expected or len(inputs), now, deadline)
         if refusal is not None:
             self.refused[refusal] += 1
             raise errors.Overloaded(_REFUSAL_MESSAGES[refusal], retry_after=self.retry_after())
@@ -172,7 +178,7 @@ class Batcher:
         """How many more inputs the queue takes before it is full."""
         return max(0, self.max_queue - len(self._queue))
 
-    def _refusal(self, count: int, now: float, deadline: float) -> Refused | None:
+    def _refusal(self, count: int, expected: int, now: float, deadline: float) -> Refused | None:
         if len(self._queue) + count > self.max_queue:
             return Refused.QUEUE_FULL
         if (self.max_queue_wait_s is not None and self._queue
@@ -181,7 +187,7 @@ class Batcher:
         backlog = len(self._queue) + self.in_flight
         # Only a real backlog (more than one batch) is worth predicting from the drain rate.
         rate = self.drain_rate()
-        if (rate and backlog >= self.max_batch_size and now + (backlog + count) / rate > deadline):
+        if (rate and backlog >= self.max_batch_size and now + (backlog + expected) / rate > deadline):
             return Refused.DEADLINE
         return None
 
@@ -371,8 +377,20 @@ class Batcher:
         self._update_idle()
         return failed
 
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Around one request's whole life in the queue: between its windows nothing of it may be
+        queued or running, yet a drain must wait for the rest of it."""
+        self._open_requests += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._open_requests -= 1
+            self._update_idle()
+
     def _update_idle(self) -> None:
-        if not self._queue and self.in_flight == 0:
+        if not self._queue and self.in_flight == 0 and self._open_requests == 0:
             self._idle.set()
         else:
             self._idle.clear()

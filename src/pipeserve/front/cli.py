@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from pipeserve import logs
-from pipeserve.front import allocator, connections, init, systemd
+from pipeserve.front import allocator, connections, early, init, systemd
 from pipeserve.front.config import Config, load_config
 from pipeserve.front.runtime import Runtime
 from pipeserve.http import create_app
@@ -30,8 +30,7 @@ _LOAD_EXTENSION_S = 30.0  # EXTEND_TIMEOUT_USEC granted at a time while the mode
 _GIVE_UP_GRACE_S = 10.0  # after --load-timeout: killing the worker and exiting
 
 
-async def serve(config: Config, worker_allocator: str = "glibc",
-                early: init.EarlySignals | None = None) -> int:
+async def serve(config: Config, worker_allocator: str = "glibc") -> int:
     """Run the server until a signal or a fatal worker failure; return the exit code."""
     loop = asyncio.get_running_loop()
     runtime = Runtime(config, worker_allocator=worker_allocator)
@@ -48,11 +47,12 @@ async def serve(config: Config, worker_allocator: str = "glibc",
         return ExitCode.CRASH_LOOP
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.request_stop, sig.name)
-    if early is not None and early.received:  # a SIGTERM that came while we were starting
-        runtime.request_stop(early.received)
     if init.is_init():  # a container's PID 1: orphans in the namespace become our children
         loop.add_signal_handler(signal.SIGCHLD, init.reap_orphans)
-    runtime.start()
+    if early.received:  # a SIGTERM that came while we were starting: no model process to start
+        runtime.request_stop(early.received)
+    else:
+        runtime.start()
     notifications = asyncio.create_task(_notify_systemd(runtime, notifier))
     await runtime.stop_requested.wait()
     if runtime.stop_signal:
@@ -136,8 +136,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    early = init.EarlySignals()
-    early.install()  # PID 1 has no default action for SIGTERM: without this it is ignored
+    early.install()  # again, for the console script (python -m pipeserve did it on its first line)
     config = load_config(argv)
     logs.configure(config.log_level, config.log_format)
     try:  # before any model process is spawned: they inherit the environment
@@ -146,4 +145,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return ExitCode.USAGE
     log.info("model processes' allocator: %s", worker_allocator)
-    return asyncio.run(serve(config, worker_allocator, early))
+    return asyncio.run(serve(config, worker_allocator))

@@ -251,10 +251,16 @@ class Config:
             return self.min_batch_fill
         return GPU_MIN_BATCH_FILL if (self.on_gpu() if gpu is None else gpu) else CPU_MIN_BATCH_FILL
 
+    def queue_reserve(self) -> int:
+        """Room in the queue that a large request's windows leave to others: one batch."""
+        return min(self.max_batch_size, self.max_queue // 2)
+
     def admission_window(self) -> int:
-        """Most inputs of one request in the queue at a time; never more than the queue holds, so
-        that a request of --max-items inputs is admitted on an idle server whatever --workers is."""
-        return min(WINDOW_BATCHES_PER_WORKER * self.max_batch_size * self.worker_count(), self.max_queue)
+        """Most inputs of one request in the queue at a time: within the queue less its reserve,
+        so a request of --max-items inputs is admitted on an idle server whatever --workers is,
+        and a one-text request arriving meanwhile still finds room."""
+        return min(WINDOW_BATCHES_PER_WORKER * self.max_batch_size * self.worker_count(),
+                   self.max_queue - self.queue_reserve())
 
     def derived(self, gpu: bool | None = None) -> dict[str, Any]:
         """The values in force where a setting's default depends on the machine (for /info)."""

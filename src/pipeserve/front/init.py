@@ -2,8 +2,8 @@
 
 The kernel treats PID 1 apart in two ways that matter here. A signal it has no handler for is
 not acted on at all (SIGTERM from `docker stop` or the kubelet would be ignored until the
-SIGKILL that follows), so the front records SIGTERM from the moment it starts, before its event
-loop can (cli.py). And every orphan in the namespace is re-parented to it: a process that a
+SIGKILL that follows), so the front records SIGTERM from its first line (early.py) until its
+event loop handles it. And every orphan in the namespace is re-parented to it: a process that a
 model process left behind (a helper a library forked, a grandchild of a custom pipeline) becomes
 the front's child, and once it exits, a zombie that only the front can reap. `reap_orphans`
 does that on each SIGCHLD without taking the exit status of a model process away from
@@ -12,10 +12,10 @@ does that on each SIGCHLD without taking the exit status of a model process away
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import signal
-from types import FrameType
+from collections.abc import Iterator
 
 import multiprocess
 
@@ -30,17 +30,19 @@ def is_init() -> bool:
     return os.getpid() == 1
 
 
-class EarlySignals:
-    """SIGTERM recorded from process start until the event loop installs its own handlers."""
+_spawns_under_way = 0
 
-    def __init__(self) -> None:
-        self.received: str | None = None
 
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._record)
-
-    def _record(self, signum: int, _frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum).name
+@contextlib.contextmanager
+def spawning() -> Iterator[None]:
+    """Around a model process's spawn: until multiprocess has recorded it as a child, a death of
+    it would look like an orphan's, so no reaping meanwhile (the next SIGCHLD reaps)."""
+    global _spawns_under_way  # noqa: PLW0603 - shared by the spawns and the SIGCHLD handler
+    _spawns_under_way += 1
+    try:
+        yield
+    finally:
+        _spawns_under_way -= 1
 
 
 def reap_orphans() -> int:
@@ -51,6 +53,8 @@ def reap_orphans() -> int:
     being reaped (WNOWAIT) and reaped only once it is known not to be ours.
     """
     reaped = 0
+    if _spawns_under_way:
+        return reaped
     for _ in range(_MOST_PER_SIGNAL):
         ours = {process.pid for process in multiprocess.active_children()}  # reaps ours that exited
         try:

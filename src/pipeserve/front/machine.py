@@ -71,10 +71,11 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2: cpu.max holds "<quota> <period>" or "max <period>"
             limits += [_quota(os.path.join(root, d, "cpu.max"), None) for d in _and_parents(path)]
-        elif "cpu" in controllers.split(","):  # cgroup v1: the quota and period in two files
-            base = os.path.join(root, controllers)
-            limits += [_quota(os.path.join(base, d, "cpu.cfs_quota_us"), os.path.join(base, d, "cpu.cfs_period_us"))
-                       for d in _and_parents(path)]
+        elif "cpu" in controllers.split(","):  # cgroup v1: the quota and period in two files,
+            # under the hierarchy's mount: named for its controllers ("cpu,cpuacct") or "cpu" alone
+            for base in dict.fromkeys((os.path.join(root, controllers), os.path.join(root, "cpu"))):
+                limits += [_quota(os.path.join(base, d, "cpu.cfs_quota_us"), os.path.join(base, d, "cpu.cfs_period_us"))
+                           for d in _and_parents(path)]
     found = [limit for limit in limits if limit is not None]
     return min(found) if found else None
 

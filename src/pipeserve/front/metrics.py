@@ -65,8 +65,9 @@ class Metrics:
         """Expose the live state (gauges, drop counters) at scrape time."""
         self.registry.register(_StateCollector(batcher, supervisors, started_at, streams))
 
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.recent.request(status, seconds)
+    def observe_request(self, route: str, status: int, seconds: float, asks_the_model: bool = True) -> None:
+        if asks_the_model:  # the page's figures leave out probes, scrapes and its own polls
+            self.recent.request(status, seconds)
         self.requests.labels(route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 

@@ -138,6 +138,8 @@ class Runtime:
         self.changed.set()
 
     def _worker_changed(self) -> None:
+        # The queue drains through the workers serving now, not through those restarting.
+        self.batcher.workers = max(1, sum(s.serving for s in self.supervisors))
         ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
         if ready is not None and (self._loaded is None or self._loaded.ready is not ready):
             self._loaded = LoadedModel(ready)

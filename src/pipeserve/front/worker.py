@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from pipeserve import ipc
+from pipeserve.front import init
 from pipeserve.front.streams import Streams
 from pipeserve.ipc import ExitCode
 
@@ -116,7 +117,8 @@ class WorkerProcess:
         # Spawning forks, execs and writes the preparation data to a pipe: off the event loop.
         # Shielded: a stop() that cancels us meanwhile must find the spawn finished to kill it.
         self._spawning = asyncio.ensure_future(asyncio.to_thread(self.process.start))
-        await asyncio.shield(self._spawning)
+        with init.spawning():
+            await asyncio.shield(self._spawning)
         self.started_at = time.monotonic()
         child_end.close()  # so that we see EOF when the child dies
         sock = socket.socket(fileno=os.dup(parent_end.fileno()))

@@ -106,39 +106,46 @@ async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[An
     else:
         key = orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS).decode()
     deadline = request_deadline(request)
-    window = config.admission_window()
+    window, reserve = config.admission_window(), config.queue_reserve()
     batcher = runtime.batcher
 
     def submit(items: Sequence[Any], admitted: bool) -> list[Job]:
-        return batcher.submit(list(items), parameters, key, request[REQUEST_ID], deadline, op, admitted)
+        return batcher.submit(list(items), parameters, key, request[REQUEST_ID], deadline, op, admitted,
+                              expected=len(inputs))
 
-    # The door: as much of the first window as the queue has room for (503 at once when it has
-    # none), so a large request beside steady traffic is admitted and grows as the queue drains.
-    jobs = submit(inputs[:min(window, max(batcher.room, 1))], admitted=False)
-    waiting = set(jobs)
-    try:
-        while waiting:
-            remaining = deadline - time.monotonic()
-            done, _ = await asyncio.wait({job.future for job in waiting}, timeout=max(remaining, 0),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                raise errors.RequestTimeout()
-            finished = [job for job in waiting if job.future.done()]
-            waiting.difference_update(finished)
-            _raise_first_failure(jobs, finished, single=len(inputs) == 1)
-            # Back up to a window where the queue has room; at least as many as just finished.
-            count = max(len(finished), min(window - len(waiting), batcher.room))
-            more = inputs[len(jobs):len(jobs) + count]
-            if more:
-                added = submit(more, admitted=True)
-                jobs.extend(added)
-                waiting.update(added)
-    finally:
-        # Failed, timed out, or the client went away (aiohttp cancels the handler): jobs still
-        # queued are dropped by the batcher and never computed.
-        for job in waiting:
-            job.future.cancel()
-        request[BATCH_SIZE] = batch_size(jobs)
+    with batcher.request():  # a drain waits for all of it, not only for what is queued now
+        # The door: the first window whole where the queue has room for it; else, for a request
+        # larger than one window, the room above the reserve (so it is not refused beside steady
+        # traffic); 503 at once when there is none.
+        first = min(window, len(inputs))
+        if first > batcher.room > reserve and len(inputs) > window:
+            first = batcher.room - reserve
+        jobs = submit(inputs[:first], admitted=False)
+        waiting = set(jobs)
+        try:
+            while waiting:
+                remaining = deadline - time.monotonic()
+                done, _ = await asyncio.wait({job.future for job in waiting}, timeout=max(remaining, 0),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise errors.RequestTimeout()
+                finished = [job for job in waiting if job.future.done()]
+                waiting.difference_update(finished)
+                _raise_first_failure(jobs, finished, single=len(inputs) == 1)
+                # Back up to a window where the queue has room above the reserve; at least as
+                # many as just finished, so the request always progresses.
+                count = max(len(finished), min(window - len(waiting), batcher.room - reserve))
+                more = inputs[len(jobs):len(jobs) + count]
+                if more:
+                    added = submit(more, admitted=True)
+                    jobs.extend(added)
+                    waiting.update(added)
+        finally:
+            # Failed, timed out, or the client went away (aiohttp cancels the handler): jobs still
+            # queued are dropped by the batcher and never computed.
+            for job in waiting:
+                job.future.cancel()
+            request[BATCH_SIZE] = batch_size(jobs)
     return jobs
 
 

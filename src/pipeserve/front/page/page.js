@@ -57,7 +57,10 @@ function lock(message) {
   $("key").focus();
 }
 
-function lockOut() { lock(sessionStorage.getItem(KEY) ? "The key was not accepted." : ""); }
+function lockOut() {
+  if (pollTimer) { clearInterval(pollTimer); pollTimer = null; } // no polling behind the prompt
+  lock(sessionStorage.getItem(KEY) ? "The key was not accepted." : "");
+}
 
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -313,7 +316,9 @@ async function poll() {
     if (points.length > HISTORY) points.shift();
     render();
   } catch (error) {
-    if (!(error instanceof ApiError)) $("status").textContent = "unreachable";
+    if (!pollTimer) return; // locked out (401): the prompt says so
+    $("status").textContent = error instanceof ApiError ? `unavailable: ${error.message}` : "unreachable";
+    $("status").className = "pill unavailable";
   }
 }
 
