@@ -32,7 +32,8 @@ def test_the_document_lists_exactly_the_registered_routes(embedding_server: Serv
     document = embedding_server.request("GET", "/openapi.json").json()
     assert document["openapi"].startswith("3.")
     described = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
-    declared = {(route.method, route.path.replace("{model:.+}", "{model}")) for route in ROUTES if route.documented}
+    declared = {(route.method, route.path.replace("{model:.+}", "{model}")) for route in ROUTES
+                if route.documented and route.serves("feature-extraction")}
     assert described == declared
     assert ("GET", "/") not in described  # the page is for browsers: not an API operation
     embeddings = document["paths"]["/v1/embeddings"]["post"]
@@ -62,3 +63,26 @@ def test_the_readme_documents_every_route() -> None:
     for route in ROUTES:
         path = route.path.replace("{model:.+}", "{model}")
         assert f"`{route.method} {path}`" in readme, f"{route.method} {path}"
+
+
+GENERATION_ONLY = {"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
+EMBEDDING_ONLY = {"/embed", "/embed_all", "/v1/embeddings"}
+CLASSIFICATION_ONLY = {"/predict", "/rerank"}
+
+
+def test_the_document_lists_only_the_routes_the_model_serves(embedding_server: Server,
+                                                             task_models: dict[str, Path]) -> None:
+    embedder = set(embedding_server.request("GET", "/openapi.json").json()["paths"])
+    assert EMBEDDING_ONLY <= embedder and not (GENERATION_ONLY | CLASSIFICATION_ONLY) & embedder
+    assert {"/", "/tokenize", "/decode", "/v1/models", "/info"} <= embedder
+    # A route that is not listed still answers with a clear 400 in its own envelope.
+    reply = embedding_server.request("POST", "/generate", '{"inputs": "x"}', {"Content-Type": "application/json"})
+    assert reply.status == 400 and "needs a text-generation model" in reply.json()["error"]
+    generator = Server(["--model", str(task_models["text-generation"])]).wait_ready()
+    try:
+        listed = set(generator.request("GET", "/openapi.json").json()["paths"])
+        assert GENERATION_ONLY <= listed and not (EMBEDDING_ONLY | CLASSIFICATION_ONLY) & listed
+        reply = generator.request("POST", "/v1/embeddings", '{"input": "x"}', {"Content-Type": "application/json"})
+        assert reply.status == 400 and "needs a feature-extraction model" in reply.json()["error"]["message"]
+    finally:
+        generator.stop()

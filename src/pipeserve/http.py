@@ -21,6 +21,7 @@ from aiohttp import web
 
 from pipeserve.front import errors, metrics
 from pipeserve.front.api import hf, openai, openapi, tei, tgi
+from pipeserve.front.api.common import require_task
 from pipeserve.front.api.routes import Route, add_routes, obj
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.page import PAGE
@@ -159,8 +160,12 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    secured = bool(request.app[RUNTIME].config.required_api_key())
-    return json_response(openapi.document(ROUTES, secured))
+    """The routes this server's model serves (all of them while none has loaded and --task is unset)."""
+    runtime = request.app[RUNTIME]
+    loaded = runtime.loaded_model()
+    task = loaded.ready.task if loaded else runtime.config.task
+    served = [route for route in ROUTES if route.serves(task)]
+    return json_response(openapi.document(served, bool(runtime.config.required_api_key())))
 
 
 _STATUS = {"type": "string"}
@@ -194,5 +199,5 @@ def create_app(runtime: Runtime) -> web.Application:
         middlewares.append(require_api_key(api_key))
     app = web.Application(middlewares=middlewares, client_max_size=runtime.config.max_body_bytes)
     app[RUNTIME] = runtime
-    add_routes(app, ROUTES)
+    add_routes(app, ROUTES, require_task)
     return app

@@ -58,6 +58,8 @@ class WorkerState(enum.StrEnum):
 # one process; the front tells such a model before it loads by its task or, for a local folder,
 # by the architectures in its config.json (front/config.py's worker count).
 GENERATION_TASK = "text-generation"
+EMBEDDING_TASK = "feature-extraction"
+CLASSIFICATION_TASK = "text-classification"  # TEI's /predict and /rerank (a cross-encoder)
 GENERATION_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from pipeserve import ipc
 from pipeserve.front import errors, params
+from pipeserve.front.api.routes import Route
 from pipeserve.front.batcher import Job
 from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, LoadedModel
 from pipeserve.front.streams import Stream
@@ -82,10 +83,12 @@ def check_input_sizes(inputs: Sequence[Any], limit: int) -> None:
                                          "(--max-input-bytes)")
 
 
-def require_task(model: LoadedModel, route: str, *tasks: str) -> None:
-    """400 on a route that does not fit the served task (e.g. /rerank on an embedding model)."""
-    if model.ready.task not in tasks:
-        raise errors.BadRequest(f"{route} needs a {' or '.join(tasks)} model; this server's model "
+def require_task(route: Route, request: web.Request) -> None:
+    """Before a route with declared tasks reads its body: 503 while no model serves, 400 when
+    the served model's task is not one of them (e.g. /rerank on an embedding model)."""
+    model = serving_model(request)
+    if not route.serves(model.ready.task):
+        raise errors.BadRequest(f"{route.path} needs a {' or '.join(route.tasks)} model; this server's model "
                                 f"serves {model.ready.task}")
 
 

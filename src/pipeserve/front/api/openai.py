@@ -23,6 +23,7 @@ from pipeserve.front.api.routes import Route, Schema, json_type, obj, parse_obje
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
 from pipeserve.front.streams import Stream
+from pipeserve.ipc import EMBEDDING_TASK, GENERATION_TASK
 
 ENCODING_FORMATS = ("float", "base64")
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer"}}
@@ -53,7 +54,6 @@ MODEL_CARD = obj({"id": {"type": "string"}, "object": {"type": "string", "enum":
 
 async def embeddings(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    common.require_task(model, "/v1/embeddings", "feature-extraction")
     document = parse_object(await common.read_body(request), EMBEDDINGS_REQUEST)
     inputs, _ = texts(document.get("input"), "input", hint=" (with LangChain's OpenAIEmbeddings, set "
                                                            "check_embedding_ctx_length=False)")
@@ -98,7 +98,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 ROUTES = (
     Route("POST", "/v1/embeddings", embeddings, "Embeddings (OpenAI)", "openai",
-          request=EMBEDDINGS_REQUEST, response=EMBEDDINGS_RESPONSE),
+          request=EMBEDDINGS_REQUEST, response=EMBEDDINGS_RESPONSE, tasks=(EMBEDDING_TASK,)),
     Route("GET", "/v1/models", list_models, "The served model (OpenAI)", "openai",
           response=obj({"object": {"type": "string", "enum": ["list"]},
                         "data": {"type": "array", "items": MODEL_CARD}}, required=["object", "data"])),
@@ -198,8 +198,6 @@ def _usage(end: ipc.StreamEnd) -> dict[str, int]:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    model = common.serving_model(request)
-    common.require_task(model, "/v1/completions", "text-generation")
     document = parse_object(await common.read_body(request), COMPLETIONS_REQUEST)
     prompt = document["prompt"]
     if isinstance(prompt, list):
@@ -214,7 +212,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = common.serving_model(request)
-    common.require_task(model, "/v1/chat/completions", "text-generation")
     if not model.ready.details.get("chat_template"):
         raise errors.BadRequest("this model has no chat template: use /v1/completions")
     document = parse_object(await common.read_body(request), CHAT_REQUEST)
@@ -284,7 +281,7 @@ async def _stream(request: web.Request, stream: Stream, head: dict[str, Any], ki
 
 GENERATION_ROUTES = (
     Route("POST", "/v1/completions", completions, "Text completions (OpenAI), plain or streamed", "openai",
-          request=COMPLETIONS_REQUEST, response=COMPLETION_RESPONSE),
+          request=COMPLETIONS_REQUEST, response=COMPLETION_RESPONSE, tasks=(GENERATION_TASK,)),
     Route("POST", "/v1/chat/completions", chat_completions, "Chat completions (OpenAI), plain or streamed",
-          "openai", request=CHAT_REQUEST, response=CHAT_RESPONSE),
+          "openai", request=CHAT_REQUEST, response=CHAT_RESPONSE, tasks=(GENERATION_TASK,)),
 )

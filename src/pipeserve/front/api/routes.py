@@ -34,11 +34,28 @@ class Route:
     public: bool = False  # reachable without the API key
     media: str = "application/json"  # the 200 body's media type
     documented: bool = True  # in /openapi.json (the page's routes are for browsers, not API clients)
+    # The tasks whose models it serves (any when empty): checked before the handler reads the
+    # body (a 400 naming them), and /openapi.json lists a route only for a model it serves.
+    tasks: tuple[str, ...] = ()
+
+    def serves(self, task: str | None) -> bool:
+        """Whether this route serves a model of `task` (None: not known yet, so any)."""
+        return not self.tasks or task is None or task in self.tasks
 
 
-def add_routes(app: web.Application, routes: Sequence[Route]) -> None:
+def add_routes(app: web.Application, routes: Sequence[Route],
+               task_check: Callable[[Route, web.Request], None]) -> None:
+    """Register each route; one whose tasks are declared runs `task_check` before its handler."""
     for route in routes:
-        app.router.add_route(route.method, route.path, route.handler)
+        app.router.add_route(route.method, route.path, _checked(route, task_check) if route.tasks else route.handler)
+
+
+def _checked(route: Route, task_check: Callable[[Route, web.Request], None]) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        task_check(route, request)
+        return await route.handler(request)
+
+    return handler
 
 
 def obj(properties: dict[str, Schema], required: Sequence[str] = ()) -> Schema:

@@ -18,7 +18,7 @@ from pipeserve.front.api import common, routes
 from pipeserve.front.api.routes import TEXTS, Route, Schema, boolean, json_type, obj, parse_object
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import LoadedModel, Runtime
-from pipeserve.ipc import Op
+from pipeserve.ipc import CLASSIFICATION_TASK, EMBEDDING_TASK, Op
 
 _TRUNCATION = {"truncate": "truncation", "truncation_direction": "truncation_direction"}
 _TRUNCATE: dict[str, Schema] = {"truncate": {"type": "boolean"},
@@ -57,7 +57,6 @@ def _pooling(model: LoadedModel) -> str:
 
 async def embed(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    common.require_task(model, "/embed", "feature-extraction")
     document = parse_object(await common.read_body(request), EMBED_REQUEST)
     texts, _ = routes.texts(document["inputs"], "inputs")
     parameters = {"pooling": _pooling(model), "normalize": document.get("normalize", True),
@@ -71,7 +70,6 @@ async def embed(request: web.Request) -> web.Response:
 
 async def embed_all(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    common.require_task(model, "/embed_all", "feature-extraction")
     document = parse_object(await common.read_body(request), EMBED_ALL_REQUEST)
     texts, _ = routes.texts(document["inputs"], "inputs")
     parameters = {"pooling": "none", "normalize": False, **_truncation(document)}
@@ -97,7 +95,6 @@ def _sequence(value: Any, where: str) -> Any:
 
 async def predict(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    common.require_task(model, "/predict", "text-classification")
     document = parse_object(await common.read_body(request), PREDICT_REQUEST)
     value = document["inputs"]
     batch = isinstance(value, list) and bool(value) and all(isinstance(item, list) for item in value)
@@ -113,7 +110,6 @@ async def predict(request: web.Request) -> web.Response:
 
 async def rerank(request: web.Request) -> web.Response:
     model = common.serving_model(request)
-    common.require_task(model, "/rerank", "text-classification")
     labels = model.ready.details.get("labels", [])
     if len(labels) != 1:
         raise errors.BadRequest(f"/rerank needs a reranker (a text-classification model with one output, "
@@ -192,15 +188,17 @@ def info_fields(runtime: Runtime) -> dict[str, Any]:
 
 ROUTES = (
     Route("POST", "/embed", embed, "Sentence embeddings, one vector per input (TEI)", "tei",
-          request=EMBED_REQUEST, response=_VECTORS),
+          request=EMBED_REQUEST, response=_VECTORS, tasks=(EMBEDDING_TASK,)),
     Route("POST", "/embed_all", embed_all, "Token embeddings, a matrix per input (TEI)", "tei",
-          request=EMBED_ALL_REQUEST, response={"type": "array", "items": _VECTORS}),
+          request=EMBED_ALL_REQUEST, response={"type": "array", "items": _VECTORS}, tasks=(EMBEDDING_TASK,)),
     Route("POST", "/predict", predict, "Classify a text or a text pair, or a batch of them (TEI)", "tei",
-          request=PREDICT_REQUEST, response={"oneOf": [_PREDICTIONS, {"type": "array", "items": _PREDICTIONS}]}),
+          request=PREDICT_REQUEST, response={"oneOf": [_PREDICTIONS, {"type": "array", "items": _PREDICTIONS}]},
+          tasks=(CLASSIFICATION_TASK,)),
     Route("POST", "/rerank", rerank, "Rank texts against a query with a cross-encoder (TEI)", "tei",
           request=RERANK_REQUEST,
           response={"type": "array", "items": obj({"index": {"type": "integer"}, "score": {"type": "number"},
-                                                   "text": {"type": "string"}}, required=["index", "score"])}),
+                                                   "text": {"type": "string"}}, required=["index", "score"])},
+          tasks=(CLASSIFICATION_TASK,)),
     Route("POST", "/tokenize", tokenize, "Tokens of each text (TEI)", "tei",
           request=TOKENIZE_REQUEST, response={"type": "array", "items": {"type": "array", "items": _TOKEN}}),
     Route("POST", "/decode", decode, "Text of each token-id list (TEI)", "tei",

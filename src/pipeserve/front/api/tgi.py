@@ -21,6 +21,7 @@ from pipeserve.front.api.routes import ANY_JSON, Route, json_type, obj, parse_ob
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
 from pipeserve.front.streams import Stream
+from pipeserve.ipc import GENERATION_TASK
 
 # TGI parameters served, by the engine's name for each.
 _SERVED = {"max_new_tokens": "max_new_tokens", "do_sample": "do_sample", "temperature": "temperature",
@@ -91,8 +92,6 @@ def _token(token: ipc.Token) -> dict[str, Any]:
 
 
 async def _request(request: web.Request) -> tuple[str, dict[str, Any], dict[str, bool]]:
-    model = common.serving_model(request)
-    common.require_task(model, request.path, "text-generation")
     document = parse_object(await common.read_body(request), REQUEST)
     return parse(document, request.app[RUNTIME].config.max_new_tokens)
 
@@ -163,7 +162,8 @@ def _error_type(error: errors.PipeserveError) -> str:
 
 
 ROUTES = (
-    Route("POST", "/generate", generate, "Generate text (TGI)", "tei", request=REQUEST, response=RESPONSE),
+    Route("POST", "/generate", generate, "Generate text (TGI)", "tei", request=REQUEST, response=RESPONSE,
+          tasks=(GENERATION_TASK,)),
     Route("POST", "/generate_stream", generate_stream, "Generate text, token by token as server-sent events (TGI)",
-          "tei", request=REQUEST, response=ANY_JSON, media="text/event-stream"),
+          "tei", request=REQUEST, response=ANY_JSON, media="text/event-stream", tasks=(GENERATION_TASK,)),
 )
