@@ -2,7 +2,7 @@
 # llama.cpp's llama-server, the streamed-generation peer of bench/versus_llamacpp.py, built from
 # the llama.cpp tree inside llama-cpp-python's source distribution on PyPI (issue #27 item 1),
 # and a separate virtualenv for that tree's convert_hf_to_gguf.py. Idempotent; from the repo root
-# (CPU-heavy: about half an hour on 2 cores, so `nice` it next to other work):
+# (CPU-heavy: 11 minutes on a 2-core box under nice, beside other work):
 #
 #     nice -n 19 bash bench/llamacpp/build.sh
 #
