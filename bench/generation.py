@@ -54,6 +54,18 @@ def build_model() -> Path:
     return MODEL
 
 
+def record_arrival(record: dict[str, list[float]], now: float, last: float | None, started: float,
+                   measured: bool) -> None:
+    """One token's arrival, within the measured period: the time, and its TTFT or inter-token gap."""
+    if not measured:
+        return
+    record["tokens"].append(now)
+    if last is None:
+        record["ttft"].append(now - started)
+    else:
+        record["gaps"].append(now - last)
+
+
 def servers() -> dict[str, tuple[list[str], str, dict[str, Any]]]:
     model = str(MODEL)
     pipeserve = [PY, "-m", "pipeserve", "--model", model, "--log-level", "warning"]
@@ -89,12 +101,7 @@ async def client(session: aiohttp.ClientSession, url: str, extra: dict[str, Any]
                 if not chunk.get("choices") or not chunk["choices"][0].get("text"):
                     continue
                 now = time.monotonic()
-                if now >= measure_from and now < stop_at:
-                    record["tokens"].append(now)
-                    if last is None:
-                        record["ttft"].append(now - started)
-                    else:
-                        record["gaps"].append(now - last)
+                record_arrival(record, now, last, started, measure_from <= now < stop_at)
                 last = now
 
 

@@ -43,6 +43,7 @@ import aiohttp
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from generation import record_arrival  # noqa: E402
 from llamacpp import model as llama_model  # noqa: E402  (bench/llamacpp/model.py)
 from run_all import Running, machine  # noqa: E402
 
@@ -241,12 +242,7 @@ async def client(session: aiohttp.ClientSession, url: str, extra: dict[str, Any]
                         continue
                     now = time.monotonic()
                     deltas += 1
-                    if measure_from <= now < stop_at:
-                        record["tokens"].append(now)
-                        if last is None:
-                            record["ttft"].append(now - started)
-                        else:
-                            record["gaps"].append(now - last)
+                    record_arrival(record, now, last, started, measure_from <= now < stop_at)
                     last = now
         except aiohttp.ClientError as exc:  # a connection failure: counted, not hidden
             record["errors"].append(repr(exc)[:200])

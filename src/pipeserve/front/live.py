@@ -27,7 +27,6 @@ class Recent:
         self.requests = 0
         self.client_errors = 0  # 4xx: the request was refused as sent
         self.server_errors = 0  # 5xx: overloaded, crashed, failed, timed out
-        self.tokens = 0
 
     def request(self, status: int, seconds: float) -> None:
         self.requests += 1
@@ -37,9 +36,6 @@ class Recent:
             self.client_errors += 1
         self._latencies.append((self._clock(), seconds))
 
-    def token(self) -> None:
-        self.tokens += 1
-
     def first_token(self, seconds: float) -> None:
         self._first_tokens.append((self._clock(), seconds))
 
@@ -48,7 +44,7 @@ class Recent:
         since = self._clock() - RECENT_S
         return {
             "requests": self.requests, "client_errors": self.client_errors,
-            "server_errors": self.server_errors, "generated_tokens": self.tokens,
+            "server_errors": self.server_errors,
             "latency_ms": _quantiles(self._latencies, since),
             "time_to_first_token_ms": _quantiles(self._first_tokens, since),
             "window_seconds": RECENT_S,

@@ -284,14 +284,12 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         """The live figures the page polls (GET /stats): cheap to answer, nothing kept for it."""
         ready = self._loaded.ready if self._loaded else None
-        recent = self.metrics.recent.summary()
-        recent["generated_tokens"] = self.streams.tokens
         return {
             "time": time.time(), "uptime_seconds": round(time.time() - self.started_at, 3),
             "status": self.unavailable_reason() or "ready",
             "model": {"name": self.served_model_name, "task": ready.task if ready else self.config.task,
                       "device": ready.device if ready else None, "dtype": ready.dtype if ready else None},
-            **recent,
+            **self.metrics.recent.summary(), "generated_tokens": self.streams.tokens,
             "queue_depth": self.batcher.depth, "in_flight": self.batcher.in_flight,
             "batches": self.batcher.batches, "items": self.batcher.items,
             "streams_open": len(self.streams.open),
