@@ -193,11 +193,21 @@ def test_a_chat_reply_grows_as_it_streams(start_server: Callable[..., Server], v
     server = start_server("--model", str(chat_model))
     page = visit(server)
     page.testid("input").fill("the")
+    # Record the reply's length at every change the page draws: polling from here would miss the
+    # pieces of a reply that streams faster than a round trip to the browser.
+    page.page.evaluate("""() => {
+        window.drawn = [];
+        new MutationObserver(records => {
+            for (const record of records) {
+                const reply = record.target.closest && record.target.closest('[data-testid="reply"]');
+                if (reply) window.drawn.push(...[...record.addedNodes].map(node => node.textContent.length));
+            }
+        }).observe(document.body, { childList: true, subtree: true, characterData: true });
+    }""")
     page.testid("run").click()
     reply = page.testid("reply")
-    lengths: list[int] = []
-    # Poll what is drawn while it streams: it grows by pieces, not all at once.
-    wait_until(lambda: lengths.append(len(reply.inner_text())) or page.testid("run").is_enabled(), 60, interval=0.01)
+    wait_until(lambda: reply.count() == 1 and page.testid("run").is_enabled(), 60)
+    lengths: list[int] = page.page.evaluate("window.drawn")
     final = reply.inner_text()
     direct = json.loads(server.request("POST", "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "the"}], "max_tokens": 64, "temperature": 0}),
