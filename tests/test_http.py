@@ -86,7 +86,7 @@ async def test_json_inputs_are_answered_in_order(start: Start) -> None:
     ({"inputs": "x", "parameters": {"bogus": 1}}, "unknown parameter 'bogus'; accepted: suffix"),
     ({"inputs": "x", "parameters": {"suffix": 3}}, "parameter 'suffix' must be a string"),
     ({"inputs": "x", "parameters": {"batch_size": 2}}, "'batch_size' is set by the server"),
-    ({"inputs": 1}, '"inputs" must be a string, not a number'),
+    ({"inputs": 1}, '"inputs" must be a string or a list, not an integer'),
 ])
 async def test_parameters_are_validated_from_the_schema_the_child_sent(
         start: Start, document: Any, fragment: str) -> None:
@@ -192,12 +192,14 @@ async def test_the_api_key_guards_every_route_but_liveness_and_readiness(start: 
             continue
         body = await response.json()
         assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer", route.path
-        message = body["error"]["message"] if route.dialect == "openai" else body["error"]
+        message = body["error"]["message"] if route.dialect.name == "openai" else body["error"]
         assert message == "missing or invalid API key", (route.path, body)
     wrong = await client.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer nope"})
     assert wrong.status == 401
     async with client.post("/", json={"inputs": "x"}) as refused:  # GET / is public; POST / is not
         assert refused.status == 401
+    async with client.get("/", headers={"Accept": "text/html"}) as page:  # the page, for a browser
+        assert page.status == 200 and page.content_type == "text/html"
 
 
 async def test_neither_the_key_nor_bodies_reach_the_log(start: Start, caplog: pytest.LogCaptureFixture) -> None:

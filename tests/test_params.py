@@ -36,8 +36,11 @@ def test_good_parameters_give_an_order_independent_batch_key() -> None:
     first = check_parameters({"top_k": 2, "targets": ["a", "b"], "top_p": 0.5}, SCHEMA)
     second = check_parameters({"top_p": 0.5, "targets": ["a", "b"], "top_k": 2}, SCHEMA)
     assert first == second == '{"targets":["a","b"],"top_k":2,"top_p":0.5}'
-    assert check_parameters({"top_k": None, "aggregation_strategy": "SIMPLE"}, SCHEMA) == \
-        '{"aggregation_strategy":"SIMPLE","top_k":null}'
+    assert check_parameters({"top_k": None, "aggregation_strategy": "simple"}, SCHEMA) == \
+        '{"aggregation_strategy":"simple","top_k":null}'
+    # A choice is exactly one of its values, as the document's enum says.
+    with pytest.raises(errors.BadRequest, match="one of none, simple"):
+        check_parameters({"aggregation_strategy": "SIMPLE"}, SCHEMA)
 
 
 def test_an_open_schema_passes_unknown_names_but_still_checks_known_ones() -> None:

@@ -15,16 +15,17 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
 from pipeserve.front import errors, metrics
-from pipeserve.front.api import hf, openai, openapi, tei, tgi
-from pipeserve.front.api.common import require_task
-from pipeserve.front.api.routes import Route, add_routes, obj
+from pipeserve.front.api import completions, hf, openai, openapi, tei, tgi
+from pipeserve.front.api.common import max_new_tokens, require_task
+from pipeserve.front.api.contract import Answer
+from pipeserve.front.api.routes import Dialect, Route, add_routes
 from pipeserve.front.jsonio import json_response
-from pipeserve.front.page import PAGE
+from pipeserve.front.page import PAGE, for_browsers
 from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, Runtime
 
 log = logging.getLogger("pipeserve.http")
@@ -44,22 +45,22 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     response: web.StreamResponse
-    envelope = envelope_for(request.path)
+    envelope = dialect_for(request.path).envelope
     try:
         response = await handler(request)
     except errors.PipeserveError as exc:
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         log.log(level, "request %s: %d %s", request_id, exc.status, exc.message)
-        response = json_response(envelope(exc.status, exc.message, exc.index), exc.status, exc.headers())
+        response = json_response(envelope(exc), exc.status, exc.headers())
     except web.HTTPException as exc:  # routing (404, 405) and aiohttp's own body limit (413)
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
-        response = json_response(envelope(exc.status, message, None), exc.status, headers)
+        error = errors.HttpError(exc.status, _HTTP_MESSAGES.get(exc.status, exc.reason))
+        response = json_response(envelope(error), exc.status, headers)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("request %s: unexpected error", request_id)
-        response = json_response(envelope(500, "internal server error", None), 500)
+        response = json_response(envelope(errors.InferenceFailed("internal server error")), 500)
     response.headers[REQUEST_ID_HEADER] = request_id
     _account(request, response.status, time.perf_counter() - started)
     return response
@@ -68,7 +69,7 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
 def _account(request: web.Request, status: int, seconds: float) -> None:
     """One access line and the request metrics, for every answered request."""
     resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
+    route = resource.canonical if resource is not None else "/" if request.path == "/" else "unmatched"
     request.app[RUNTIME].metrics.observe_request(route, status, seconds, (request.method, route) in _MODEL_ROUTES)
     batch_size = request.get(BATCH_SIZE) or None
     fields: dict[str, object] = {"method": request.method, "path": request.path, "status": status,
@@ -117,11 +118,10 @@ def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.
     return check
 
 
-def envelope_for(path: str) -> errors.Envelope:
+def dialect_for(path: str) -> Dialect:
     """Errors answer in the envelope of the API dialect the request came through: the one its
     route declares, or OpenAI's anywhere under /v1/ (an unknown model or route included)."""
-    dialect = _DIALECT_BY_PATH.get(path, "openai" if path.startswith("/v1/") else "hf")
-    return errors.ENVELOPES[dialect]
+    return _DIALECT_BY_PATH.get(path) or (openai.DIALECT if path.startswith("/v1/") else hf.DIALECT)
 
 
 _HTTP_MESSAGES = {
@@ -160,40 +160,96 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    """The routes this server's model serves (all of them while none has loaded and --task is unset)."""
+    """The routes this server's model serves (all of them while none has loaded and --task is unset),
+    with what they accept here."""
     runtime = request.app[RUNTIME]
+    config = runtime.config
     loaded = runtime.loaded_model()
-    task = loaded.ready.task if loaded else runtime.config.task
-    served = [route for route in ROUTES if route.serves(task)]
-    return json_response(openapi.document(served, bool(runtime.config.required_api_key())))
+    ready = loaded.ready if loaded else None
+    task = ready.task if ready else config.task
+    served = [route for route in ROUTES if route.refusal(ready, task) is None]
+    facts = openapi.Facts(model_name=runtime.served_model_name, max_new_tokens=max_new_tokens(runtime),
+                          max_items=config.max_items, parameters=loaded.schema if loaded else None,
+                          open_parameters=loaded.open_parameters if loaded else False,
+                          details=ready.details if ready else {}, input_kind=ready.input_kind if ready else None)
+    return json_response(openapi.document(served, bool(config.required_api_key()), facts, task))
 
 
-_STATUS = {"type": "string"}
+class Health(Answer):
+    status: Literal["ok"]
+
+
+class Readiness(Answer):
+    status: Literal["ready", "unavailable"]
+    reason: str | None = None
+
+
+class ServedModel(Answer):
+    name: str
+    task: str | None
+    device: str | None
+    dtype: str | None
+
+
+class Quantiles(Answer):
+    count: int
+    p50: float | None
+    p99: float | None
+
+
+class WorkerFigures(Answer):
+    index: int
+    state: str
+    pid: int | None
+    restarts: int
+
+
+class Stats(Answer):
+    """GET /stats (Runtime.stats): what the page draws."""
+
+    time: float
+    uptime_seconds: float
+    status: str
+    model: ServedModel
+    requests: int
+    client_errors: int
+    server_errors: int
+    latency_ms: Quantiles
+    time_to_first_token_ms: Quantiles
+    window_seconds: float
+    generated_tokens: int
+    queue_depth: int
+    in_flight: int
+    batches: int
+    items: int
+    streams_open: int
+    workers: list[WorkerFigures]
+
+
+OPS = hf.DIALECT  # the operational routes answer errors in pipeserve's own envelope
 OPERATIONS = (
-    Route("GET", "/health", health, "The front process is alive", "ops", public=True,
-          response=obj({"status": {"type": "string", "enum": ["ok"]}}, required=["status"])),
-    Route("GET", "/ready", ready, "A model process is loaded and serving (503 otherwise)", "ops", public=True,
-          response=obj({"status": _STATUS, "reason": _STATUS}, required=["status"])),
-    Route("GET", "/info", info, "Model, settings, versions, workers, counters; TEI's fields", "ops",
-          response={"type": "object"}),
-    Route("GET", "/metrics", prometheus_metrics, "Prometheus metrics (text exposition)", "ops",
-          response={"type": "string"}, media="text/plain"),
-    Route("GET", "/openapi.json", openapi_document, "This document", "ops", response={"type": "object"}),
+    Route("GET", "/health", health, "The front process is alive", OPS, public=True, response=Health),
+    Route("GET", "/ready", ready, "A model process is loaded and serving (503 otherwise)", OPS, public=True,
+          response=Readiness),
+    Route("GET", "/info", info, "Model, settings, versions, workers, counters; TEI's fields", OPS,
+          response=dict[str, Any]),
+    Route("GET", "/metrics", prometheus_metrics, "Prometheus metrics (text exposition)", OPS,
+          response=str, media="text/plain"),
+    Route("GET", "/openapi.json", openapi_document, "This document", OPS, response=dict[str, Any]),
     Route("GET", "/stats", stats, "Live figures for the page: totals, gauges, recent latency quantiles",
-          "ops", response={"type": "object", "required": ["requests", "latency_ms", "queue_depth", "workers"]}),
-    Route("GET", "/", PAGE.index, "The page, for a browser (Accept: text/html)", "hf", public=True,
-          media="text/html", documented=False),
-    Route("GET", "/page/{name}", PAGE.asset, "The page's script and style", "ops", public=True,
-          media="text/plain", documented=False),
+          OPS, response=Stats),
+    Route("GET", "/page/{name}", PAGE.asset, "The page's script and style", OPS, public=True,
+          response=str, media="text/plain", documented=False),
 )
-ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *openai.GENERATION_ROUTES, *tei.ROUTES, *tgi.ROUTES)
+ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *completions.ROUTES, *tei.ROUTES, *tgi.ROUTES)
 _DIALECT_BY_PATH = {route.path: route.dialect for route in ROUTES}
 # What the page's figures count: the routes that ask the model, not probes, scrapes or the page.
-_MODEL_ROUTES = frozenset((route.method, route.path) for route in ROUTES if route.dialect != "ops" and route.documented)
+_MODEL_ROUTES = (frozenset((route.method, route.path) for route in ROUTES if route.documented)
+                 - frozenset((route.method, route.path) for route in OPERATIONS))
 
 
 def create_app(runtime: Runtime) -> web.Application:
-    middlewares: list[Any] = [request_id_and_errors]
+    middlewares: list[Any] = [request_id_and_errors, for_browsers]
     api_key = runtime.config.required_api_key()
     if api_key:
         middlewares.append(require_api_key(api_key))

@@ -1,8 +1,9 @@
 """One error hierarchy: each class carries its HTTP status and a short public message.
 
-The HTTP layer turns any PipeserveError into `{"error": message, "request_id": ...}` with the
-class's status; everything else becomes a generic 500 and the detail goes to the log only, so no
-response ever carries a traceback, a file path or an exception repr.
+The HTTP layer turns any PipeserveError into its status and the JSON envelope of the API
+dialect the request came through (each dialect declares its own: api/routes.Dialect);
+everything else becomes a generic 500 and the detail goes to the log only, so no response ever
+carries a traceback, a file path or an exception repr.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections.abc import Callable
 
 from pipeserve.ipc import ErrorKind
 
-# (status, public message, failed input's index) -> the JSON body of an error response.
-Envelope = Callable[[int, str, "int | None"], dict[str, object]]
+# An error -> the JSON body of its response, in one API dialect's shape (api/routes.Dialect).
+Envelope = Callable[["PipeserveError"], dict[str, object]]
 
 
 class PipeserveError(Exception):
@@ -22,10 +23,11 @@ class PipeserveError(Exception):
     default_message = "internal server error"
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = None,
-                 index: int | None = None) -> None:
+                 index: int | None = None, param: str | None = None) -> None:
         self.message = message or self.default_message
         self.retry_after = retry_after
         self.index = index  # which input of a list request failed, when one did
+        self.param = param  # the request field it is about, when one is (OpenAI's envelope names it)
         super().__init__(self.message)
 
     def headers(self) -> dict[str, str]:
@@ -33,7 +35,15 @@ class PipeserveError(Exception):
 
     def at_index(self, index: int) -> PipeserveError:
         """The same error, marked as belonging to input `index` of a list request."""
-        return type(self)(self.message, retry_after=self.retry_after, index=index)
+        return type(self)(self.message, retry_after=self.retry_after, index=index, param=self.param)
+
+
+class HttpError(PipeserveError):
+    """aiohttp's own refusals (no route 404, 405, its body limit's 413), in a dialect's envelope."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class BadRequest(PipeserveError):
@@ -111,39 +121,3 @@ _ERROR_FOR_KIND: dict[ErrorKind, type[PipeserveError]] = {
 def error_for_kind(kind: ErrorKind, message: str) -> PipeserveError:
     """The public error for an input that failed in the model process."""
     return _ERROR_FOR_KIND.get(kind, InferenceFailed)(message)
-
-
-# --- the envelope each API dialect wraps an error in -------------------------------------------
-
-
-def hf_body(status: int, message: str, index: int | None = None) -> dict[str, object]:
-    """The Inference API's (and pipeserve's own): {"error": message[, "index": i]}."""
-    body: dict[str, object] = {"error": message}
-    if index is not None:
-        body["index"] = index
-    return body
-
-
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
-                 504: "timeout_error"}
-
-
-def openai_body(status: int, message: str, index: int | None = None) -> dict[str, object]:
-    """OpenAI's: {"error": {"message", "type", "param", "code"}} (the openai SDK reads it)."""
-    return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
-                      "param": "input" if index is not None else None, "code": None}}
-
-
-# text-embeddings-inference's error_type names, lower-cased as huggingface_hub matches them.
-_TEI_TYPES = {400: "validation", 401: "unauthorized", 404: "validation", 405: "validation",
-              413: "validation", 503: "overloaded", 504: "backend"}
-
-
-def tei_body(status: int, message: str, index: int | None = None) -> dict[str, object]:
-    """text-embeddings-inference's: {"error": message, "error_type": kind}."""
-    return {"error": message, "error_type": _TEI_TYPES.get(status, "backend")}
-
-
-# A route's declared dialect (api/routes.Route.dialect) -> the envelope of its errors.
-ENVELOPES: dict[str, Envelope] = {"hf": hf_body, "ops": hf_body, "openai": openai_body, "tei": tei_body}

@@ -9,9 +9,12 @@ OpenAI and TEI routes) with the API key the user types, and nothing private.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
 # Everything from this server only; no inline script, no plugin, no framing by other sites.
@@ -30,10 +33,7 @@ class Page:
     def __init__(self) -> None:
         self.files = {name: _read(name) for name in ("index.html", *ASSETS)}
 
-    async def index(self, request: web.Request) -> web.Response:
-        """The page for a browser; for an API client (no text/html in Accept), today's 405."""
-        if "text/html" not in request.headers.get("Accept", ""):
-            raise web.HTTPMethodNotAllowed("GET", ["POST"])
+    def index(self) -> web.Response:
         return web.Response(body=self.files["index.html"], content_type="text/html", charset="utf-8",
                             headers=_HEADERS)
 
@@ -45,3 +45,15 @@ class Page:
 
 
 PAGE = Page()
+
+
+@web.middleware
+async def for_browsers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """`GET /` from a browser (text/html in Accept) is the page, without an API key.
+
+    Not a route: `/` is the API's, POST only, so an API client's `GET /` (or `OPTIONS /`) gets
+    405 with `Allow: POST` from the router, and the document describes `/` as exactly that.
+    """
+    if request.method == "GET" and request.path == "/" and "text/html" in request.headers.get("Accept", ""):
+        return PAGE.index()
+    return await handler(request)

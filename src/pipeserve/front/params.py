@@ -9,6 +9,7 @@ TypeError also becomes a 400).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,7 +41,7 @@ _TYPES: dict[ParamType, tuple[Callable[[Any, ParamSpec], bool], Callable[[ParamS
     ParamType.STRING: (lambda v, s: isinstance(v, str) and (s.contains is None or s.contains in v),
                        lambda s: "a string" + (f" containing {s.contains}" if s.contains else "")),
     ParamType.STRINGS: (lambda v, s: _is_strings(v), lambda s: "a string or a non-empty list of strings"),
-    ParamType.CHOICE: (lambda v, s: isinstance(v, str) and v.lower() in s.choices,
+    ParamType.CHOICE: (lambda v, s: isinstance(v, str) and v in s.choices,
                        lambda s: "one of " + ", ".join(s.choices)),
     ParamType.OBJECT: (lambda v, s: isinstance(v, dict), lambda s: "an object"),
 }
@@ -58,11 +59,47 @@ def describe(spec: ParamSpec) -> str:
     return text
 
 
+# Each type's JSON Schema, for the document (openapi.Facts): the same rules as _TYPES.
+_SCHEMAS: dict[ParamType, Callable[[ParamSpec], dict[str, Any]]] = {
+    ParamType.ANY: lambda s: {},
+    ParamType.INTEGER: lambda s: {"type": "integer"},
+    ParamType.NUMBER: lambda s: {"type": "number"},
+    ParamType.BOOLEAN: lambda s: {"type": "boolean"},
+    ParamType.STRING: lambda s: {"type": "string", **({"pattern": re.escape(s.contains)} if s.contains else {})},
+    ParamType.STRINGS: lambda s: {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                                  "minItems": 1}]},
+    ParamType.CHOICE: lambda s: {"enum": list(s.choices)},
+    ParamType.OBJECT: lambda s: {"type": "object"},
+}
+
+
+def json_schema(spec: ParamSpec) -> dict[str, Any]:
+    """The JSON Schema of a value of this parameter (null, "the pipeline's default", included)."""
+    schema = _SCHEMAS[spec.type](spec)
+    if spec.minimum is not None:
+        schema["minimum"] = spec.minimum
+    if spec.maximum is not None:
+        schema["maximum"] = spec.maximum
+    return {"anyOf": [schema, {"type": "null"}]} if schema else schema
+
+
 def is_valid(spec: ParamSpec, value: Any) -> bool:
     if not _TYPES[spec.type][0](value, spec):
         return False
     return ((spec.minimum is None or bool(value >= spec.minimum))
             and (spec.maximum is None or bool(value <= spec.maximum)))
+
+
+def with_integers(parameters: Mapping[str, Any], schema: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """The parameters with an integer parameter's integral float (`2.0`) made an int: JSON
+    Schema, and so the document, reads 2.0 as an integer; the pipeline wants an int."""
+    def fixed(name: str, value: Any) -> Any:
+        spec = schema.get(name)
+        if spec is not None and spec.type is ParamType.INTEGER and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    return {name: fixed(name, value) for name, value in parameters.items()}
 
 
 def check_parameters(parameters: Mapping[str, Any], schema: Mapping[str, ParamSpec],

@@ -151,17 +151,22 @@ class PipelineCall(BatchCall):
             "labels": [str(id2label[key]) for key in sorted(id2label)],
             "hidden_size": getattr(config, "hidden_size", None),
             "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+            "vocab_size": len(tokenizer) if tokenizer is not None else None,  # /decode's bound on token ids
         }
 
     def schema(self) -> tuple[tuple[ParamSpec, ...], bool]:
-        """The task's documented parameters, plus the others the pipeline names (unchecked).
+        """The task's documented parameters; for a task with none documented (one transformers
+        knows and the registry does not), the keywords the pipeline names (unchecked).
 
         `_sanitize_parameters` names them, except what it forwards through `**kwargs`: to the
         tokenizer (`**tokenizer_kwargs`) or to `generate` (`**generate_kwargs`), whose keywords
         can be listed too; a pipeline that reads any other bare `**kwargs` is open.
         """
         documented = {spec.name: spec for spec in self.entry.parameters}
-        if not self.entry.introspect:
+        # A registered task serves its documented (typed, checked) parameters only: the other
+        # keywords transformers takes are unchecked, and a bad value of one fails deep in the
+        # pipeline (or dumps its tokenizer's repr into the message).
+        if not self.entry.introspect or documented:
             return tuple(documented.values()), False
         sanitize = self.pipe._sanitize_parameters
         names = list(explicit_keywords(sanitize, takes_inputs=False))

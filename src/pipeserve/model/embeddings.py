@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeserve.ipc import ParamSpec
+from pipeserve.ipc import ParamSpec, ParamType
 from pipeserve.model import pooling
 from pipeserve.model.adapters import PipelineCall
 from pipeserve.model.outputs import to_plain
@@ -103,13 +103,18 @@ class FeatureExtractionCall(PipelineCall):
         return [prompt + text for text in inputs]
 
     def schema(self) -> tuple[tuple[ParamSpec, ...], bool]:
-        """The task's parameters, `dimensions` bounded by the embedding size: a larger value is
-        refused by the front before any forward pass (the pipeline would refuse it only after)."""
+        """The task's parameters as this model takes them, so the front refuses (and its document
+        rules out) what the model would refuse only after a forward pass: `dimensions` bounded by
+        the embedding size, `prompt_name` one of the model's prompts (none: not taken)."""
         specs, open_parameters = super().schema()
         size = getattr(getattr(self.pipe.model, "config", None), "hidden_size", None)
         if isinstance(size, int):
             specs = tuple(dataclasses.replace(spec, maximum=size) if spec.name == "dimensions" else spec
                           for spec in specs)
+        prompts = tuple(sorted(self.sentence.prompts))
+        specs = tuple(dataclasses.replace(spec, type=ParamType.CHOICE, choices=prompts)
+                      if spec.name == "prompt_name" else spec
+                      for spec in specs if spec.name != "prompt_name" or prompts)
         return specs, open_parameters
 
     def details(self) -> dict[str, Any]:

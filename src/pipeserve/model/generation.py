@@ -117,8 +117,12 @@ class Engine:
             ids = tail_ids(self.tokenizer, text, room, add_special_tokens=False)
         else:
             ids = tail_ids(self.tokenizer, request.prompt or "", room, add_special_tokens=True)
-        if not ids:
-            raise ValueError("the prompt is empty: it has no tokens for this model")
+        if not ids:  # an empty prompt: generate from the start of a text, as transformers does
+            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
+                else self.tokenizer.eos_token_id
+            if start is None:
+                raise ValueError("the prompt is empty, and this model has no token to start a text from")
+            ids = [int(start)]
         return ids[-room:]  # keep the end of an over-long prompt
 
     # --- one step ---------------------------------------------------------------------------
@@ -305,6 +309,9 @@ _TAIL_SPARE_TOKENS = 32
 _WHITESPACE = re.compile(r"\s")
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this samples as greedy
+
+
 def tail_ids(tokenizer: Any, text: str, room: int, add_special_tokens: bool) -> list[int]:
     """The tokens of `text` (the last `room` of them exactly as the whole text's), tokenizing only
     as much of its end as needed."""
@@ -319,8 +326,10 @@ def tail_ids(tokenizer: Any, text: str, room: int, add_special_tokens: bool) -> 
 
 
 def _samples(parameters: dict[str, Any]) -> bool:
-    """Whether a sequence samples its tokens; otherwise it is greedy (temperature 0 is greedy too)."""
-    return bool(parameters.get("do_sample")) and parameters.get("temperature") != 0
+    """Whether a sequence samples its tokens; otherwise it is greedy (temperature 0 is greedy too,
+    and so is one too small to divide the logits by without overflowing: vLLM draws the same line)."""
+    temperature = parameters.get("temperature")
+    return bool(parameters.get("do_sample")) and (temperature is None or temperature >= GREEDY_BELOW)
 
 
 def _sample_one(torch: Any, logits: Any, parameters: dict[str, Any], generator: Any) -> int:

@@ -56,14 +56,13 @@ def read_sentence_pooling(model: str) -> SentencePooling:
 
 
 def truncate(vector: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
-    """The first `dimensions` values of a sentence vector, re-normalised (Matryoshka models)."""
-    if vector.ndim != 1:
-        raise ValueError("dimensions needs a pooled embedding (pooling mean, cls or max)")
-    if dimensions > vector.shape[0]:
-        raise ValueError(f"dimensions must be at most {vector.shape[0]}, the model's embedding size")
-    cut = vector[:dimensions]
+    """The first `dimensions` values of each vector (a sentence's, or each token's when not
+    pooled), re-normalised (Matryoshka models)."""
+    if dimensions > vector.shape[-1]:
+        raise ValueError(f"dimensions must be at most {vector.shape[-1]}, the model's embedding size")
+    cut = vector[..., :dimensions]
     if normalize:
-        cut = cut / max(float(np.linalg.norm(cut)), 1e-12)
+        cut = cut / np.maximum(np.linalg.norm(cut, axis=-1, keepdims=True), 1e-12)
     return np.ascontiguousarray(cut, dtype=np.float32)
 
 

@@ -45,7 +45,6 @@ MULTI_LABEL = _boolean("multi_label")
 POOLING_MODES = ("mean", "cls", "max", "none")
 POOLING = _choice("pooling", *POOLING_MODES)
 NORMALIZE = _boolean("normalize")
-TOKENIZE_KWARGS = ParamSpec("tokenize_kwargs", ParamType.OBJECT)
 DIMENSIONS = _integer("dimensions", 1)  # Matryoshka: keep the first N values, then re-normalise
 TRUNCATION_DIRECTION = _choice("truncation_direction", "left", "right")
 PROMPT_NAME = ParamSpec("prompt_name", ParamType.STRING)  # a key of the model's sentence-transformers prompts
@@ -78,7 +77,8 @@ class Task:
     agreement_parameters: Mapping[str, Any] = field(default_factory=dict)
     # Documented parameters and their checks; the front validates requests against them.
     parameters: tuple[ParamSpec, ...] = ()
-    # Also accept (unchecked) the other keywords the pipeline's _sanitize_parameters names.
+    # With no documented parameters: accept (unchecked) the keywords the pipeline's
+    # _sanitize_parameters names.
     introspect: bool = True
     # Model class-name suffixes from which this task is inferred for a local folder.
     architectures: tuple[str, ...] = ()
@@ -92,8 +92,8 @@ class Task:
 
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("feature-extraction", adapter="FeatureExtractionCall", defaults={"truncation": True},
-         parameters=(POOLING, NORMALIZE, TRUNCATION, TOKENIZE_KWARGS, DIMENSIONS, TRUNCATION_DIRECTION,
-                     PROMPT_NAME), introspect=False, packs_weights=True),
+         parameters=(POOLING, NORMALIZE, TRUNCATION, DIMENSIONS, TRUNCATION_DIRECTION, PROMPT_NAME),
+         introspect=False, packs_weights=True),
     # Each input answers a list of {label, score}, best first, even with top_k=1.
     Task("text-classification", defaults={"truncation": True},
          parameters=(TOP_K, FUNCTION_TO_APPLY, TRUNCATION), agreement_parameters={"top_k": 1},

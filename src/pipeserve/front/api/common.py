@@ -22,7 +22,7 @@ from pipeserve import ipc
 from pipeserve.front import errors, params
 from pipeserve.front.api.routes import Route
 from pipeserve.front.batcher import Job
-from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, LoadedModel
+from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, LoadedModel, Runtime
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import Op
 
@@ -84,12 +84,11 @@ def check_input_sizes(inputs: Sequence[Any], limit: int) -> None:
 
 
 def require_task(route: Route, request: web.Request) -> None:
-    """Before a route with declared tasks reads its body: 503 while no model serves, 400 when
-    the served model's task is not one of them (e.g. /rerank on an embedding model)."""
-    model = serving_model(request)
-    if not route.serves(model.ready.task):
-        raise errors.BadRequest(f"{route.path} needs a {' or '.join(route.tasks)} model; this server's model "
-                                f"serves {model.ready.task}")
+    """Before a route that needs something of the model reads its body: 503 while no model
+    serves, 400 saying why when the served one does not fit (e.g. /rerank on an embedder)."""
+    refusal = route.refusal(serving_model(request).ready)
+    if refusal is not None:
+        raise errors.BadRequest(refusal)
 
 
 async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[Any],
@@ -105,6 +104,7 @@ async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[An
         raise errors.PayloadTooLarge(f"{len(inputs)} inputs; at most {config.max_items} per request")
     check_input_sizes(inputs, config.max_input_bytes)
     if op is Op.PIPELINE:
+        parameters = params.with_integers(parameters, model.schema)
         key = params.check_parameters(parameters, model.schema, model.open_parameters)
     else:
         key = orjson.dumps(parameters, option=orjson.OPT_SORT_KEYS).decode()
@@ -175,55 +175,26 @@ def batch_size(jobs: list[Job]) -> int:
 
 # --- generation ----------------------------------------------------------------------------------
 
-STOP_SEQUENCES_MAX = 4
-# Sampling temperature, on every route: OpenAI's bound (TGI declares none; above 2 the
-# distribution is nearly uniform, so nothing useful is refused).
-TEMPERATURE_MAX = 2.0
+def max_new_tokens(runtime: Runtime) -> int:
+    """The most new tokens a request may ask for here: --max-new-tokens, and fewer than the
+    model's positions (its prompt needs one)."""
+    loaded = runtime.loaded_model()
+    positions = loaded.ready.details.get("max_input_length") if loaded else None
+    limit = runtime.config.max_new_tokens
+    return min(limit, int(positions) - 1) if isinstance(positions, int) and positions > 1 else limit
 
 
-def generation_parameters(raw: dict[str, Any], limit: int) -> dict[str, Any]:
-    """The engine's parameters from a dialect's, checked: a 400 naming the first bad one.
-
-    `raw` holds max_new_tokens, do_sample, temperature, top_p, top_k, seed, stop, ignore_eos
-    (already renamed by the dialect); None means "the default".
-    """
-    out: dict[str, Any] = {"max_new_tokens": min(ipc.DEFAULT_MAX_NEW_TOKENS, limit)}
-
-    def number(name: str, low: float, high: float | None = None, integer: bool = False) -> Any:
-        value = raw.get(name)
-        if value is None:
-            return None
-        ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and value >= low
-        if not ok or (high is not None and value > high):
-            kind = "an integer" if integer else "a number"
-            bound = f"from {low:g} to {high:g}" if high is not None else f">= {low:g}"
-            raise errors.BadRequest(f"{name!r} must be {kind} {bound}")
-        return value
-
-    max_new = number("max_new_tokens", 1, limit, integer=True)
-    if max_new is not None:
-        out["max_new_tokens"] = max_new
-    for name, low, high, integer in (("temperature", 0, TEMPERATURE_MAX, False), ("top_p", 0, 1, False),
-                                     ("top_k", 0, None, True), ("seed", 0, 2**63 - 1, True)):
-        value = number(name, low, high, integer)
-        if value is not None:
-            out[name] = value
-    if raw.get("top_p") == 0:
-        raise errors.BadRequest("'top_p' must be above 0")
-    for name in ("do_sample", "ignore_eos"):
-        value = raw.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise errors.BadRequest(f"{name!r} must be true or false")
-        if value is not None:
-            out[name] = value
-    stop = raw.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) \
-                or len(stops) > STOP_SEQUENCES_MAX:
-            raise errors.BadRequest(f"'stop' must be a non-empty string or a list of at most "
-                                    f"{STOP_SEQUENCES_MAX} of them")
-        out["stop"] = stops
+def generation_parameters(wanted: dict[str, Any], limit: int) -> dict[str, Any]:
+    """The engine's parameters from a dialect's decoded ones (renamed to the engine's names:
+    max_new_tokens, do_sample, temperature, top_p, top_k, seed, stop, ignore_eos; None means
+    "the default"). Their types and bounds are the contract's; --max-new-tokens is this server's."""
+    out = {name: value for name, value in wanted.items() if value is not None}
+    out.setdefault("max_new_tokens", min(ipc.DEFAULT_MAX_NEW_TOKENS, limit))
+    if out["max_new_tokens"] > limit:
+        raise errors.BadRequest(f"'max_new_tokens' must be an integer from 1 to {limit} here (--max-new-tokens, "
+                                "and fewer than the model's positions)", param="max_new_tokens")
+    if isinstance(out.get("stop"), str):
+        out["stop"] = [out["stop"]]
     return out
 
 

@@ -1,24 +1,33 @@
-"""Route declarations: each route's method, path, handler, and JSON schemas, declared once.
+"""Route declarations: each route's method, path, handler, dialect and body types, declared once.
 
-The handlers parse their bodies against the same declaration (`parse_object`: unknown and
-missing fields), `add_routes` registers them, and `openapi.py` describes them in
+The handlers decode their bodies with the same types (`contract.decode`), `add_routes` registers
+them behind the check of what the served model can do, and `openapi.py` describes them in
 `GET /openapi.json`, so the description cannot drift from what the server does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from pipeserve.front import errors
+from pipeserve.ipc import Ready
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Schema = dict[str, Any]
-ANY_JSON: Schema = {}
+# What a route needs of the served model beyond its task: None when it serves it, or why not.
+Requirement = Callable[[Ready], "str | None"]
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """An API dialect's error envelope: the body every error of its routes answers with."""
+
+    name: str
+    envelope: errors.Envelope
+    error_body: type  # its declaration, for the document
 
 
 @dataclass(frozen=True)
@@ -27,106 +36,56 @@ class Route:
     path: str
     handler: Handler
     summary: str
-    dialect: str  # hf, openai, tei or ops: which error envelope it answers in
-    request: Schema | None = None  # the JSON body's schema (an object), if it takes one
-    response: Schema = field(default_factory=dict)  # the 200 body's schema
+    dialect: Dialect
+    request: Any = None  # the JSON body's declared type (a contract.Body), if it takes one
+    response: Any = Any  # the 200 body's declared type
     raw_bodies: tuple[str, ...] = ()  # other media types the body may have (text/plain, ...)
     public: bool = False  # reachable without the API key
     media: str = "application/json"  # the 200 body's media type
-    documented: bool = True  # in /openapi.json (the page's routes are for browsers, not API clients)
-    # The tasks whose models it serves (any when empty): checked before the handler reads the
-    # body (a 400 naming them), and /openapi.json lists a route only for a model it serves.
+    # The server-sent events it answers when asked to stream (text/event-stream): each event's
+    # data is one of these types as JSON, or `events_end` (OpenAI's "[DONE]").
+    events: tuple[Any, ...] = ()
+    events_end: str | None = None
+    documented: bool = True  # an API operation in /openapi.json
+    # The tasks whose models it serves (any when empty), and what else it needs of the model:
+    # checked before the handler reads the body (a 400 saying why), and /openapi.json lists a
+    # route only where the model qualifies.
     tasks: tuple[str, ...] = ()
+    requires: Requirement | None = None
+    # The JSON body's type for a model of another task (POST / takes TGI's body on a generator).
+    request_by_task: Mapping[str, Any] = field(default_factory=dict)
+    examples: tuple[dict[str, Any], ...] = ()  # valid request bodies, for the document
 
-    def serves(self, task: str | None) -> bool:
-        """Whether this route serves a model of `task` (None: not known yet, so any)."""
-        return not self.tasks or task is None or task in self.tasks
+    def refusal(self, ready: Ready | None, task: str | None = None) -> str | None:
+        """Why this route cannot serve this model (None: it can, or nothing is known yet)."""
+        task = ready.task if ready is not None else task
+        if self.tasks and task is not None and task not in self.tasks:
+            return f"{self.path} needs a {' or '.join(self.tasks)} model; this server's model serves {task}"
+        if self.requires is not None and ready is not None:
+            return self.requires(ready)
+        return None
+
+    def request_for(self, task: str | None) -> Any:
+        return self.request_by_task.get(task or "", self.request)
+
+    def events_for(self, task: str | None) -> tuple[Any, ...]:
+        """Its events; where a task has its own body (request_by_task), only with that body."""
+        if self.request_by_task and task not in self.request_by_task:
+            return ()
+        return self.events
 
 
 def add_routes(app: web.Application, routes: Sequence[Route],
-               task_check: Callable[[Route, web.Request], None]) -> None:
-    """Register each route; one whose tasks are declared runs `task_check` before its handler."""
+               check: Callable[[Route, web.Request], None]) -> None:
+    """Register each route; one that needs something of the model runs `check` before its handler."""
     for route in routes:
-        app.router.add_route(route.method, route.path, _checked(route, task_check) if route.tasks else route.handler)
+        needs = route.tasks or route.requires is not None
+        app.router.add_route(route.method, route.path, _checked(route, check) if needs else route.handler)
 
 
-def _checked(route: Route, task_check: Callable[[Route, web.Request], None]) -> Handler:
+def _checked(route: Route, check: Callable[[Route, web.Request], None]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        task_check(route, request)
+        check(route, request)
         return await route.handler(request)
 
     return handler
-
-
-def obj(properties: dict[str, Schema], required: Sequence[str] = ()) -> Schema:
-    """An object schema that refuses fields it does not name."""
-    return {"type": "object", "properties": properties, "required": list(required),
-            "additionalProperties": False}
-
-
-def json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-# A text, or a non-empty list of texts: how every dialect's inputs field is declared.
-TEXTS: Schema = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
-
-
-def texts(value: Any, field: str, hint: str = "") -> tuple[list[str], bool]:
-    """(texts, single) from a field declared as TEXTS; token ids get a 400 that says so (+ hint)."""
-    if isinstance(value, str):
-        return [value], True
-    if not isinstance(value, list):
-        raise errors.BadRequest(f'"{field}" must be a string or a list of strings, not {json_type(value)}')
-    if not value:
-        raise errors.BadRequest(f'"{field}" is an empty list')
-    for index, item in enumerate(value):
-        if isinstance(item, (int, list)) and not isinstance(item, bool):
-            raise errors.BadRequest(f'"{field}" as token ids is not served: send the texts{hint}')
-        if not isinstance(item, str):
-            raise errors.BadRequest(f'"{field}"[{index}] must be a string, not {json_type(item)}')
-    return value, False
-
-
-def load_json_object(body: bytes, expected: str) -> dict[str, Any]:
-    """The JSON object a body holds, or BadRequest saying what was expected."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise errors.BadRequest(f"invalid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise errors.BadRequest(f"JSON body must be an object: {expected}")
-    return document
-
-
-def parse_object(body: bytes, schema: Schema) -> dict[str, Any]:
-    """A JSON body as the route declares it: an object, its required fields, no unknown ones."""
-    return check_object(load_object(body, schema), schema)
-
-
-def load_object(body: bytes, schema: Schema) -> dict[str, Any]:
-    """The JSON object a body holds (its fields not checked yet), or a 400 with an example."""
-    example = "{" + ", ".join(f'"{name}": ...' for name in schema.get("required", [])) + "}"
-    return load_json_object(body, example)
-
-
-def check_object(document: dict[str, Any], schema: Schema) -> dict[str, Any]:
-    """A parsed object as `schema` declares it: its required fields, no unknown ones."""
-    properties = schema["properties"]
-    required = schema.get("required", [])
-    unknown = sorted(set(document) - set(properties))
-    if unknown:
-        raise errors.BadRequest(f"unknown field {unknown[0]!r}; expected {', '.join(sorted(properties))}")
-    for name in required:
-        if name not in document:
-            raise errors.BadRequest(f'missing "{name}"')
-    return document
-
-
-def boolean(document: dict[str, Any], name: str, default: bool) -> bool:
-    value = document.get(name, default)
-    if not isinstance(value, bool):
-        raise errors.BadRequest(f'"{name}" must be true or false, not {json_type(value)}')
-    return value

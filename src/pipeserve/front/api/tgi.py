@@ -1,5 +1,5 @@
-"""The text-generation-inference dialect: `POST /generate`, `POST /generate_stream`, and
-`POST /` with `"stream": true` (how huggingface_hub's text_generation streams).
+"""The text-generation-inference dialect: `POST /generate`, `POST /generate_stream`, and `POST /`
+on a text generator (with `"stream": true`, how huggingface_hub's text_generation streams).
 
 Streams are server-sent events, one per token: `{"index", "token": {"id", "text", "logprob",
 "special"}, "generated_text", "details", "top_tokens"}`; the last carries `generated_text` and
@@ -9,72 +9,133 @@ Errors before the stream starts use TEI/TGI's envelope too.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from pipeserve import ipc
 from pipeserve.front import errors
-from pipeserve.front.api import common
-from pipeserve.front.api.routes import ANY_JSON, Route, json_type, obj, parse_object
+from pipeserve.front.api import common, tei
+from pipeserve.front.api.contract import (
+    Answer,
+    Body,
+    MaxNewTokens,
+    Seed,
+    StopList,
+    Temperature,
+    Texts,
+    TopK,
+    TopP,
+    decode,
+    neutral,
+)
+from pipeserve.front.api.routes import Route
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.runtime import RUNTIME
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import GENERATION_TASK
 
-# TGI parameters served, by the engine's name for each.
-_SERVED = {"max_new_tokens": "max_new_tokens", "do_sample": "do_sample", "temperature": "temperature",
-           "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos"}
-# Accepted at their neutral value only (huggingface_hub may send them); anything else is a 400.
-_NEUTRAL = {"decoder_input_details": False, "watermark": False, "best_of": 1, "top_n_tokens": 0,
-            "repetition_penalty": 1.0, "frequency_penalty": 0.0, "typical_p": 1.0, "truncate": None,
-            "grammar": None, "adapter_id": None}
-PARAMETERS = obj({
-    "max_new_tokens": {"type": "integer", "minimum": 1}, "do_sample": {"type": "boolean"},
-    "temperature": {"type": "number", "minimum": 0, "maximum": common.TEMPERATURE_MAX},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer", "minimum": 0},
-    "stop": {"type": "array", "items": {"type": "string"}}, "ignore_eos": {"type": "boolean"},
-    "details": {"type": "boolean"}, "return_full_text": {"type": "boolean"},
-    **{name: {} for name in _NEUTRAL},
-})
-REQUEST = obj({"inputs": {"type": "string"}, "parameters": PARAMETERS, "stream": {"type": "boolean"}},
-              required=["inputs"])
-_TOKEN = obj({"id": {"type": "integer"}, "text": {"type": "string"}, "logprob": {"type": "number"},
-              "special": {"type": "boolean"}}, required=["id", "text", "logprob", "special"])
-_FINISH = {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]}
-RESPONSE = obj({"generated_text": {"type": "string"},
-                "details": obj({"finish_reason": _FINISH, "generated_tokens": {"type": "integer"},
-                                "seed": {"type": ["integer", "null"]}, "prefill": {"type": "array"},
-                                "tokens": {"type": "array", "items": _TOKEN}})}, required=["generated_text"])
+# Accepted at their neutral value only (huggingface_hub sends them); anything else is refused.
+Only = msgspec.Meta
 
 
-def parse(document: dict[str, Any], limit: int) -> tuple[str, dict[str, Any], dict[str, bool]]:
-    """(prompt, engine parameters, {"details", "return_full_text"}) from a TGI request."""
-    prompt = document["inputs"]
-    if not isinstance(prompt, str):
-        raise errors.BadRequest(f'"inputs" must be a string, not {json_type(prompt)}')
-    raw = document.get("parameters") or {}
-    if not isinstance(raw, dict):
-        raise errors.BadRequest(f'"parameters" must be an object, not {json_type(raw)}')
-    unknown = sorted(set(raw) - set(_SERVED) - set(_NEUTRAL) - {"details", "return_full_text"})
-    if unknown:
-        raise errors.BadRequest(f"unknown parameter {unknown[0]!r}")
-    for name, neutral in _NEUTRAL.items():
-        if raw.get(name) not in (None, neutral):
-            raise errors.BadRequest(f"parameter {name!r} is not supported (only {neutral!r})")
-    flags = {}
-    for name in ("details", "return_full_text"):
-        value = raw.get(name, False)
-        if not isinstance(value, bool):
-            raise errors.BadRequest(f"parameter {name!r} must be true or false")
-        flags[name] = value
-    wanted = {engine: raw.get(name) for name, engine in _SERVED.items()}
+class Parameters(Body):
+    max_new_tokens: MaxNewTokens | None = None
+    do_sample: bool | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    seed: Seed | None = None
+    stop: StopList | None = None
+    ignore_eos: bool | None = None
+    details: bool | None = None
+    return_full_text: bool | None = None
+    decoder_input_details: Annotated[bool, neutral(False)] | None = None
+    watermark: Annotated[bool, neutral(False)] | None = None
+    best_of: Annotated[int, Only(ge=1, le=1)] | None = None
+    top_n_tokens: Annotated[int, Only(ge=0, le=0)] | None = None
+    repetition_penalty: Annotated[float, Only(ge=1, le=1)] | None = None
+    frequency_penalty: Annotated[float, Only(ge=0, le=0)] | None = None
+    typical_p: Annotated[float, Only(ge=1, le=1)] | None = None
+    truncate: None = None
+    grammar: None = None
+    adapter_id: None = None
+
+
+class Request(Body):
+    inputs: str
+    parameters: Parameters | None = None
+    stream: bool | None = None
+
+
+class RootRequest(Body):
+    """`POST /` on a text generator: TGI's body, with a list of prompts too (answered as a list)."""
+
+    inputs: Texts
+    parameters: Parameters | None = None
+    stream: bool | None = None
+    options: dict[str, Any] | None = None  # the hosted API's caching options: ignored
+
+
+class Token(Answer):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class Details(Answer):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: list[Token]
+    tokens: list[Token]
+
+
+class Response(Answer):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(Answer):
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamEvent(Answer):
+    """One token; the last also carries the whole text and (asked or not) the details."""
+
+    index: int
+    token: Token
+    top_tokens: None
+    generated_text: str | None
+    details: StreamDetails | None
+
+
+EVENTS = (StreamEvent, tei.TeiError)  # a failure mid-stream is one error event
+
+
+def parse(parameters: Parameters | None, limit: int) -> tuple[dict[str, Any], dict[str, bool]]:
+    """(engine parameters, {"details", "return_full_text"}) from a TGI request's parameters."""
+    raw = parameters or Parameters()
+    for name in ("decoder_input_details", "watermark"):
+        if getattr(raw, name):
+            raise errors.BadRequest(f"parameter {name!r} is not supported (only false)", param=name)
+    flags = {"details": bool(raw.details), "return_full_text": bool(raw.return_full_text)}
+    wanted = {name: getattr(raw, name) for name in ("max_new_tokens", "do_sample", "temperature", "top_p",
+                                                    "top_k", "seed", "stop", "ignore_eos")}
     # TGI samples when asked to, or when given a sampling knob.
-    if wanted.get("do_sample") is None and any(raw.get(k) is not None for k in ("temperature", "top_p", "top_k")):
-        wanted["do_sample"] = raw.get("temperature") != 0
-    return prompt, common.generation_parameters(wanted, limit), flags
+    if raw.do_sample is None and any(value is not None for value in (raw.temperature, raw.top_p, raw.top_k)):
+        wanted["do_sample"] = raw.temperature != 0
+    return common.generation_parameters(wanted, limit), flags
 
 
 def _details(tokens: list[ipc.Token], end: ipc.StreamEnd, with_tokens: bool) -> dict[str, Any]:
@@ -91,14 +152,34 @@ def _token(token: ipc.Token) -> dict[str, Any]:
     return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special}
 
 
-async def _request(request: web.Request) -> tuple[str, dict[str, Any], dict[str, bool]]:
-    document = parse_object(await common.read_body(request), REQUEST)
-    return parse(document, request.app[RUNTIME].config.max_new_tokens)
+def _limit(request: web.Request) -> int:
+    return common.max_new_tokens(request.app[RUNTIME])
 
 
 async def generate(request: web.Request) -> web.Response:
-    prompt, parameters, flags = await _request(request)
-    return json_response(await answer(request, prompt, parameters, flags))
+    document = decode(await common.read_body(request), Request)
+    parameters, flags = parse(document.parameters, _limit(request))
+    return json_response(await answer(request, document.inputs, parameters, flags))
+
+
+async def root(request: web.Request, document: RootRequest) -> web.StreamResponse:
+    """`POST /` on a generator: streamed as /generate_stream, or a list of /generate answers."""
+    parameters, flags = parse(document.parameters, _limit(request))
+    if document.stream:
+        if not isinstance(document.inputs, str):
+            raise errors.BadRequest('"stream": true takes one prompt in "inputs"', param="inputs")
+        return await stream_events(request, document.inputs, parameters, flags)
+    prompts = [document.inputs] if isinstance(document.inputs, str) else document.inputs
+    if len(prompts) > request.app[RUNTIME].config.max_items:
+        raise errors.PayloadTooLarge(f"{len(prompts)} inputs; at most {request.app[RUNTIME].config.max_items} "
+                                     "per request")
+    # One stream per prompt, side by side in the engine; the first failure cancels the others.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(answer(request, prompt, parameters, flags)) for prompt in prompts]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return json_response([task.result() for task in tasks])
 
 
 async def answer(request: web.Request, prompt: str, parameters: dict[str, Any],
@@ -114,8 +195,9 @@ async def answer(request: web.Request, prompt: str, parameters: dict[str, Any],
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
-    prompt, parameters, flags = await _request(request)
-    return await stream_events(request, prompt, parameters, flags)
+    document = decode(await common.read_body(request), Request)
+    parameters, flags = parse(document.parameters, _limit(request))
+    return await stream_events(request, document.inputs, parameters, flags)
 
 
 async def stream_events(request: web.Request, prompt: str, parameters: dict[str, Any],
@@ -161,9 +243,11 @@ def _error_type(error: errors.PipeserveError) -> str:
     return "generation"
 
 
+EXAMPLE = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 16}}
 ROUTES = (
-    Route("POST", "/generate", generate, "Generate text (TGI)", "tei", request=REQUEST, response=RESPONSE,
-          tasks=(GENERATION_TASK,)),
+    Route("POST", "/generate", generate, "Generate text (TGI)", tei.DIALECT, request=Request, response=Response,
+          tasks=(GENERATION_TASK,), examples=(EXAMPLE,)),
     Route("POST", "/generate_stream", generate_stream, "Generate text, token by token as server-sent events (TGI)",
-          "tei", request=REQUEST, response=ANY_JSON, media="text/event-stream", tasks=(GENERATION_TASK,)),
+          tei.DIALECT, request=Request, response=StreamEvent, media="text/event-stream", tasks=(GENERATION_TASK,),
+          events=EVENTS, examples=(EXAMPLE,)),
 )
