@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from children import GATE_ENV
 from pipeserve.front.config import Config
+from pipeserve.front.deployment import Deployment, ModelEntry
+from pipeserve.front.models import MODELS, Models
 from pipeserve.front.runtime import Runtime
 from pipeserve.http import create_app
 
@@ -28,10 +30,12 @@ async def start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterato
     started: list[tuple[TestClient[Any, Any], Runtime]] = []
 
     async def make(child: str = "echo", wait_ready: bool = True, **settings: Any) -> tuple[TestClient[Any, Any], Runtime]:
-        runtime = Runtime(Config(pipeline="unused:unused", **settings), entry_point=f"children:{child}")
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(runtime)))
+        config = Config(pipeline="unused:unused", **settings)
+        models = Models(Deployment(config, (ModelEntry("m", config),)), entry_point=f"children:{child}")
+        runtime = models.first
+        client: TestClient[Any, Any] = TestClient(TestServer(create_app(models)))
         await client.start_server()
-        runtime.start()
+        models.start()
         started.append((client, runtime))
         if wait_ready:
             await until(runtime, lambda: runtime.unavailable_reason() is None)
@@ -158,12 +162,13 @@ async def test_a_second_signal_cuts_the_drain_short(start: Start, tmp_path: Path
     client, runtime = await start(drain_timeout=3600)
     held = asyncio.ensure_future(client.post("/", json={"inputs": "GATE"}))
     await _poll(lambda: runtime.batcher.in_flight == 1)
-    runtime.request_stop("SIGTERM")
-    draining = asyncio.ensure_future(runtime.drain())
+    models = client.app[MODELS]
+    models.request_stop("SIGTERM")
+    draining = asyncio.ensure_future(models.drain())
     await _poll(lambda: runtime.draining)
     refused = await client.post("/", json={"inputs": "late"})
     assert refused.status == 503 and (await refused.json())["error"] == "the server is shutting down"
-    runtime.request_stop("SIGTERM")
+    models.request_stop("SIGTERM")
     assert await asyncio.wait_for(draining, WAIT_S) is False
     (tmp_path / "gate").touch()
     await held

@@ -127,6 +127,24 @@ def test_text_classification_draws_label_bars(start_server: Callable[..., Server
     page.screenshot("classification", tmp_path)
 
 
+def test_the_model_picker_switches_the_form_and_the_routes(start_server: Callable[..., Server], visit: Any,
+                                                           tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    server = start_server("--model", f"embedder={tiny_models['feature-extraction']}",
+                          "--model", f"sentiment={tiny_models['text-classification']}")
+    page = visit(server)
+    picker = page.testid("model-picker")
+    assert picker.is_visible() and picker.locator("option").all_inner_texts() == ["embedder", "sentiment"]
+    page.testid("input").fill("the cat\nthe dog")
+    assert page.run().get_by_test_id("matrix").is_visible()  # the first model: an embedder
+    picker.select_option("sentiment")
+    wait_until(lambda: "sentiment" in page.page.locator("#model").inner_text(), 10)
+    page.testid("input").fill("a good movie")
+    bars = _bars(page.run())
+    assert sorted(name for name, _ in bars) == ["NEGATIVE", "POSITIVE"]
+    assert any(url.endswith("/models/sentiment") for url in page.requests), page.requests
+    page.screenshot("picker", tmp_path)
+
+
 def test_a_reranker_ranks_texts_against_a_query(start_server: Callable[..., Server], visit: Any,
                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
     from conftest import _bert_with_labels

@@ -23,10 +23,11 @@ from pipeserve.front import errors, metrics
 from pipeserve.front.api import completions, hf, openai, openapi, tei, tgi
 from pipeserve.front.api.common import max_new_tokens, require_task
 from pipeserve.front.api.contract import Answer
-from pipeserve.front.api.routes import Dialect, Route, add_routes
+from pipeserve.front.api.routes import NAMED_PREFIX, Dialect, Route, add_routes
 from pipeserve.front.jsonio import json_response
+from pipeserve.front.models import MODELS, Models
 from pipeserve.front.page import PAGE, for_browsers
-from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, Runtime
+from pipeserve.front.runtime import BATCH_SIZE, MODEL, REQUEST_ID, STREAM
 
 log = logging.getLogger("pipeserve.http")
 access_log = logging.getLogger("pipeserve.access")
@@ -45,7 +46,7 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     response: web.StreamResponse
-    envelope = dialect_for(request.path).envelope
+    envelope = dialect_for(request).envelope
     try:
         response = await handler(request)
     except errors.PipeserveError as exc:
@@ -70,24 +71,27 @@ def _account(request: web.Request, status: int, seconds: float) -> None:
     """One access line and the request metrics, for every answered request."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "/" if request.path == "/" else "unmatched"
-    request.app[RUNTIME].metrics.observe_request(route, status, seconds, (request.method, route) in _MODEL_ROUTES)
+    model = request.get(MODEL)
+    name = model.name if model is not None else ""
+    asks = (request.method, route.removeprefix(_NAMED)) in _MODEL_ROUTES
+    request.app[MODELS].metrics.observe_request(route, status, seconds, asks, model=name)
     batch_size = request.get(BATCH_SIZE) or None
     fields: dict[str, object] = {"method": request.method, "path": request.path, "status": status,
                                  "latency_ms": round(seconds * 1000, 3), "batch_size": batch_size,
-                                 "request_id": request[REQUEST_ID]}
+                                 "model": name or None, "request_id": request[REQUEST_ID]}
     stream = request.get(STREAM)
     path = printable(request.path)  # a decoded %0A would otherwise end the line and forge the next
     if stream is None:
-        access_log.info("%s %s %d %.1fms batch=%s id=%s", request.method, path, status,
-                        seconds * 1000, batch_size if batch_size is not None else "-", request[REQUEST_ID],
-                        extra=fields)
+        access_log.info("%s %s %d %.1fms model=%s batch=%s id=%s", request.method, path, status,
+                        seconds * 1000, printable(name) or "-", batch_size if batch_size is not None else "-",
+                        request[REQUEST_ID], extra=fields)
         return
     end = stream.end
     fields.update(prompt_tokens=end.prompt_tokens if end else None, generated_tokens=stream.tokens,
                   finish_reason=end.finish_reason if end else "cancelled")
-    access_log.info("%s %s %d %.1fms prompt_tokens=%s generated_tokens=%d finish=%s id=%s", request.method,
-                    path, status, seconds * 1000, fields["prompt_tokens"], stream.tokens,
-                    fields["finish_reason"], request[REQUEST_ID], extra=fields)
+    access_log.info("%s %s %d %.1fms model=%s prompt_tokens=%s generated_tokens=%d finish=%s id=%s",
+                    request.method, path, status, seconds * 1000, printable(name) or "-", fields["prompt_tokens"],
+                    stream.tokens, fields["finish_reason"], request[REQUEST_ID], extra=fields)
 
 
 def printable(text: str) -> str:
@@ -118,10 +122,12 @@ def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.
     return check
 
 
-def dialect_for(path: str) -> Dialect:
+def dialect_for(request: web.Request) -> Dialect:
     """Errors answer in the envelope of the API dialect the request came through: the one its
-    route declares, or OpenAI's anywhere under /v1/ (an unknown model or route included)."""
-    return _DIALECT_BY_PATH.get(path) or (openai.DIALECT if path.startswith("/v1/") else hf.DIALECT)
+    route declares (under /models/{name} too), or OpenAI's anywhere under /v1/."""
+    resource = request.match_info.route.resource
+    declared = resource.canonical.removeprefix(_NAMED) or "/" if resource is not None else request.path
+    return _DIALECT_BY_PATH.get(declared) or (openai.DIALECT if request.path.startswith("/v1/") else hf.DIALECT)
 
 
 _HTTP_MESSAGES = {
@@ -139,30 +145,39 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    reason = request.app[RUNTIME].unavailable_reason()
-    if reason is None:
-        return json_response({"status": "ready"})
-    return json_response({"status": "unavailable", "reason": reason}, 503)
+    """200 while every model serves (one that could not load at all is reported, not waited
+    for); 503 otherwise. Each model's status is in `models`."""
+    models = request.app[MODELS]
+    reason = models.unavailable_reason()
+    body: dict[str, Any] = {"status": "ready"} if reason is None else {"status": "unavailable", "reason": reason}
+    if len(models) > 1:
+        body["models"] = models.readiness()
+    return json_response(body, 200 if reason is None else 503)
 
 
 async def info(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    return json_response({**runtime.info(), **tei.info_fields(runtime)})
+    """The first model's figures at the top (as with one model), every model's under `models`."""
+    models = request.app[MODELS]
+    first = models.first
+    described = {runtime.name: {"loaded": runtime.loaded_model() is not None, "failed": runtime.failed,
+                                **runtime.info()} for runtime in models}
+    return json_response({**described[first.name], **tei.info_fields(first),
+                          "connections": dict(vars(models.connections)), "models": described})
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
-    body = request.app[RUNTIME].metrics.render()
+    body = request.app[MODELS].metrics.render()
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 async def stats(request: web.Request) -> web.Response:
-    return json_response(request.app[RUNTIME].stats())
+    return json_response(request.app[MODELS].first.stats())
 
 
 async def openapi_document(request: web.Request) -> web.Response:
     """The routes this server's model serves (all of them while none has loaded and --task is unset),
     with what they accept here."""
-    runtime = request.app[RUNTIME]
+    runtime = request.app[MODELS].first  # the root routes' model
     config = runtime.config
     loaded = runtime.loaded_model()
     ready = loaded.ready if loaded else None
@@ -182,6 +197,7 @@ class Health(Answer):
 class Readiness(Answer):
     status: Literal["ready", "unavailable"]
     reason: str | None = None
+    models: dict[str, str] | None = None  # with several models: each one's status
 
 
 class ServedModel(Answer):
@@ -227,33 +243,37 @@ class Stats(Answer):
 
 
 OPS = hf.DIALECT  # the operational routes answer errors in pipeserve's own envelope
+
+
+def _operational(path: str, handler: Handler, summary: str, response: Any, **more: Any) -> Route:
+    """A route of the server's own (not a model's): GET, pipeserve's error envelope."""
+    return Route("GET", path, handler, summary, OPS, response=response, model_route=False, **more)
+
+
 OPERATIONS = (
-    Route("GET", "/health", health, "The front process is alive", OPS, public=True, response=Health),
-    Route("GET", "/ready", ready, "A model process is loaded and serving (503 otherwise)", OPS, public=True,
-          response=Readiness),
-    Route("GET", "/info", info, "Model, settings, versions, workers, counters; TEI's fields", OPS,
-          response=dict[str, Any]),
-    Route("GET", "/metrics", prometheus_metrics, "Prometheus metrics (text exposition)", OPS,
-          response=str, media="text/plain"),
-    Route("GET", "/openapi.json", openapi_document, "This document", OPS, response=dict[str, Any]),
-    Route("GET", "/stats", stats, "Live figures for the page: totals, gauges, recent latency quantiles",
-          OPS, response=Stats),
-    Route("GET", "/page/{name}", PAGE.asset, "The page's script and style", OPS, public=True,
-          response=str, media="text/plain", documented=False),
+    _operational("/health", health, "The front process is alive", Health, public=True),
+    _operational("/ready", ready, "Every model is loaded and serving (503 otherwise)", Readiness, public=True),
+    _operational("/info", info, "Models, settings, versions, workers, counters; TEI's fields", dict[str, Any]),
+    _operational("/metrics", prometheus_metrics, "Prometheus metrics (text exposition)", str, media="text/plain"),
+    _operational("/openapi.json", openapi_document, "This document", dict[str, Any]),
+    _operational("/stats", stats, "Live figures for the page: totals, gauges, recent latency quantiles", Stats),
+    _operational("/page/{name}", PAGE.asset, "The page's script and style", str, public=True, media="text/plain",
+                 documented=False),
 )
 ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *completions.ROUTES, *tei.ROUTES, *tgi.ROUTES)
 _DIALECT_BY_PATH = {route.path: route.dialect for route in ROUTES}
+_NAMED = NAMED_PREFIX.replace(":.+", "")  # as aiohttp's canonical path spells it
 # What the page's figures count: the routes that ask the model, not probes, scrapes or the page.
 _MODEL_ROUTES = (frozenset((route.method, route.path) for route in ROUTES if route.documented)
                  - frozenset((route.method, route.path) for route in OPERATIONS))
 
 
-def create_app(runtime: Runtime) -> web.Application:
+def create_app(models: Models) -> web.Application:
     middlewares: list[Any] = [request_id_and_errors, for_browsers]
-    api_key = runtime.config.required_api_key()
+    api_key = models.config.required_api_key()
     if api_key:
         middlewares.append(require_api_key(api_key))
-    app = web.Application(middlewares=middlewares, client_max_size=runtime.config.max_body_bytes)
-    app[RUNTIME] = runtime
+    app = web.Application(middlewares=middlewares, client_max_size=models.config.max_body_bytes)
+    app[MODELS] = models
     add_routes(app, ROUTES, require_task)
     return app

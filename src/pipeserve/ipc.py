@@ -136,6 +136,7 @@ class WorkerSpec:
     log_level: str
     log_format: str = "text"
     worker_index: int = 0
+    worker_name: str = "worker[0]"  # how logs name it: worker[i], or MODEL/worker[i] with several models
     # With --devices cuda:N: CUDA_VISIBLE_DEVICES for this worker, which then uses cuda:0.
     visible_devices: str | None = None
     max_running_sequences: int = 32  # generated sequences sharing one decoding step

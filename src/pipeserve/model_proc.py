@@ -69,7 +69,7 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
 
 
 def _configure_logging(spec: ipc.WorkerSpec) -> None:
-    logs.configure(spec.log_level, spec.log_format, prefix=f"worker[{spec.worker_index}] pid={os.getpid()} ")
+    logs.configure(spec.log_level, spec.log_format, prefix=f"{spec.worker_name} pid={os.getpid()} ")
     # transformers' progress bars and advisory warnings are noise on a server's stderr.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 
@@ -15,8 +16,9 @@ from aiohttp import web
 
 from pipeserve import logs
 from pipeserve.front import allocator, connections, early, init, systemd
-from pipeserve.front.config import Config, load_config
-from pipeserve.front.runtime import Runtime
+from pipeserve.front.config import ConfigError
+from pipeserve.front.deployment import Deployment, load_deployment
+from pipeserve.front.models import Models
 from pipeserve.http import create_app
 from pipeserve.ipc import ExitCode
 
@@ -30,10 +32,13 @@ _LOAD_EXTENSION_S = 30.0  # EXTEND_TIMEOUT_USEC granted at a time while the mode
 _GIVE_UP_GRACE_S = 10.0  # after --load-timeout: killing the worker and exiting
 
 
-async def serve(config: Config, worker_allocator: str = "glibc") -> int:
+async def serve(deployment: Deployment, worker_allocator: str = "glibc") -> int:
     """Run the server until a signal or a fatal worker failure; return the exit code."""
     loop = asyncio.get_running_loop()
-    runtime = Runtime(config, worker_allocator=worker_allocator)
+    config = deployment.config
+    runtime = Models(deployment, worker_allocator=worker_allocator)
+    for model in runtime:
+        log.info("model %r: %s", model.name, model.model or model.config.pipeline)
     notifier = systemd.Notifier()
     runner = web.AppRunner(create_app(runtime), handler_cancellation=True, access_log=None,
                            shutdown_timeout=_CONNECTION_CLOSE_TIMEOUT_S,
@@ -70,7 +75,7 @@ async def serve(config: Config, worker_allocator: str = "glibc") -> int:
     return int(runtime.exit_code)
 
 
-async def _listen(runner: web.AppRunner, runtime: Runtime) -> list[asyncio.Server]:
+async def _listen(runner: web.AppRunner, runtime: Models) -> list[asyncio.Server]:
     """Serve on the sockets systemd passed (socket activation), or bind --host:--port; every
     connection behind the guard (connections.py)."""
     config = runtime.config
@@ -92,7 +97,7 @@ async def _listen(runner: web.AppRunner, runtime: Runtime) -> list[asyncio.Serve
     return servers
 
 
-async def _notify_systemd(runtime: Runtime, notifier: systemd.Notifier) -> None:
+async def _notify_systemd(runtime: Models, notifier: systemd.Notifier) -> None:
     """READY=1 once the model serves; STATUS= on every change; EXTEND_TIMEOUT_USEC while the
     model loads; WATCHDOG=1 at half the watchdog interval while the loop runs and the workers
     are alive or being restarted within budget."""
@@ -103,7 +108,7 @@ async def _notify_systemd(runtime: Runtime, notifier: systemd.Notifier) -> None:
     ready_sent = False
     last_status = ""
     # Never ask systemd to wait for the load past --load-timeout (plus the time to give up).
-    load_deadline = time.monotonic() + runtime.config.load_timeout + _GIVE_UP_GRACE_S
+    load_deadline = time.monotonic() + max(model.config.load_timeout for model in runtime) + _GIVE_UP_GRACE_S
     while True:
         reason = runtime.unavailable_reason()
         fields: dict[str, object] = {}
@@ -137,7 +142,12 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     early.install()  # again, for the console script (python -m pipeserve did it on its first line)
-    config = load_config(argv)
+    try:
+        deployment = load_deployment(argv)
+    except ConfigError as exc:
+        print(f"pipeserve: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    config = deployment.config
     logs.configure(config.log_level, config.log_format)
     try:  # before any model process is spawned: they inherit the environment
         worker_allocator = allocator.prepare(config.allocator, os.environ)
@@ -145,4 +155,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return ExitCode.USAGE
     log.info("model processes' allocator: %s", worker_allocator)
-    return asyncio.run(serve(config, worker_allocator))
+    return asyncio.run(serve(deployment, worker_allocator))

@@ -27,14 +27,15 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 
 
 def setting(default: Any, parse: Callable[[str], Any], help: str, metavar: str | None = None,
-            secret: bool = False, shown: str | None = None) -> Any:
+            secret: bool = False, shown: str | None = None, repeat: bool = False) -> Any:
     """Declare one setting: its default, parser and help text (the flag and variable follow).
 
-    `shown` says what the default means where its value alone would not (None, 0).
+    `shown` says what the default means where its value alone would not (None, 0). A `repeat`
+    flag may be given several times (one per model: front/deployment.py reads them).
     """
     return field(default=default, repr=not secret,
                  metadata={"parse": parse, "help": help, "metavar": metavar, "shown": shown,
-                           "secret": secret})
+                           "secret": secret, "repeat": repeat})
 
 
 # On a CPU, one single-threaded worker per core served the most: 1.4x one worker using both cores
@@ -64,11 +65,17 @@ class Config:
 
     model: str | None = setting(
         None, parsers.optional_text,
-        "Hub id or local path of the model.", "ID_OR_PATH",
-        shown="the embedded all-MiniLM-L6-v2")
+        "Hub id or local path of the model; NAME=ID_OR_PATH, repeated, serves several models, each "
+        "under its name.", "[NAME=]ID_OR_PATH", shown="the embedded all-MiniLM-L6-v2", repeat=True)
     task: str | None = setting(
         None, parsers.optional_text,
-        "Pipeline task, e.g. fill-mask.", "TASK", shown="what transformers infers from the model")
+        "Pipeline task, e.g. fill-mask; NAME=TASK for one of several models.", "[NAME=]TASK",
+        shown="what transformers infers from the model", repeat=True)
+    config: str | None = setting(
+        None, parsers.optional_text,
+        "TOML file of models: a [models.NAME] table each, with `model` and any of that model's "
+        "own settings (workers, dtype, max_batch_size, ...); flags and variables set the defaults.",
+        "FILE", shown="none")
     pipeline: str | None = setting(
         None, parsers.pipeline_ref,
         "Custom pipeline factory module:function, called once in the model process; it returns a "
@@ -307,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
             dest=f.name,
             type=_for_argparse(f.metadata["parse"]),
             default=argparse.SUPPRESS,
+            action="append" if f.metadata["repeat"] else "store",
             metavar=f.metadata["metavar"],
             help=f"{f.metadata['help']} [default: {default_text(f)}; env {env_name(f.name)}]",
         )
@@ -343,20 +351,40 @@ class ConfigError(ValueError):
 
 
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Parse flags, then PIPESERVE_* variables, then defaults; exit 2 on a usage error."""
+    """One model's settings: flags, then PIPESERVE_* variables, then defaults; exit 2 on a usage
+    error (front/deployment.py reads several models)."""
+    values, repeated = parse_settings(argv, environ)
+    for name, given in repeated.items():
+        if len(given) > 1:
+            build_parser().error(f"--{name.replace('_', '-')} is given {len(given)} times")
+        values[name] = given[0]
+    return Config(**values)
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """(settings, {repeatable setting: every value given}) from flags, then PIPESERVE_* variables
+    (a repeatable one's variable is one value); exit 2 on a usage error."""
     environ = os.environ if environ is None else environ
     parser = build_parser()
     namespace = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
+    repeated: dict[str, list[Any]] = {}
     for f in dataclasses.fields(Config):
-        if f.name in namespace:
+        if f.name in namespace and f.metadata["repeat"]:
+            repeated[f.name] = [value for value in namespace[f.name] if value is not None]
+        elif f.name in namespace:
             values[f.name] = namespace[f.name]
         elif env_name(f.name) in environ:
             try:
-                values[f.name] = f.metadata["parse"](environ[env_name(f.name)])
+                value = f.metadata["parse"](environ[env_name(f.name)])
             except ValueError as exc:
                 parser.error(f"{env_name(f.name)}: {exc}")
+            if f.metadata["repeat"]:
+                repeated[f.name] = [value] if value is not None else []
+            else:
+                values[f.name] = value
     if values.get("devices") and "workers" in values and values["workers"] != len(values["devices"]):
         parser.error(f"--workers {values['workers']} contradicts --devices, which starts "
                      f"{len(values['devices'])} workers (one per device)")
-    return Config(**values)
+    return values, {name: given for name, given in repeated.items() if given}

@@ -23,11 +23,12 @@ class PipeserveError(Exception):
     default_message = "internal server error"
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = None,
-                 index: int | None = None, param: str | None = None) -> None:
+                 index: int | None = None, param: str | None = None, code: str | None = None) -> None:
         self.message = message or self.default_message
         self.retry_after = retry_after
         self.index = index  # which input of a list request failed, when one did
         self.param = param  # the request field it is about, when one is (OpenAI's envelope names it)
+        self.code = code  # a machine-readable kind, where OpenAI has one (model_not_found)
         super().__init__(self.message)
 
     def headers(self) -> dict[str, str]:
@@ -35,7 +36,7 @@ class PipeserveError(Exception):
 
     def at_index(self, index: int) -> PipeserveError:
         """The same error, marked as belonging to input `index` of a list request."""
-        return type(self)(self.message, retry_after=self.retry_after, index=index, param=self.param)
+        return type(self)(self.message, retry_after=self.retry_after, index=index, param=self.param, code=self.code)
 
 
 class HttpError(PipeserveError):

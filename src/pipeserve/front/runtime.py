@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,6 @@ from pipeserve import __version__, ipc
 from pipeserve.front import errors
 from pipeserve.front.batcher import Batcher
 from pipeserve.front.config import Config, public_settings
-from pipeserve.front.connections import ConnectionStats
 from pipeserve.front.metrics import Metrics
 from pipeserve.front.streams import Stream, Streams
 from pipeserve.front.supervisor import Supervisor
@@ -77,14 +77,25 @@ class LoadedModel:
         return self.ready.open_parameters
 
 
+# A model that cannot be served: (its runtime, the exit code it would end a one-model server
+# with, why); front/models.Models decides what follows.
+GiveUp = Callable[["Runtime", ExitCode, str], None]
+
+
 class Runtime:
+    """One model's serving: its model processes, queue, admission, deadlines and streams."""
+
     def __init__(self, config: Config, entry_point: str = ipc.MODEL_ENTRY_POINT,
-                 worker_allocator: str = "glibc") -> None:
+                 worker_allocator: str = "glibc", name: str | None = None, metrics: Metrics | None = None,
+                 changed: asyncio.Event | None = None, on_give_up: GiveUp | None = None,
+                 log_name: str = "") -> None:
         self.config = config
         self.worker_allocator = worker_allocator  # front/allocator.py
         # A custom pipeline may need no model at all: only the plain server defaults to one.
         self.model = config.model or ("" if config.pipeline else default_model_path())
-        self.served_model_name = served_model_name(config)
+        self.name = self.served_model_name = name or served_model_name(config)
+        self.failed: str | None = None  # why it cannot be served, once it gave up (others serve on)
+        self._on_give_up = on_give_up
         self.batcher = Batcher(
             config.max_batch_size, config.max_batch_delay_ms / 1000, config.max_queue,
             max_queue_wait_s=None if config.max_queue_wait_ms is None else config.max_queue_wait_ms / 1000,
@@ -92,28 +103,26 @@ class Runtime:
             min_batch_fill=config.batch_fill(),
             shortest_first_s=None if config.shortest_first_ms is None else config.shortest_first_ms / 1000,
             window_batches=config.batch_window, workers=config.worker_count())
-        self.metrics = Metrics()
-        self.changed = asyncio.Event()  # a worker changed state, or a stop began
+        self.metrics = metrics or Metrics()
+        observed = self.metrics.model(self.name)
+        self.changed = changed or asyncio.Event()  # a worker changed state, or a stop began
         self.streams = Streams(config.max_running_sequences, self._serving_workers,
-                               observe=self.metrics.observe_stream, first_token=self.metrics.recent.first_token)
+                               observe=observed.observe_stream, first_token=self.metrics.recent.first_token)
         self.supervisors = [
             Supervisor(index, config, self.model, self.batcher, self._give_up,
                        functools.partial(self._serving, excluding=index),
-                       on_batch=self.metrics.observe_batch, on_change=self._worker_changed,
-                       entry_point=entry_point, streams=self.streams, allocator=worker_allocator)
+                       on_batch=observed.observe_batch, on_change=self._worker_changed,
+                       entry_point=entry_point, streams=self.streams, allocator=worker_allocator,
+                       log_name=log_name)
             for index in range(config.worker_count())
         ]
         self.gpu = config.on_gpu()  # the front's guess until a model process reports its device
         self.started_at = time.time()
-        self.connections = ConnectionStats()
         self.draining = False
-        self.exit_code = ExitCode.OK
-        self.stop_requested = asyncio.Event()
-        self._drain_cut_short = asyncio.Event()
+        self.exit_code = ExitCode.OK  # what a give-up with no `on_give_up` left (a bare Runtime's)
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded: LoadedModel | None = None
-        self.stop_signal: str | None = None
-        self.metrics.bind(self.batcher, self.supervisors, self.started_at, self.streams)
+        self.metrics.bind(self.name, self.batcher, self.supervisors, self.streams)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -122,19 +131,13 @@ class Runtime:
                        for s in self.supervisors]
         self._tasks.append(asyncio.create_task(self.streams.watch(self.config.batch_timeout), name="stream-watch"))
 
-    def request_stop(self, signal_name: str) -> None:
-        """Signal handler: only record; the main coroutine acts on it."""
-        if self.stop_requested.is_set():
-            self._drain_cut_short.set()
-        self.stop_signal = signal_name
-        self.stop_requested.set()
-        self.changed.set()
-
     def _give_up(self, exit_code: ExitCode, reason: str) -> None:
+        if self._on_give_up is not None:
+            self._on_give_up(self, exit_code, reason)
+            return
         if self.exit_code == ExitCode.OK:
             log.error("%s", reason)
             self.exit_code = exit_code
-        self.stop_requested.set()
         self.changed.set()
 
     def _worker_changed(self) -> None:
@@ -158,8 +161,9 @@ class Runtime:
         log.info("model processes run on %s: --max-batch-tokens %d, --min-batch-fill %g", device,
                  self.batcher.max_batch_tokens, self.batcher.min_batch_fill)
 
-    async def drain(self) -> bool:
-        """Refuse new work, then wait for queued and running jobs to finish; False if cut short."""
+    async def drain(self, cut_short: asyncio.Event | None = None) -> bool:
+        """Refuse new work, then wait for queued and running jobs to finish; False if cut short
+        (a second signal sets `cut_short`) or past --drain-timeout."""
         self.draining = True
         self.batcher.close("the server is shutting down")
         self.streams.close("the server is shutting down")
@@ -168,7 +172,7 @@ class Runtime:
                      self.batcher.depth, self.batcher.in_flight, len(self.streams.open),
                      self.config.drain_timeout)
         idle = asyncio.ensure_future(self._idle())
-        cut = asyncio.ensure_future(self._drain_cut_short.wait())
+        cut = asyncio.ensure_future((cut_short or asyncio.Event()).wait())
         done, _ = await asyncio.wait({idle, cut}, timeout=self.config.drain_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         for task in (idle, cut):
@@ -205,6 +209,8 @@ class Runtime:
 
     def unavailable_reason(self) -> str | None:
         """Why /ready is 503 (and new work is refused), or None when serving."""
+        if self.failed is not None:
+            return "failed"
         if self.draining:
             return "draining"
         if self._serving():
@@ -222,6 +228,8 @@ class Runtime:
         if reason is not None or self._loaded is None:
             retry = max((s.retry_after() for s in self.supervisors), default=1)
             message = _UNAVAILABLE_MESSAGES.get(reason or "", "the model is not available")
+            if self.failed is not None:
+                message = f"model {self.name!r} cannot be served: {self.failed}"
             raise errors.Unavailable(message, retry_after=retry)
         return self._loaded
 
@@ -273,7 +281,6 @@ class Runtime:
                 "in_flight": self.batcher.in_flight,
                 "dropped": {reason.value: count for reason, count in self.batcher.dropped.items()},
                 "refused": {reason.value: count for reason, count in self.batcher.refused.items()},
-                "connections": dict(vars(self.connections)),
                 "streams": {"open": len(self.streams.open), "cancelled": self.streams.cancelled,
                             "refused": self.streams.refused, "steps": self.streams.steps,
                             "shared_steps": self.streams.shared_steps},
@@ -298,7 +305,7 @@ class Runtime:
         }
 
 
-RUNTIME = web.AppKey("runtime", Runtime)
+MODEL = web.RequestKey("model", Runtime)  # the model a request is for (api/common.model_of)
 REQUEST_ID = web.RequestKey("request_id", str)
 BATCH_SIZE = web.RequestKey("batch_size", int)  # the largest batch a request's inputs ran in
 STREAM = web.RequestKey("stream", Stream)  # a generation request's stream, for its access line

@@ -50,7 +50,8 @@ class Backoff:
         self._next = self.initial
 
 
-def worker_spec(config: Config, model: str, index: int, allocator: str = "glibc") -> ipc.WorkerSpec:
+def worker_spec(config: Config, model: str, index: int, allocator: str = "glibc",
+                log_name: str = "") -> ipc.WorkerSpec:
     """What the model process in slot `index` is started with."""
     device = config.worker_device(index)
     visible = None
@@ -61,6 +62,7 @@ def worker_spec(config: Config, model: str, index: int, allocator: str = "glibc"
         visible_devices=visible, dtype=config.dtype, threads=config.torch_threads(),
         max_worker_memory=config.max_worker_memory, log_level=config.log_level,
         log_format=config.log_format, worker_index=index,
+        worker_name=f"{log_name}/worker[{index}]" if log_name else f"worker[{index}]",
         max_running_sequences=config.max_running_sequences, parent_pid=os.getpid(),
         max_image_pixels=config.max_image_pixels, allocator=allocator)
 
@@ -74,12 +76,13 @@ class Supervisor:
                  on_change: Callable[[], None] | None = None,
                  entry_point: str = ipc.MODEL_ENTRY_POINT,
                  backoff: Backoff | None = None, streams: Streams | None = None,
-                 allocator: str = "glibc") -> None:
+                 allocator: str = "glibc", log_name: str = "") -> None:
         self.index = index
         self.config = config
         self.batcher = batcher
         self.device = config.worker_device(index)
-        self.spec = worker_spec(config, model, index, allocator)
+        self.spec = worker_spec(config, model, index, allocator, log_name)
+        self.name = self.spec.worker_name
         self.dispatcher = Dispatcher(index, batcher, config.max_batch_size, config.batch_timeout,
                                      self.retry_after, on_batch)
         self._entry_point = entry_point
@@ -147,7 +150,7 @@ class Supervisor:
                 first = False
                 self.ready = ready
                 self.state = WorkerState.READY
-                log.info("worker[%d] pid=%d ready in %.1fs", self.index, worker.pid, ready.load_seconds)
+                log.info("%s pid=%d ready in %.1fs", self.name, worker.pid, ready.load_seconds)
                 died = await self.dispatcher.serve(worker, self._killed)
             if self.stopping():  # stop() ran while this slot awaited
                 return
@@ -161,7 +164,7 @@ class Supervisor:
         """Log, fail what cannot be served, wait out the backoff; False when giving up."""
         self.state = WorkerState.RESTARTING
         self.last_exit = died.cause
-        log.warning("worker[%d] pid=%s died: %s", self.index, worker.pid, died.cause)
+        log.warning("%s pid=%s died: %s", self.name, worker.pid, died.cause)
         if not self._others_serving():
             failed = self.batcher.fail_queued(
                 lambda: errors.WorkerCrashed("the model process is restarting", retry_after=self.retry_after()))
@@ -182,7 +185,7 @@ class Supervisor:
         delay = 0.0 if planned else self._backoff.next_delay()
         self.restarts += 1
         self.restart_at = now + delay
-        log.info("worker[%d] restart #%d in %.1fs", self.index, self.restarts, delay)
+        log.info("%s restart #%d in %.1fs", self.name, self.restarts, delay)
         await asyncio.sleep(delay)
         self.restart_at = None
         return True

@@ -127,7 +127,7 @@ class WorkerProcess:
         reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
         self._reader_task = asyncio.create_task(self._read_loop(reader))
         loop.add_reader(self.process.sentinel, self._on_sentinel)
-        log.info("worker[%d] pid=%d starting", self.spec.worker_index, self.process.pid)
+        log.info("%s pid=%d starting", self.spec.worker_name, self.process.pid)
         try:
             return await asyncio.wait_for(asyncio.shield(self._ready), load_timeout)
         except TimeoutError:
@@ -193,8 +193,8 @@ class WorkerProcess:
                 await asyncio.wait_for(ipc.write_message(self._writer, ipc.Shutdown()), grace)
             await asyncio.wait_for(asyncio.shield(self.exited), grace)
         except (TimeoutError, ConnectionError, OSError):
-            log.warning("worker[%d] pid=%s did not exit in %.0fs; killing it",
-                        self.spec.worker_index, self.pid, grace)
+            log.warning("%s pid=%s did not exit in %.0fs; killing it",
+                        self.spec.worker_name, self.pid, grace)
             self.kill(f"did not exit within {grace:g}s of Shutdown")
             await asyncio.shield(self.exited)
 
@@ -205,7 +205,7 @@ class WorkerProcess:
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
             except ipc.ProtocolError as exc:
-                log.error("worker[%d] sent a bad frame (%s); killing it", self.spec.worker_index, exc)
+                log.error("%s sent a bad frame (%s); killing it", self.spec.worker_name, exc)
                 self.kill("it sent a bad frame")
                 return
             self._dispatch(message)
@@ -231,7 +231,7 @@ class WorkerProcess:
             if self._pending and self._pending[0] == message.batch_id and not self._pending[1].done():
                 self._pending[1].set_result(message)
             else:
-                log.warning("worker[%d] answered unknown batch %d", self.spec.worker_index, message.batch_id)
+                log.warning("%s answered unknown batch %d", self.spec.worker_name, message.batch_id)
 
     def _on_sentinel(self) -> None:
         asyncio.get_running_loop().remove_reader(self.process.sentinel)

@@ -22,7 +22,8 @@ from pipeserve import ipc
 from pipeserve.front import errors, params
 from pipeserve.front.api.routes import Route
 from pipeserve.front.batcher import Job
-from pipeserve.front.runtime import BATCH_SIZE, REQUEST_ID, RUNTIME, STREAM, LoadedModel, Runtime
+from pipeserve.front.models import MODELS
+from pipeserve.front.runtime import BATCH_SIZE, MODEL, REQUEST_ID, STREAM, LoadedModel, Runtime
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import Op
 
@@ -43,14 +44,34 @@ def request_timeout(request: web.Request, server_timeout: float) -> float:
     return min(value, server_timeout)
 
 
-def serving_model(request: web.Request) -> LoadedModel:
-    """The loaded model, or 503 while none serves (before the body is even read)."""
-    return request.app[RUNTIME].serving_model()
+ROUTE = web.RequestKey("route", Route)  # the declared route a request came in by
+
+
+def model_of(request: web.Request, name: str | None = None) -> Runtime:
+    """The model this request is for, chosen once: the one its path names (`/models/{name}/...`),
+    else the one `name` (an OpenAI body's `model` field) names, else the first declared."""
+    chosen = request.get(MODEL)
+    if chosen is None:
+        models = request.app[MODELS]
+        in_path = request.match_info.get("model_name")
+        chosen = request[MODEL] = models.named(in_path) if in_path else models.by_field(name)
+    return chosen
+
+
+def serving_model(request: web.Request, name: str | None = None) -> LoadedModel:
+    """The request's model, loaded and able to serve its route: 503 while it does not serve,
+    400 saying why when its task (or what else the route requires) does not fit."""
+    loaded = model_of(request, name).serving_model()
+    route = request.get(ROUTE)
+    refusal = route.refusal(loaded.ready) if route is not None else None
+    if refusal is not None:
+        raise errors.BadRequest(refusal)
+    return loaded
 
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within --body-timeout (408 after); 413 past --max-body-bytes."""
-    timeout = request.app[RUNTIME].config.body_timeout
+    timeout = request.app[MODELS].config.body_timeout  # the server's: the model may be named in the body
     try:
         return await asyncio.wait_for(request.read(), timeout)
     except TimeoutError:
@@ -84,11 +105,11 @@ def check_input_sizes(inputs: Sequence[Any], limit: int) -> None:
 
 
 def require_task(route: Route, request: web.Request) -> None:
-    """Before a route that needs something of the model reads its body: 503 while no model
-    serves, 400 saying why when the served one does not fit (e.g. /rerank on an embedder)."""
-    refusal = route.refusal(serving_model(request).ready)
-    if refusal is not None:
-        raise errors.BadRequest(refusal)
+    """Before a model route reads its body: its model chosen (by path, or the first) and checked
+    (serving_model). A route whose body names the model (OpenAI's) is checked once it is read."""
+    request[ROUTE] = route
+    if not route.model_field:
+        serving_model(request)
 
 
 async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[Any],
@@ -98,7 +119,7 @@ async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[An
     Pipeline parameters are validated against the loaded model's schema; a tokenizer operation
     takes the dialect's own (already checked) parameters.
     """
-    runtime = request.app[RUNTIME]
+    runtime = model_of(request)
     config = runtime.config
     if len(inputs) > config.max_items:
         raise errors.PayloadTooLarge(f"{len(inputs)} inputs; at most {config.max_items} per request")
@@ -200,7 +221,7 @@ def generation_parameters(wanted: dict[str, Any], limit: int) -> dict[str, Any]:
 
 def request_deadline(request: web.Request) -> float:
     """When this request's time is up (--request-timeout, or a shorter X-Request-Timeout)."""
-    return time.monotonic() + request_timeout(request, request.app[RUNTIME].config.request_timeout)
+    return time.monotonic() + request_timeout(request, model_of(request).config.request_timeout)
 
 
 def generation_deadline(request: web.Request) -> float:
@@ -209,13 +230,13 @@ def generation_deadline(request: web.Request) -> float:
     A stream of a few hundred tokens among 32 others takes more than half a minute on a CPU, so
     generation has its own, longer bound rather than --request-timeout's.
     """
-    return time.monotonic() + request_timeout(request, request.app[RUNTIME].config.generation_timeout)
+    return time.monotonic() + request_timeout(request, model_of(request).config.generation_timeout)
 
 
 async def collect(request: web.Request, stream: Stream) -> tuple[list[ipc.Token], ipc.StreamEnd]:
     """Every token of a stream and its end; the stream's error is raised (before anything is sent)."""
     tokens: list[ipc.Token] = []
-    async for event in request.app[RUNTIME].streams.events(stream, generation_deadline(request)):
+    async for event in model_of(request).streams.events(stream, generation_deadline(request)):
         if event.token is not None:
             tokens.append(event.token)
         if event.error is not None:
@@ -230,7 +251,7 @@ async def generation(request: web.Request, prompt: str | None, parameters: dict[
                      messages: list[dict[str, Any]] | None = None) -> AsyncIterator[Stream]:
     """A generated stream for the handler's `async with`: admitted (503 at once when every
     worker is full), and released however the handler ends, the client leaving included."""
-    runtime = request.app[RUNTIME]
+    runtime = model_of(request)
     # Before the prompt reaches the model process, whose loop tokenizes it between other
     # streams' steps: a prompt (or a chat's messages together) over --max-input-bytes is a 413.
     size = input_size(messages if messages is not None else prompt or "")
@@ -245,7 +266,7 @@ async def generation(request: web.Request, prompt: str | None, parameters: dict[
 async def open_event_stream(request: web.Request, stream: Stream, deadline: float) -> web.StreamResponse:
     """A server-sent-events response, its headers sent once the first token is in: a prompt the
     model refuses, or any failure before it, is answered with its own status instead."""
-    await request.app[RUNTIME].streams.first_event(stream, deadline)
+    await model_of(request).streams.first_event(stream, deadline)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)

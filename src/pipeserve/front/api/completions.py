@@ -30,7 +30,6 @@ from pipeserve.front.api.contract import (
 from pipeserve.front.api.openai import DIALECT, AnyModel, OpenAIError, openai_body
 from pipeserve.front.api.routes import Route
 from pipeserve.front.jsonio import json_response
-from pipeserve.front.runtime import RUNTIME
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import GENERATION_TASK, Ready
 
@@ -202,8 +201,9 @@ def _usage(end: ipc.StreamEnd) -> dict[str, int]:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     document = decode(await common.read_body(request), CompletionsRequest)
+    common.serving_model(request, document.model)
     prompt = document.prompt if isinstance(document.prompt, str) else document.prompt[0]
-    parameters = _sampling(document, document.max_tokens, common.max_new_tokens(request.app[RUNTIME]))
+    parameters = _sampling(document, document.max_tokens, common.max_new_tokens(common.model_of(request)))
     return await _respond(request, "text_completion", parameters, document, prompt=prompt)
 
 
@@ -213,8 +213,9 @@ def has_chat_template(ready: Ready) -> str | None:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     document = decode(await common.read_body(request), ChatRequest)
+    common.serving_model(request, document.model)
     max_tokens = document.max_completion_tokens or document.max_tokens
-    parameters = _sampling(document, max_tokens, common.max_new_tokens(request.app[RUNTIME]))
+    parameters = _sampling(document, max_tokens, common.max_new_tokens(common.model_of(request)))
     return await _respond(request, "chat.completion", parameters, document, messages=_messages(document.messages))
 
 
@@ -222,7 +223,7 @@ async def _respond(request: web.Request, kind: str, parameters: dict[str, Any], 
                    prompt: str | None = None, messages: list[dict[str, Any]] | None = None) -> web.StreamResponse:
     include_usage = bool(document.stream_options and document.stream_options.include_usage)
     head = {"id": f"{'chatcmpl' if messages is not None else 'cmpl'}-{uuid.uuid4().hex}",
-            "created": int(time.time()), "model": request.app[RUNTIME].served_model_name}
+            "created": int(time.time()), "model": common.model_of(request).served_model_name}
     stops = parameters.get("stop") or []
     async with common.generation(request, prompt, parameters, messages) as stream:
         if document.stream:
@@ -255,7 +256,7 @@ async def _stream(request: web.Request, stream: Stream, head: dict[str, Any], ki
     if chat:
         await send(None, None, role=True)
     sent = ""
-    async for event in request.app[RUNTIME].streams.events(stream, deadline):
+    async for event in common.model_of(request).streams.events(stream, deadline):
         if event.error is not None:
             await common.send_event(response, orjson.dumps(openai_body(event.error)))
             break
@@ -276,11 +277,11 @@ async def _stream(request: web.Request, stream: Stream, head: dict[str, Any], ki
 
 ROUTES = (
     Route("POST", "/v1/completions", completions, "Text completions (OpenAI), plain or streamed", DIALECT,
-          request=CompletionsRequest, response=Completion, tasks=(GENERATION_TASK,),
+          request=CompletionsRequest, response=Completion, tasks=(GENERATION_TASK,), model_field=True,
           events=(CompletionChunk, OpenAIError), events_end="[DONE]",
           examples=({"model": "any", "prompt": "Once upon a time", "max_tokens": 16},)),
     Route("POST", "/v1/chat/completions", chat_completions, "Chat completions (OpenAI), plain or streamed",
-          DIALECT, request=ChatRequest, response=ChatCompletion, tasks=(GENERATION_TASK,),
+          DIALECT, request=ChatRequest, response=ChatCompletion, tasks=(GENERATION_TASK,), model_field=True,
           events=(ChatChunk, OpenAIError), events_end="[DONE]",
           requires=has_chat_template,
           examples=({"model": "any", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},)),

@@ -26,7 +26,8 @@ from pipeserve.front.api.contract import (
 from pipeserve.front.api.routes import Dialect, Route
 from pipeserve.front.api.tei import sentence_pooling
 from pipeserve.front.jsonio import json_response
-from pipeserve.front.runtime import RUNTIME
+from pipeserve.front.models import MODELS
+from pipeserve.front.runtime import Runtime
 from pipeserve.ipc import EMBEDDING_TASK
 
 
@@ -50,7 +51,7 @@ def openai_body(error: errors.PipeserveError) -> dict[str, object]:
     """OpenAI's: {"error": {"message", "type", "param", "code"}} (the openai SDK reads it)."""
     param = error.param or ("input" if error.index is not None else None)
     return {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
-                      "param": param, "code": None}}
+                      "param": param, "code": error.code}}
 
 
 DIALECT = Dialect("openai", openai_body, OpenAIError)
@@ -101,8 +102,8 @@ class ModelList(Answer):
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    model = common.serving_model(request)
     document = decode(await common.read_body(request), EmbeddingsRequest, hints={"input": _TOKEN_IDS_HINT})
+    model = common.serving_model(request, document.model)
     inputs = [document.input] if isinstance(document.input, str) else document.input
     encoding = document.encoding_format or "float"
     parameters: dict[str, Any] = {"pooling": sentence_pooling(model.ready), "normalize": True}
@@ -112,7 +113,7 @@ async def embeddings(request: web.Request) -> web.Response:
     data = [{"object": "embedding", "index": index, "embedding": _encode(job.future.result(), encoding)}
             for index, job in enumerate(jobs)]
     tokens = sum(job.token_count or 0 for job in jobs)
-    return json_response({"object": "list", "data": data, "model": request.app[RUNTIME].served_model_name,
+    return json_response({"object": "list", "data": data, "model": common.model_of(request).served_model_name,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
@@ -122,28 +123,24 @@ def _encode(vector: Any, encoding: str) -> Any:
     return vector
 
 
-def _model_card(request: web.Request) -> dict[str, Any]:
-    runtime = request.app[RUNTIME]
-    return {"id": runtime.served_model_name, "object": "model", "created": int(runtime.started_at),
-            "owned_by": "pipeserve"}
+def _model_card(runtime: Runtime) -> dict[str, Any]:
+    return {"id": runtime.name, "object": "model", "created": int(runtime.started_at), "owned_by": "pipeserve"}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"object": "list", "data": [_model_card(request)]})
+    return json_response({"object": "list", "data": [_model_card(runtime) for runtime in request.app[MODELS]]})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    card = _model_card(request)
-    if request.match_info["model"] != card["id"]:
-        raise errors.NotFound(f"model {request.match_info['model']!r} is not served here; "
-                              f"this server serves {card['id']!r}")
-    return json_response(card)
+    return json_response(_model_card(request.app[MODELS].named(request.match_info["model"])))
 
 
 ROUTES = (
     Route("POST", "/v1/embeddings", embeddings, "Embeddings (OpenAI)", DIALECT,
-          request=EmbeddingsRequest, response=EmbeddingsResponse, tasks=(EMBEDDING_TASK,),
+          request=EmbeddingsRequest, response=EmbeddingsResponse, tasks=(EMBEDDING_TASK,), model_field=True,
           examples=({"input": ["What is deep learning?", "A cat sat on the mat."], "model": "any"},)),
-    Route("GET", "/v1/models", list_models, "The served model (OpenAI)", DIALECT, response=ModelList),
-    Route("GET", "/v1/models/{model:.+}", get_model, "One model by name (OpenAI)", DIALECT, response=ModelCard),
+    Route("GET", "/v1/models", list_models, "The served models (OpenAI)", DIALECT, response=ModelList,
+          model_route=False),
+    Route("GET", "/v1/models/{model:.+}", get_model, "One model by name (OpenAI)", DIALECT, response=ModelCard,
+          model_route=False),
 )

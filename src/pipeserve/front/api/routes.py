@@ -52,6 +52,10 @@ class Route:
     # route only where the model qualifies.
     tasks: tuple[str, ...] = ()
     requires: Requirement | None = None
+    # Which model: named in the body's `model` field (OpenAI's), or else by the path
+    # (`/models/{name}/...`, where every model route is served too) or the first declared.
+    model_field: bool = False
+    model_route: bool = True  # False: the server's own (probes, metrics, the document)
     # The JSON body's type for a model of another task (POST / takes TGI's body on a generator).
     request_by_task: Mapping[str, Any] = field(default_factory=dict)
     examples: tuple[dict[str, Any], ...] = ()  # valid request bodies, for the document
@@ -75,12 +79,20 @@ class Route:
         return self.events
 
 
+NAMED_PREFIX = "/models/{model_name:.+}"  # every model route again, for the model named there
+
+
 def add_routes(app: web.Application, routes: Sequence[Route],
                check: Callable[[Route, web.Request], None]) -> None:
-    """Register each route; one that needs something of the model runs `check` before its handler."""
+    """Register each route, a model route behind `check` (its model chosen and able to serve it),
+    and again under /models/{name} unless its body names the model; `POST /models/{name}` (the
+    Inference API's URL of one model) last, so that it does not take `/models/{name}/embed`."""
     for route in routes:
-        needs = route.tasks or route.requires is not None
-        app.router.add_route(route.method, route.path, _checked(route, check) if needs else route.handler)
+        app.router.add_route(route.method, route.path, _checked(route, check) if route.model_route else route.handler)
+    named = [route for route in routes if route.model_route and not route.model_field]
+    for route in sorted(named, key=lambda route: route.path == "/"):
+        path = NAMED_PREFIX + (route.path if route.path != "/" else "")
+        app.router.add_route(route.method, path, _checked(route, check))
 
 
 def _checked(route: Route, check: Callable[[Route, web.Request], None]) -> Handler:

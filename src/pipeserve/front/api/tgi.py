@@ -34,7 +34,6 @@ from pipeserve.front.api.contract import (
 )
 from pipeserve.front.api.routes import Route
 from pipeserve.front.jsonio import json_response
-from pipeserve.front.runtime import RUNTIME
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import GENERATION_TASK
 
@@ -153,7 +152,7 @@ def _token(token: ipc.Token) -> dict[str, Any]:
 
 
 def _limit(request: web.Request) -> int:
-    return common.max_new_tokens(request.app[RUNTIME])
+    return common.max_new_tokens(common.model_of(request))
 
 
 async def generate(request: web.Request) -> web.Response:
@@ -170,8 +169,8 @@ async def root(request: web.Request, document: RootRequest) -> web.StreamRespons
             raise errors.BadRequest('"stream": true takes one prompt in "inputs"', param="inputs")
         return await stream_events(request, document.inputs, parameters, flags)
     prompts = [document.inputs] if isinstance(document.inputs, str) else document.inputs
-    if len(prompts) > request.app[RUNTIME].config.max_items:
-        raise errors.PayloadTooLarge(f"{len(prompts)} inputs; at most {request.app[RUNTIME].config.max_items} "
+    if len(prompts) > common.model_of(request).config.max_items:
+        raise errors.PayloadTooLarge(f"{len(prompts)} inputs; at most {common.model_of(request).config.max_items} "
                                      "per request")
     # One stream per prompt, side by side in the engine; the first failure cancels the others.
     try:
@@ -212,7 +211,7 @@ async def stream_events(request: web.Request, prompt: str, parameters: dict[str,
 async def _write_events(request: web.Request, response: web.StreamResponse, stream: Stream, deadline: float,
                         prompt: str, flags: dict[str, bool]) -> web.StreamResponse:
     text, index, tokens = "", 0, []
-    async for event in request.app[RUNTIME].streams.events(stream, deadline):
+    async for event in common.model_of(request).streams.events(stream, deadline):
         if event.error is not None:
             kind = _error_type(event.error)
             await common.send_event(response, orjson.dumps({"error": event.error.message, "error_type": kind}))

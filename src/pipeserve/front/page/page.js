@@ -45,8 +45,20 @@ async function call(path, options = {}) {
   return body;
 }
 
-const postJson = (path, document) => call(path, { method: "POST", body: JSON.stringify(document),
-                                                 headers: { "Content-Type": "application/json" } });
+// With several models served, the one the picker names (null: the first, at the root routes).
+let chosenModel = null;
+
+// A model route as the chosen model's: OpenAI's by its body's "model", the others under /models/{name}.
+function forModel(path, document) {
+  if (!chosenModel) return [path, document];
+  if (path.startsWith("/v1/")) return [path, document && { ...document, model: chosenModel }];
+  return [path === "/" ? `/models/${chosenModel}` : `/models/${chosenModel}${path}`, document];
+}
+
+function postJson(path, document) {
+  const [route, body] = forModel(path, document);
+  return call(route, { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
+}
 
 // --- access --------------------------------------------------------------------------------------
 
@@ -196,7 +208,8 @@ function filePicker(accept) {
   form([picker], null, async () => {
     const file = picker.files[0];
     if (!file) throw new ApiError("choose a file first");
-    const body = await call("/", { method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" } });
+    const body = await call(forModel("/")[0], { method: "POST", body: file,
+                                                headers: { "Content-Type": file.type || "application/octet-stream" } });
     show(bars(labelled(firstList(body))));
   });
 }
@@ -213,9 +226,10 @@ function chat(hasTemplate) {
       el("div", { class: "message user", text: said }), reply);
     show(conversation);
     const route = hasTemplate ? "/v1/chat/completions" : "/v1/completions";
-    const document = hasTemplate ? { messages: [...history, { role: "user", content: said }] } : { prompt: said };
-    const response = await fetch(route, { method: "POST", headers: headers({ "Content-Type": "application/json" }),
-                                          body: JSON.stringify({ ...document, max_tokens: 64, stream: true }) });
+    const asked = hasTemplate ? { messages: [...history, { role: "user", content: said }] } : { prompt: said };
+    const [path, document] = forModel(route, { ...asked, max_tokens: 64, stream: true });
+    const response = await fetch(path, { method: "POST", headers: headers({ "Content-Type": "application/json" }),
+                                         body: JSON.stringify(document) });
     if (!response.ok) {
       if (response.status === 401) lockOut();
       throw new ApiError(errorMessage(await response.json().catch(() => null), response.status));
@@ -324,6 +338,16 @@ async function poll() {
 
 // --- start -------------------------------------------------------------------------------------------
 
+// The form that fits one model's task, and its name in the header.
+function tryModel(info) {
+  $("model").textContent = `${info.model_id || info.model || "custom pipeline"} · ${info.task || "…"}`;
+  show();
+  const widget = WIDGETS[info.task] || WIDGETS[info.input] || (() => form([textBox("Inputs")], null, async () => {
+    show(el("pre", { text: JSON.stringify(await postJson("/", { inputs: $("form").querySelector("textarea").value }), null, 2) }));
+  }));
+  widget(info);
+}
+
 async function start() {
   let info;
   try {
@@ -334,16 +358,17 @@ async function start() {
   }
   $("locked").hidden = true;
   $("app").hidden = false;
-  $("model").textContent = `${info.model_id || info.model || "custom pipeline"} · ${info.task || "…"}`;
-  const models = await call("/v1/models").catch(() => ({ data: [] }));
-  if (models.data && models.data.length > 1) {
+  const models = info.models || {};
+  const names = Object.keys(models);
+  if (names.length > 1) {
     $("picker-label").hidden = false;
-    $("picker").replaceChildren(...models.data.map((m) => el("option", { value: m.id, text: m.id })));
+    $("picker").replaceChildren(...names.map((name) => el("option", { value: name, text: name })));
+    $("picker").onchange = () => {
+      chosenModel = $("picker").value;
+      tryModel({ ...models[chosenModel], model_id: chosenModel });
+    };
   }
-  const widget = WIDGETS[info.task] || WIDGETS[info.input] || (() => form([textBox("Inputs")], null, async () => {
-    show(el("pre", { text: JSON.stringify(await postJson("/", { inputs: $("form").querySelector("textarea").value }), null, 2) }));
-  }));
-  widget(info);
+  tryModel(info);
   if (!pollTimer) { pollTimer = setInterval(poll, POLL_MS); }
   poll();
 }

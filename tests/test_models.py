@@ -1,0 +1,207 @@
+"""Several models in one server: declared by flags and a TOML file, routed in each dialect's own
+way, isolated from one another, and reported one by one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Server, _bert_with_labels, client_session, wait_until
+from pipeserve.front.config import ConfigError
+from pipeserve.front.deployment import load_deployment
+from test_streaming import chat_model  # noqa: F401  (a fixture)
+
+
+@pytest.fixture(scope="module")
+def retrieval(tiny_models: dict[str, Path], chat_model: Path,  # noqa: F811
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The retrieval stack in one server: an embedder and a chat model by flag, a re-ranker
+    from a TOML file with a setting of its own."""
+    folder = tmp_path_factory.mktemp("multi")
+    reranker = _bert_with_labels(folder / "reranker", ["score"], "sequence")
+    config = folder / "models.toml"
+    config.write_text(f'[models.rerank]\nmodel = "{reranker}"\nmax_batch_size = 4\n')
+    server = Server(["--model", f"embed={tiny_models['feature-extraction']}", "--model", f"chat={chat_model}",
+                     "--task", "chat=text-generation", "--config", str(config)])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def _openai(server: Server) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def _post(server: Server, path: str, document: Any) -> Any:
+    return server.request("POST", path, json.dumps(document), {"Content-Type": "application/json"})
+
+
+@pytest.mark.timeout(120)
+def test_the_openai_sdk_picks_each_model_by_name(retrieval: Server) -> None:
+    import openai
+
+    client = _openai(retrieval)
+    assert [model.id for model in client.models.list().data] == ["embed", "chat", "rerank"]
+    vectors = client.embeddings.create(model="embed", input=["a cat", "a dog"])
+    assert len(vectors.data) == 2 and vectors.model == "embed"
+    chat = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=3, temperature=0)
+    assert chat.model == "chat" and chat.choices[0].message.content is not None
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.embeddings.create(model="nope", input="x")
+    assert unknown.value.code == "model_not_found" and "'embed', 'chat', 'rerank'" in unknown.value.message
+    with pytest.raises(openai.BadRequestError, match="needs a text-generation model"):
+        client.chat.completions.create(model="embed", messages=[{"role": "user", "content": "hi"}])
+    assert client.models.retrieve("rerank").id == "rerank"
+
+
+@pytest.mark.timeout(120)
+def test_langchain_embeds_with_one_model_and_answers_with_another(retrieval: Server) -> None:
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+    base = f"http://127.0.0.1:{retrieval.port}/v1"
+    embeddings = OpenAIEmbeddings(model="embed", base_url=base, api_key="unused", check_embedding_ctx_length=False)
+    assert [len(vector) for vector in embeddings.embed_documents(["a cat", "a dog"])] == [32, 32]
+    llm = ChatOpenAI(model="chat", base_url=base, api_key="unused", max_tokens=3, temperature=0)
+    assert isinstance(llm.invoke("hi").content, str)
+
+
+@pytest.mark.timeout(120)
+def test_inference_client_tei_and_tgi_under_the_models_name(retrieval: Server) -> None:
+    from huggingface_hub import InferenceClient
+
+    base = f"http://127.0.0.1:{retrieval.port}"
+    embedder = InferenceClient(model=f"{base}/models/embed", timeout=60)
+    assert embedder.feature_extraction("a cat").shape[-1] == 32
+    ranked = _post(retrieval, "/models/rerank/rerank", {"query": "cat", "texts": ["a cat", "a car"]})
+    assert ranked.status == 200 and sorted(item["index"] for item in ranked.json()) == [0, 1]
+    generated = InferenceClient(model=f"{base}/models/chat", timeout=60).text_generation(
+        "the", max_new_tokens=3, do_sample=False)
+    assert isinstance(generated, str)
+    assert _post(retrieval, "/models/chat/generate", {"inputs": "the", "parameters": {"max_new_tokens": 2}}
+                 ).status == 200
+    # The root routes serve the first model declared; an unknown name is a 404 in the route's envelope.
+    assert _post(retrieval, "/embed", {"inputs": "a cat"}).status == 200
+    missing = _post(retrieval, "/models/nope/embed", {"inputs": "x"})
+    assert missing.status == 404 and missing.json()["error_type"] and "not served here" in missing.json()["error"]
+    assert _post(retrieval, "/models/embed/predict", {"inputs": "x"}).status == 400  # an embedder does not classify
+
+
+@pytest.mark.timeout(120)
+def test_each_model_is_reported_with_its_settings_and_a_model_label(retrieval: Server) -> None:
+    info = retrieval.info()
+    assert list(info["models"]) == ["embed", "chat", "rerank"]
+    assert info["models"]["rerank"]["settings"]["max_batch_size"] == 4  # its own table's setting
+    assert info["models"]["embed"]["settings"]["max_batch_size"] != 4
+    assert info["models"]["chat"]["task"] == "text-generation" and info["models"]["chat"]["loaded"]
+    assert info["served_model_name"] == "embed"  # the first model's, at the top, as with one model
+    ready = retrieval.request("GET", "/ready").json()
+    assert ready["models"] == {"embed": "ready", "chat": "ready", "rerank": "ready"}
+    _post(retrieval, "/models/rerank/predict", {"inputs": "x"})
+    metrics = retrieval.request("GET", "/metrics").body.decode()
+    assert 'pipeserve_worker_up{model="rerank",worker="0"} 1.0' in metrics
+    assert 'route="/models/{model_name}/predict"' in metrics and 'model="rerank"' in metrics
+    assert "model=rerank" in retrieval.log  # the access log names it
+
+
+async def _load(server: Server, path: str, document: Any, count: int) -> list[int]:
+    async with client_session() as session:
+        async def one() -> int:
+            async with session.post(f"http://127.0.0.1:{server.port}{path}", json=document) as response:
+                await response.read()
+                return response.status
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+@pytest.mark.timeout(180)
+def test_a_crash_of_one_models_worker_does_not_touch_the_others(retrieval: Server) -> None:
+    victim = retrieval.info()["models"]["rerank"]["workers"][0]["pid"]
+
+    async def under_load() -> tuple[list[int], list[int]]:
+        embeds = asyncio.ensure_future(_load(retrieval, "/models/embed/embed", {"inputs": ["a cat"] * 4}, 24))
+        chats = asyncio.ensure_future(_load(retrieval, "/v1/chat/completions", {
+            "model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, 12))
+        await asyncio.sleep(0)  # let the first requests go out before the kill
+        os.kill(victim, signal.SIGKILL)
+        return await embeds, await chats
+
+    embeds, chats = asyncio.run(under_load())
+    assert set(embeds) == {200} and set(chats) == {200}
+    wait_until(lambda: retrieval.info()["models"]["rerank"]["workers"][0]["pid"] not in (victim, None)
+               and retrieval.request("GET", "/ready").status == 200, 60)
+    assert _post(retrieval, "/models/rerank/rerank", {"query": "q", "texts": ["a"]}).status == 200
+    assert retrieval.info()["models"]["embed"]["workers"][0]["restarts"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_model_that_cannot_load_is_reported_while_the_others_serve(tiny_models: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()  # no config.json: it cannot load
+    server = Server(["--model", f"good={tiny_models['feature-extraction']}", "--model",
+                     f"broken={tmp_path / 'broken'}", "--max-restarts", "1"])
+    try:
+        server.wait_listening()
+        wait_until(lambda: server.request("GET", "/ready").status == 200, 90)
+        ready = server.request("GET", "/ready").json()
+        assert ready["models"]["good"] == "ready" and "broken" in ready["models"] and ready["models"]["broken"] != "ready"
+        assert _post(server, "/models/good/embed", {"inputs": "x"}).status == 200
+        refused = _post(server, "/models/broken/embed", {"inputs": "x"})
+        assert refused.status == 503 and "cannot be served" in refused.json()["error"]
+        assert server.info()["models"]["broken"]["failed"]
+    finally:
+        server.stop()
+
+
+# --- declaring them ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_one_model_is_declared_as_before(tmp_path: Path) -> None:
+    single = load_deployment(["--model", str(tmp_path), "--task", "fill-mask"], environ={})
+    (entry,) = single.models
+    assert entry.name == tmp_path.name and entry.config.model == str(tmp_path) and entry.config.task == "fill-mask"
+    hub = load_deployment(["--model", "org/some-model"], environ={})
+    assert hub.models[0].name == "org/some-model"  # a hub id's slash is not a NAME=
+
+
+@pytest.mark.timeout(10)
+def test_several_models_and_their_tables(tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text('[models.chat]\nmodel = "/m/chat"\nworkers = 1\ndtype = "bfloat16"\n')
+    deployment = load_deployment(["--model", "embed=/m/embed", "--workers", "2", "--config", str(config),
+                                  "--task", "embed=feature-extraction"], environ={})
+    embed, chat = deployment.models
+    assert (embed.name, embed.config.model, embed.config.task, embed.config.workers) == (
+        "embed", "/m/embed", "feature-extraction", 2)
+    assert (chat.name, chat.config.workers, chat.config.dtype) == ("chat", 1, "bfloat16")
+    assert embed.config.served_model_name == "embed" and deployment.config.model is None
+
+
+@pytest.mark.parametrize(("argv", "table", "message"), [
+    (["--model", "a=/x", "--model", "/y"], "", "name each one"),
+    (["--model", "a=/x", "--model", "a=/y"], "", "declared twice"),
+    (["--model", "a=/x", "--task", "b=fill-mask"], "", "names one of a"),
+    (["--model", "a=/x"], '[models.b]\nmodel = "/y"\nport = 9\n', "is the server's"),
+    (["--model", "a=/x"], '[models.b]\nmodel = "/y"\nworkerz = 1\n', "no such model setting"),
+    (["--model", "a=/x"], '[models.b]\nworkers = 1\n', "needs a model"),
+    (["--model", "a=/x"], '[models.b]\nmodel = "/y"\nworkers = "many"\n', "workers"),
+    (["--model", "a=/x"], 'port = 9\n', "unknown table or key"),
+])
+@pytest.mark.timeout(10)
+def test_contradictions_are_refused_with_what_is_wrong(tmp_path: Path, argv: list[str], table: str,
+                                                       message: str) -> None:
+    if table:
+        (tmp_path / "models.toml").write_text(table)
+        argv = [*argv, "--config", str(tmp_path / "models.toml")]
+    with pytest.raises(ConfigError, match=message):
+        load_deployment(argv, environ={})
