@@ -39,19 +39,20 @@ def test_metrics_in_prometheus_format(start_server: Any) -> None:
     reply = server.request("GET", "/metrics")
     assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain")
     samples = _samples(reply.body.decode())
-    assert samples[("pipeserve_requests_total", (("route", "/"), ("status", "200")))] == 3
-    assert samples[("pipeserve_requests_total", (("route", "/"), ("status", "400")))] == 1
-    assert samples[("pipeserve_request_duration_seconds_count", (("route", "/"),))] == 4
-    assert samples[("pipeserve_batch_size_count", ())] >= 3  # the warm-up is not a batch
-    assert samples[("pipeserve_queue_wait_seconds_count", ())] >= 3
-    assert samples[("pipeserve_inference_seconds_count", ())] >= 3
-    assert samples[("pipeserve_queue_depth", ())] == 0
-    assert samples[("pipeserve_in_flight", ())] == 0
-    assert samples[("pipeserve_dropped_jobs_total", (("reason", "disconnected"),))] == 0
-    assert samples[("pipeserve_refused_requests_total", (("reason", "queue_full"),))] == 0
-    assert samples[("pipeserve_worker_up", (("worker", "0"),))] == 1
-    assert samples[("pipeserve_worker_restarts_total", (("worker", "0"),))] == 0
-    assert samples[("pipeserve_model_load_seconds", (("worker", "0"),))] > 0
+    model = ("model", "custom_pipelines:make")  # every per-model figure names its model
+    assert samples[("pipeserve_requests_total", (model, ("route", "/"), ("status", "200")))] == 3
+    assert samples[("pipeserve_requests_total", (model, ("route", "/"), ("status", "400")))] == 1
+    assert samples[("pipeserve_request_duration_seconds_count", (model, ("route", "/")))] == 4
+    assert samples[("pipeserve_batch_size_count", (model,))] >= 3  # the warm-up is not a batch
+    assert samples[("pipeserve_queue_wait_seconds_count", (model,))] >= 3
+    assert samples[("pipeserve_inference_seconds_count", (model,))] >= 3
+    assert samples[("pipeserve_queue_depth", (model,))] == 0
+    assert samples[("pipeserve_in_flight", (model,))] == 0
+    assert samples[("pipeserve_dropped_jobs_total", (model, ("reason", "disconnected")))] == 0
+    assert samples[("pipeserve_refused_requests_total", (model, ("reason", "queue_full")))] == 0
+    assert samples[("pipeserve_worker_up", (model, ("worker", "0")))] == 1
+    assert samples[("pipeserve_worker_restarts_total", (model, ("worker", "0")))] == 0
+    assert samples[("pipeserve_model_load_seconds", (model, ("worker", "0")))] > 0
 
 
 def test_metrics_follow_a_worker_restart_and_need_the_key(start_server: Any) -> None:
@@ -63,8 +64,9 @@ def test_metrics_follow_a_worker_restart_and_need_the_key(start_server: Any) -> 
     def restarted() -> bool:
         text = server.request("GET", "/metrics", headers=auth).body.decode()
         samples = _samples(text)
-        return samples[("pipeserve_worker_restarts_total", (("worker", "0"),))] == 1 and \
-            samples[("pipeserve_worker_up", (("worker", "0"),))] == 1
+        model = ("model", "custom_pipelines:make")
+        return samples[("pipeserve_worker_restarts_total", (model, ("worker", "0")))] == 1 and \
+            samples[("pipeserve_worker_up", (model, ("worker", "0")))] == 1
 
     wait_until(restarted, 60, interval=0.2, message="restart counted and worker up again")
 

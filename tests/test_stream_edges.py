@@ -58,7 +58,7 @@ def _open_streams(server: Server) -> int:
 
 def _running_sequences(server: Server) -> float:
     text = server.request("GET", "/metrics").body.decode()
-    return float(re.search(r"^pipeserve_running_sequences (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return float(re.search(r"^pipeserve_running_sequences\{[^}]*\} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
 
 
 def _long(prompt: str = "the") -> dict[str, Any]:

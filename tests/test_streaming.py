@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -199,7 +200,7 @@ def test_concurrent_streams_share_steps_and_an_abandoned_one_is_cancelled(genera
     assert after["shared_steps"] - before["shared_steps"] >= 11
     assert after["steps"] - before["steps"] < 8 * 12  # not one forward pass per token
     metrics = generator.request("GET", "/metrics").body.decode()
-    assert 'pipeserve_streams_total{finish_reason="cancelled"}' in metrics
+    assert re.search(r'^pipeserve_streams_total\{finish_reason="cancelled",model="[^"]+"\} [1-9]', metrics, re.M)
     assert "pipeserve_time_to_first_token_seconds_count" in metrics
 
 

@@ -161,8 +161,9 @@ async def info(request: web.Request) -> web.Response:
     first = models.first
     described = {runtime.name: {"loaded": runtime.loaded_model() is not None, "failed": runtime.failed,
                                 **runtime.info()} for runtime in models}
-    return json_response({**described[first.name], **tei.info_fields(first),
-                          "connections": dict(vars(models.connections)), "models": described})
+    top = described[first.name]
+    counters = {**top["counters"], "connections": dict(vars(models.connections))}  # the server's
+    return json_response({**top, "counters": counters, **tei.info_fields(first), "models": described})
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
