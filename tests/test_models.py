@@ -205,3 +205,86 @@ def test_contradictions_are_refused_with_what_is_wrong(tmp_path: Path, argv: lis
         argv = [*argv, "--config", str(tmp_path / "models.toml")]
     with pytest.raises(ConfigError, match=message):
         load_deployment(argv, environ={})
+
+
+# --- more models than room; reloading ------------------------------------------------------------------
+
+
+def _loaded(server: Server) -> dict[str, bool]:
+    return {name: model["loaded"] for name, model in server.info()["models"].items()}
+
+
+@pytest.mark.timeout(180)
+def test_more_models_than_room_load_on_demand_and_the_least_recently_used_unloads(
+        tiny_models: dict[str, Path]) -> None:
+    embedder, classifier = tiny_models["feature-extraction"], tiny_models["text-classification"]
+    server = Server(["--model", f"a={embedder}", "--model", f"b={classifier}", "--model", f"c={embedder}",
+                     "--max-loaded-models", "2"]).wait_ready()
+    try:
+        assert _loaded(server) == {"a": True, "b": True, "c": False}  # the first two, at start
+        assert server.request("GET", "/ready").json()["models"]["c"] == "unloaded"  # and /ready is 200
+        assert _post(server, "/models/b/predict", {"inputs": "x"}).status == 200
+        assert _post(server, "/models/a/embed", {"inputs": "x"}).status == 200  # b is now the least recent
+        loaded_on_demand = _post(server, "/models/c/embed", {"inputs": "x"})  # waits while c loads
+        assert loaded_on_demand.status == 200, loaded_on_demand.body
+        assert _loaded(server) == {"a": True, "b": False, "c": True}
+        assert "unloading model 'b': the least recently used, to make room for 'c'" in server.log
+        metrics = server.request("GET", "/metrics").body.decode()
+        assert 'pipeserve_model_unloads_total{model="b",reason="lru"} 1.0' in metrics
+        assert 'pipeserve_model_loads_total{model="c",reason="request"} 1.0' in metrics
+        assert 'pipeserve_model_loaded{model="b"} 0.0' in metrics
+        assert _post(server, "/models/b/predict", {"inputs": "x"}).status == 200  # and back again
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_keep_alive_unloads_an_idle_model_and_its_next_request_loads_it(tiny_models: dict[str, Path]) -> None:
+    server = Server(["--model", str(tiny_models["feature-extraction"]), "--keep-alive", "1s"]).wait_ready()
+    try:
+        assert server.post_json({"inputs": "x"}).status == 200
+        wait_until(lambda: not server.info()["models"]["feature-extraction"]["loaded"], 30)
+        assert server.request("GET", "/ready").status == 200  # unloaded on purpose is not unready
+        assert server.post_json({"inputs": "x"}).status == 200  # loads again, the request waits
+        assert 'reason="keep_alive"' in server.request("GET", "/metrics").body.decode()
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(240)
+def test_sighup_reloads_the_models_under_load_without_failing_a_request(tiny_models: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    import threading
+
+    embedder, classifier = tiny_models["feature-extraction"], tiny_models["text-classification"]
+    config = tmp_path / "models.toml"
+    config.write_text(f'[models.a]\nmodel = "{embedder}"\n[models.b]\nmodel = "{classifier}"\n')
+    server = Server(["--config", str(config)]).wait_ready()
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def load() -> None:  # steady traffic to the model that is replaced, through the reload
+        while not done.is_set():
+            statuses.append(_post(server, "/models/a/embed", {"inputs": ["a cat", "a dog"]}).status)
+
+    traffic = threading.Thread(target=load)
+    traffic.start()
+    try:
+        wait_until(lambda: len(statuses) >= 5, 30)
+        # a: changed (its own batch size); b: removed; c: added.
+        config.write_text(f'[models.a]\nmodel = "{embedder}"\nmax_batch_size = 4\n'
+                          f'[models.c]\nmodel = "{classifier}"\n')
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: list(server.info()["models"]) == ["a", "c"]
+                   and server.info()["models"]["a"]["settings"]["max_batch_size"] == 4
+                   and server.request("GET", "/ready").status == 200, 120)
+        served = len(statuses)
+        wait_until(lambda: len(statuses) >= served + 5, 30)  # and the new a serves the traffic
+    finally:
+        done.set()
+        traffic.join(60)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert _post(server, "/models/c/predict", {"inputs": "x"}).status == 200
+    assert _post(server, "/models/b/predict", {"inputs": "x"}).status == 404
+    assert "reload: model 'a' replaced" in server.log and "reload: model 'b' removed" in server.log
+    server.stop()

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from pipeserve.front import errors, metrics
 from pipeserve.front.api import completions, hf, openai, openapi, tei, tgi
-from pipeserve.front.api.common import max_new_tokens, require_task
+from pipeserve.front.api.common import HELD, max_new_tokens, require_task
 from pipeserve.front.api.contract import Answer
 from pipeserve.front.api.routes import NAMED_PREFIX, Dialect, Route, add_routes
 from pipeserve.front.jsonio import json_response
@@ -62,6 +62,10 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     except Exception:
         log.exception("request %s: unexpected error", request_id)
         response = json_response(envelope(errors.InferenceFailed("internal server error")), 500)
+    finally:
+        held = request.get(HELD)
+        if held is not None:
+            request.app[MODELS].release(held)
     response.headers[REQUEST_ID_HEADER] = request_id
     _account(request, response.status, time.perf_counter() - started)
     return response
@@ -159,7 +163,7 @@ async def info(request: web.Request) -> web.Response:
     """The first model's figures at the top (as with one model), every model's under `models`."""
     models = request.app[MODELS]
     first = models.first
-    described = {runtime.name: {"loaded": runtime.loaded_model() is not None, "failed": runtime.failed,
+    described = {runtime.name: {"loaded": runtime.loaded, "failed": runtime.failed,
                                 **runtime.info()} for runtime in models}
     top = described[first.name]
     counters = {**top["counters"], "connections": dict(vars(models.connections))}  # the server's

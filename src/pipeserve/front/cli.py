@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -32,8 +32,10 @@ _LOAD_EXTENSION_S = 30.0  # EXTEND_TIMEOUT_USEC granted at a time while the mode
 _GIVE_UP_GRACE_S = 10.0  # after --load-timeout: killing the worker and exiting
 
 
-async def serve(deployment: Deployment, worker_allocator: str = "glibc") -> int:
-    """Run the server until a signal or a fatal worker failure; return the exit code."""
+async def serve(deployment: Deployment, worker_allocator: str = "glibc",
+                reread: Callable[[], Deployment] | None = None) -> int:
+    """Run the server until a signal or a fatal worker failure; return the exit code. SIGHUP
+    rereads the models (`reread`) and reloads them (front/models.Models.reload)."""
     loop = asyncio.get_running_loop()
     config = deployment.config
     runtime = Models(deployment, worker_allocator=worker_allocator)
@@ -59,6 +61,7 @@ async def serve(deployment: Deployment, worker_allocator: str = "glibc") -> int:
     else:
         runtime.start()
     notifications = asyncio.create_task(_notify_systemd(runtime, notifier))
+    reloads = asyncio.create_task(_reload_on_sighup(runtime, reread or (lambda: deployment)))
     await runtime.stop_requested.wait()
     if runtime.stop_signal:
         log.info("%s received: shutting down", runtime.stop_signal)
@@ -67,6 +70,7 @@ async def serve(deployment: Deployment, worker_allocator: str = "glibc") -> int:
         await runtime.drain()
     await runtime.stop()
     notifications.cancel()
+    reloads.cancel()
     for server in servers:
         server.close()
     await runner.cleanup()
@@ -131,6 +135,23 @@ async def _notify_systemd(runtime: Models, notifier: systemd.Notifier) -> None:
             await asyncio.wait_for(runtime.changed.wait(), tick)
 
 
+async def _reload_on_sighup(models: Models, reread: Callable[[], Deployment]) -> None:
+    """SIGHUP (recorded by its handler; acted on here): reread the models, reload them. A
+    declaration that does not parse is logged, and the models serve on as they were."""
+    requested = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, requested.set)
+    while True:
+        await requested.wait()
+        requested.clear()
+        log.info("SIGHUP received: rereading the models")
+        try:
+            deployment = reread()
+        except (ConfigError, SystemExit) as exc:
+            log.error("SIGHUP: the models did not parse (%s); serving them as they were", exc)
+            continue
+        await models.reload(deployment)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -155,4 +176,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return ExitCode.USAGE
     log.info("model processes' allocator: %s", worker_allocator)
-    return asyncio.run(serve(deployment, worker_allocator))
+    return asyncio.run(serve(deployment, worker_allocator, reread=lambda: load_deployment(argv)))

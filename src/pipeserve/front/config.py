@@ -183,6 +183,14 @@ class Config:
         64 * 1024 * 1024, parse_size,
         "Most pixels (width x height) in one image input, read from its header before it is "
         "decoded; more gets 413.", "N", shown="64M")
+    max_loaded_models: int = setting(
+        0, parsers.non_negative_int,
+        "Most models loaded at once; a request for another loads it, unloading the least recently "
+        "used idle one.", "N", shown="0 = all")
+    keep_alive: float | None = setting(
+        None, parsers.keep_alive,
+        "Unload a model idle this long (e.g. 5m); its next request loads it again.", "DURATION",
+        shown="forever")
     served_model_name: str | None = setting(
         None, parsers.optional_text,
         "The model name the OpenAI and TEI APIs report (and /v1/models lists).", "NAME",

@@ -25,7 +25,7 @@ from pipeserve.front.runtime import served_model_name
 # What belongs to the server, not to one model.
 SERVER_SETTINGS = frozenset({"host", "port", "max_connections", "header_timeout", "body_timeout",
                              "keepalive_timeout", "api_key", "api_key_file", "log_format", "log_level",
-                             "allocator", "max_body_bytes", "config"})
+                             "allocator", "max_body_bytes", "config", "max_loaded_models"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

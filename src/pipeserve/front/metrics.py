@@ -10,7 +10,7 @@ One registry for the server; every figure of one model carries a `model` label.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -59,6 +59,12 @@ class Metrics:
             ["model"], buckets=_TOKEN_BUCKETS, registry=self.registry)
         self.generated_tokens = Counter(
             "pipeserve_generated_tokens", "Tokens generated for streams.", ["model"], registry=self.registry)
+        self.model_loads = Counter(
+            "pipeserve_model_loads", "Models loaded after start, by reason (request: on demand; reload: SIGHUP).",
+            ["model", "reason"], registry=self.registry)
+        self.model_unloads = Counter(
+            "pipeserve_model_unloads", "Models unloaded, by reason (lru: to make room; keep_alive: idle too long; "
+            "reload: SIGHUP removed or replaced it).", ["model", "reason"], registry=self.registry)
         self.streams_ended = Counter(
             "pipeserve_streams", "Generated streams ended, by finish reason (cancelled: the client went "
             "away or its deadline passed).", ["model", "finish_reason"], registry=self.registry)
@@ -69,9 +75,14 @@ class Metrics:
         """What one model's batches and streams report to."""
         return ModelMetrics(self, name)
 
-    def bind(self, name: str, batcher: Batcher, supervisors: Sequence[Supervisor], streams: Streams) -> None:
+    def bind(self, name: str, batcher: Batcher, supervisors: Callable[[], Sequence[Supervisor]],
+             streams: Streams, loaded: Callable[[], bool]) -> None:
         """Expose a model's live state (gauges, drop counters) at scrape time."""
-        self._state.models[name] = (batcher, supervisors, streams)
+        self._state.models[name] = (batcher, supervisors, streams, loaded)
+
+    def unbind(self, name: str) -> None:
+        """A model no longer served (a reload removed it)."""
+        self._state.models.pop(name, None)
 
     def observe_request(self, route: str, status: int, seconds: float, asks_the_model: bool = True,
                         model: str = "") -> None:
@@ -113,7 +124,7 @@ class ModelMetrics:
 
 class _StateCollector(Collector):
     def __init__(self, started_at: float) -> None:
-        self.models: dict[str, tuple[Batcher, Sequence[Supervisor], Streams]] = {}
+        self.models: dict[str, tuple[Batcher, Callable[[], Sequence[Supervisor]], Streams, Callable[[], bool]]] = {}
         self.started_at = started_at
 
     def collect(self) -> Iterator[Metric]:
@@ -133,7 +144,9 @@ class _StateCollector(Collector):
         up = family(GaugeMetricFamily, "pipeserve_worker_up", "1 while the worker is loaded and serving.", "worker")
         load = family(GaugeMetricFamily, "pipeserve_model_load_seconds",
                       "How long the worker took to load and warm up.", "worker")
-        for name, (batcher, supervisors, streams) in self.models.items():
+        loaded = family(GaugeMetricFamily, "pipeserve_model_loaded", "1 while the model is loaded (its processes up).")
+        for name, (batcher, supervisors, streams, is_loaded) in self.models.items():
+            loaded.add_metric([name], 1.0 if is_loaded() else 0.0)
             depth.add_metric([name], batcher.depth)
             in_flight.add_metric([name], batcher.in_flight)
             sequences.add_metric([name], len(streams.open))
@@ -142,12 +155,12 @@ class _StateCollector(Collector):
             for refused_reason in Refused:
                 refused.add_metric([name, refused_reason.value], batcher.refused[refused_reason])
             batches.add_metric([name], batcher.batches)
-            for supervisor in supervisors:
+            for supervisor in supervisors():
                 label = [name, str(supervisor.index)]
                 restarts.add_metric(label, supervisor.restarts)
                 up.add_metric(label, 1.0 if supervisor.serving else 0.0)
                 if supervisor.ready is not None:
                     load.add_metric(label, supervisor.ready.load_seconds)
-        yield from (depth, in_flight, sequences, dropped, refused, batches, restarts, up, load)
+        yield from (loaded, depth, in_flight, sequences, dropped, refused, batches, restarts, up, load)
         yield GaugeMetricFamily("pipeserve_uptime_seconds", "Seconds since the front started.",
                                 value=time.time() - self.started_at)

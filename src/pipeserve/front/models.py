@@ -5,12 +5,20 @@ Isolation follows from the split: a model's crash, crash loop, overload or slow 
 only its own Runtime. A model that cannot load is reported (its requests answer 503 saying
 why, /ready and /info name it) while the others serve; only when it is the server's one model
 does the server exit, as it always has.
+
+More models than memory: with --max-loaded-models N only N are loaded at once; a request for
+another waits while it loads, and the least recently used idle model is unloaded to make room
+(a model with work under way never is). --keep-alive unloads a model idle that long. SIGHUP
+rereads the declarations (`reload`): a new model is started, a removed one drained and stopped,
+a changed one replaced once its new processes serve.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +26,7 @@ from aiohttp import web
 
 from pipeserve.front import errors
 from pipeserve.front.connections import ConnectionStats
-from pipeserve.front.deployment import Deployment
+from pipeserve.front.deployment import Deployment, ModelEntry
 from pipeserve.front.metrics import Metrics
 from pipeserve.front.runtime import Runtime
 from pipeserve.ipc import ExitCode
@@ -38,15 +46,22 @@ class Models:
         self.exit_code = ExitCode.OK
         self.draining = False
         self.failed: dict[str, str] = {}  # models that could not load, and why
+        self.max_loaded = self.config.max_loaded_models or len(deployment.models)
         self._cut_short = asyncio.Event()
-        extra = {"entry_point": entry_point} if entry_point else {}
-        several = len(deployment.models) > 1  # then each model's log lines name it
-        self.runtimes: dict[str, Runtime] = {
-            entry.name: Runtime(entry.config, worker_allocator=worker_allocator, name=entry.name,
-                                metrics=self.metrics, changed=self.changed, on_give_up=self._give_up,
-                                log_name=entry.name if several else "", **extra)
-            for entry in deployment.models}
+        self._lock = asyncio.Lock()  # one load, unload or reload decision at a time
+        self._extra = {"entry_point": entry_point} if entry_point else {}
+        self._allocator = worker_allocator
+        self._tasks: list[asyncio.Task[None]] = []
+        self.runtimes: dict[str, Runtime] = {}
+        for index, entry in enumerate(deployment.models):
+            runtime = self.runtimes[entry.name] = self._runtime(entry, several=len(deployment.models) > 1)
+            runtime.loaded = index < self.max_loaded  # the first N are loaded at start
         self.first = next(iter(self.runtimes.values()))
+
+    def _runtime(self, entry: ModelEntry, several: bool) -> Runtime:
+        return Runtime(entry.config, worker_allocator=self._allocator, name=entry.name, metrics=self.metrics,
+                       changed=self.changed, on_give_up=self._give_up, log_name=entry.name if several else "",
+                       **self._extra)
 
     def __iter__(self) -> Iterator[Runtime]:
         return iter(self.runtimes.values())
@@ -76,6 +91,69 @@ class Models:
     def start(self) -> None:
         for runtime in self:
             runtime.start()
+        if any(runtime.config.keep_alive is not None for runtime in self):
+            self._tasks.append(asyncio.create_task(self._keep_alive(), name="keep-alive"))
+
+    # --- loading on demand ----------------------------------------------------------------------------
+
+    async def hold(self, runtime: Runtime, deadline: float) -> None:
+        """A request chose `runtime`: it is not unloaded until `release`; if it is not loaded, it is
+        loaded now (room made by unloading the least recently used idle model), and the request
+        waits while it loads, within its deadline."""
+        runtime.holders += 1
+        runtime.unheld.clear()
+        runtime.last_used = time.monotonic()
+        if runtime.loaded and not runtime.demanded:
+            return
+        if not runtime.loaded:
+            async with self._lock:
+                if not runtime.loaded and runtime.failed is None and not self.draining:
+                    await self._make_room(runtime)
+                    log.info("loading model %r: a request asked for it", runtime.name)
+                    self.metrics.model_loads.labels(runtime.name, "request").inc()
+                    runtime.demanded = True
+                    runtime.load()
+        try:
+            await runtime.until_serving(deadline)
+        finally:
+            if runtime.unavailable_reason() is None:
+                runtime.demanded = False
+
+    def release(self, runtime: Runtime) -> None:
+        runtime.holders -= 1
+        runtime.last_used = time.monotonic()
+        if not runtime.holders:
+            runtime.unheld.set()
+
+    async def _make_room(self, wanted: Runtime) -> None:
+        loaded = [runtime for runtime in self if runtime.loaded and runtime is not wanted and runtime.failed is None]
+        if len(loaded) < self.max_loaded:
+            return
+        idle = [runtime for runtime in loaded if not runtime.busy]
+        if not idle:
+            raise errors.Overloaded(f"model {wanted.name!r} is not loaded, and each of the {self.max_loaded} loaded "
+                                    "models (--max-loaded-models) has work under way", retry_after=2)
+        victim = min(idle, key=lambda runtime: runtime.last_used)
+        await self._unload(victim, "lru", f"the least recently used, to make room for {wanted.name!r}")
+
+    async def _unload(self, runtime: Runtime, reason: str, why: str) -> None:
+        log.info("unloading model %r: %s", runtime.name, why)
+        self.metrics.model_unloads.labels(runtime.name, reason).inc()
+        await runtime.unload()
+
+    async def _keep_alive(self) -> None:
+        """Unload each model idle longer than its --keep-alive (checked every second)."""
+        while True:
+            await asyncio.sleep(1.0)  # a timer, not a synchronisation: idleness has no event
+            now = time.monotonic()
+            for runtime in list(self):
+                keep = runtime.config.keep_alive
+                if keep is None or not runtime.loaded or runtime.busy or now - runtime.last_used < keep:
+                    continue
+                async with self._lock:
+                    if runtime.loaded and not runtime.busy:
+                        await self._unload(runtime, "keep_alive", f"idle for {now - runtime.last_used:.0f}s "
+                                           f"(--keep-alive {keep:g}s)")
 
     def request_stop(self, signal_name: str) -> None:
         """Signal handler: only record; the main coroutine acts on it."""
@@ -109,7 +187,68 @@ class Models:
 
     async def stop(self) -> None:
         self.draining = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(runtime.stop() for runtime in self), return_exceptions=True)
+
+    # --- reloading (SIGHUP) -------------------------------------------------------------------------
+
+    async def reload(self, deployment: Deployment) -> None:
+        """Serve `deployment`'s models: start the new, replace the changed once their new
+        processes serve (the old one keeps serving until then, and drains after), drain and stop
+        the removed. A replacement that cannot load leaves the old one serving."""
+        async with self._lock:
+            several = len(deployment.models) > 1
+            started: dict[str, Runtime] = {}
+            for entry in deployment.models:
+                current = self.runtimes.get(entry.name)
+                if current is not None and current.config == entry.config and current.failed is None:
+                    continue
+                runtime = started[entry.name] = self._runtime(entry, several)
+                # Loaded where the one it replaces was, or where there is room for one more.
+                runtime.loaded = (current.loaded if current is not None
+                                  else sum(r.loaded for r in self) + len(started) <= self.max_loaded)
+                runtime.start()
+            for name, runtime in started.items():
+                if name in self.runtimes and runtime.loaded:
+                    try:
+                        await runtime.until_serving(time.monotonic() + runtime.config.load_timeout)
+                    except errors.PipeserveError as exc:
+                        log.error("reload: model %r's new settings do not serve (%s); the old ones stay", name,
+                                  exc.message)
+                        await runtime.stop()
+                        self.metrics.bind(name, *self._bound(self.runtimes[name]))
+                        del started[name]
+            names = [entry.name for entry in deployment.models]
+            retired = [runtime for name, runtime in self.runtimes.items() if name not in names or name in started]
+            self.runtimes = {name: started.get(name) or self.runtimes[name] for name in names}
+            self.first = next(iter(self.runtimes.values()))
+            for runtime in retired:
+                self.failed.pop(runtime.name, None)
+        for name in started:
+            log.info("reload: model %r %s", name, "replaced" if any(r.name == name for r in retired) else "added")
+            self.metrics.model_loads.labels(name, "reload").inc()
+        for runtime in retired:
+            removed = runtime.name not in self.runtimes
+            log.info("reload: model %r %s; draining it", runtime.name, "removed" if removed else "replaced")
+            self.metrics.model_unloads.labels(runtime.name, "reload").inc()
+            self._tasks.append(asyncio.create_task(self._retire(runtime, removed), name=f"retire-{runtime.name}"))
+        self.changed.set()
+
+    async def _retire(self, runtime: Runtime, removed: bool) -> None:
+        # The requests that chose it before the swap finish on it (within --drain-timeout) before
+        # its doors close: none of them is refused.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.unheld.wait(), runtime.config.drain_timeout)
+        await runtime.drain()
+        await runtime.stop()
+        if removed and runtime.name not in self.runtimes:
+            self.metrics.unbind(runtime.name)
+
+    @staticmethod
+    def _bound(runtime: Runtime) -> tuple[Any, ...]:
+        return (runtime.batcher, lambda: runtime.supervisors, runtime.streams, lambda: runtime.loaded)
 
     # --- state for the HTTP layer and systemd ----------------------------------------------------
 
@@ -120,7 +259,8 @@ class Models:
         reasons = [runtime.unavailable_reason() for runtime in self if runtime.name not in self.failed]
         if not reasons:
             return "failed"
-        return next((reason for reason in reasons if reason is not None), None)
+        # A model unloaded on purpose (--max-loaded-models, --keep-alive) loads on its next request.
+        return next((reason for reason in reasons if reason not in (None, "unloaded")), None)
 
     def readiness(self) -> dict[str, Any]:
         """Each model's status, for /ready's body."""

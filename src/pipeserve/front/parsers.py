@@ -55,6 +55,19 @@ def optional_positive_float(text: str) -> float | None:
     return None if text.strip().lower() in ("", "0", "none", "off") else positive_float(text)
 
 
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive(text: str) -> float | None:
+    """Seconds, as Ollama's keep_alive reads: "5m", "30s", "1h", "250ms", a plain number of
+    seconds; "forever" (or -1) never unloads."""
+    text = text.strip().lower()
+    if text in ("forever", "-1", "none", "off"):
+        return None
+    unit = next((unit for unit in ("ms", "s", "m", "h") if text.endswith(unit)), "")
+    return non_negative_float(text[:len(text) - len(unit)] or "x") * _UNITS.get(unit, 1.0)
+
+
 def secret_from_file(text: str) -> str:
     """The contents of a file (e.g. a systemd credential), without the trailing newline."""
     try:

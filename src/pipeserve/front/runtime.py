@@ -108,28 +108,83 @@ class Runtime:
         self.changed = changed or asyncio.Event()  # a worker changed state, or a stop began
         self.streams = Streams(config.max_running_sequences, self._serving_workers,
                                observe=observed.observe_stream, first_token=self.metrics.recent.first_token)
-        self.supervisors = [
-            Supervisor(index, config, self.model, self.batcher, self._give_up,
-                       functools.partial(self._serving, excluding=index),
-                       on_batch=observed.observe_batch, on_change=self._worker_changed,
-                       entry_point=entry_point, streams=self.streams, allocator=worker_allocator,
-                       log_name=log_name)
-            for index in range(config.worker_count())
-        ]
+        # A model is unloaded and loaded again (front/models.py): each load gets new supervisors.
+        self._make_supervisors = functools.partial(self._supervisors, entry_point, worker_allocator, log_name,
+                                                   observed.observe_batch)
+        self.supervisors = self._make_supervisors()
+        self.loaded = True  # its model processes are up, or coming up
+        self.holders = 0  # requests that chose it and have not been answered yet
+        self.unheld = asyncio.Event()  # set while holders == 0
+        self.unheld.set()
+        self.demanded = False  # loading because a request asked for it: requests wait, not 503
+        self.last_used = time.monotonic()
+        self._change: asyncio.Future[None] | None = None  # resolved at its next state change
         self.gpu = config.on_gpu()  # the front's guess until a model process reports its device
         self.started_at = time.time()
         self.draining = False
         self.exit_code = ExitCode.OK  # what a give-up with no `on_give_up` left (a bare Runtime's)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the supervisors'
+        self._watch: asyncio.Task[None] | None = None
         self._loaded: LoadedModel | None = None
-        self.metrics.bind(self.name, self.batcher, self.supervisors, self.streams)
+        self.metrics.bind(self.name, self.batcher, lambda: self.supervisors, self.streams, lambda: self.loaded)
+
+    def _supervisors(self, entry_point: str, worker_allocator: str, log_name: str,
+                     on_batch: Any) -> list[Supervisor]:
+        return [Supervisor(index, self.config, self.model, self.batcher, self._give_up,
+                           functools.partial(self._serving, excluding=index),
+                           on_batch=on_batch, on_change=self._worker_changed, entry_point=entry_point,
+                           streams=self.streams, allocator=worker_allocator, log_name=log_name)
+                for index in range(self.config.worker_count())]
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(s.run(), name=f"supervisor-{s.index}")
+        """Watch its streams; start its model processes unless it is to load on demand."""
+        self._watch = asyncio.create_task(self.streams.watch(self.config.batch_timeout), name="stream-watch")
+        if self.loaded:
+            self._supervise()
+
+    def _supervise(self) -> None:
+        self._tasks = [asyncio.create_task(s.run(), name=f"supervisor-{self.name}-{s.index}")
                        for s in self.supervisors]
-        self._tasks.append(asyncio.create_task(self.streams.watch(self.config.batch_timeout), name="stream-watch"))
+
+    def load(self) -> None:
+        """Start its model processes again (front/models.py loads a model on demand)."""
+        if self.loaded:
+            return
+        self.loaded = True
+        self.supervisors = self._make_supervisors()
+        self._supervise()
+        self._worker_changed()
+
+    async def unload(self) -> None:
+        """Stop its model processes; it is idle (front/models.py checks), so nothing is lost."""
+        self.loaded = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in self.supervisors), return_exceptions=True)
+        self._tasks = []
+        self._worker_changed()
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything of it is under way: a request that chose it, queued or running inputs,
+        open streams. A busy model is never unloaded."""
+        return bool(self.holders or self.batcher.depth or self.batcher.in_flight or self.streams.open)
+
+    async def until_serving(self, deadline: float) -> None:
+        """Wait while it loads: Unavailable if it cannot be served, RequestTimeout past `deadline`."""
+        while (reason := self.unavailable_reason()) is not None:
+            if reason in ("failed", "draining", "unloaded"):
+                self.serving_model()  # raises, saying why
+            if self._change is None or self._change.done():
+                self._change = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._change), deadline - time.monotonic())
+            except TimeoutError:
+                raise errors.RequestTimeout(f"model {self.name!r} did not load before this request's "
+                                            "deadline") from None
 
     def _give_up(self, exit_code: ExitCode, reason: str) -> None:
         if self._on_give_up is not None:
@@ -141,6 +196,8 @@ class Runtime:
         self.changed.set()
 
     def _worker_changed(self) -> None:
+        if self._change is not None and not self._change.done():
+            self._change.set_result(None)
         # The queue drains through the workers serving now, not through those restarting.
         self.batcher.workers = max(1, sum(s.serving for s in self.supervisors))
         ready = next((s.ready for s in self.supervisors if s.ready is not None), None)
@@ -192,9 +249,10 @@ class Runtime:
         """Stop the supervisors and their workers; answer whatever is left with 503."""
         self.draining = True
         self.batcher.close("the server is shutting down")
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._watch] if self._watch else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.streams.settle(timeout=1.0)  # Cancel messages still on their way
         await asyncio.gather(*(s.stop() for s in self.supervisors), return_exceptions=True)
         self.batcher.fail_queued(lambda: errors.Unavailable("the server is shutting down"))
@@ -211,6 +269,8 @@ class Runtime:
         """Why /ready is 503 (and new work is refused), or None when serving."""
         if self.failed is not None:
             return "failed"
+        if not self.loaded and not self.draining:
+            return "unloaded"
         if self.draining:
             return "draining"
         if self._serving():
@@ -230,6 +290,8 @@ class Runtime:
             message = _UNAVAILABLE_MESSAGES.get(reason or "", "the model is not available")
             if self.failed is not None:
                 message = f"model {self.name!r} cannot be served: {self.failed}"
+            elif reason == "unloaded":
+                message = f"model {self.name!r} is not loaded"
             raise errors.Unavailable(message, retry_after=retry)
         return self._loaded
 

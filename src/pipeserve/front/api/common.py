@@ -58,10 +58,18 @@ def model_of(request: web.Request, name: str | None = None) -> Runtime:
     return chosen
 
 
-def serving_model(request: web.Request, name: str | None = None) -> LoadedModel:
-    """The request's model, loaded and able to serve its route: 503 while it does not serve,
-    400 saying why when its task (or what else the route requires) does not fit."""
-    loaded = model_of(request, name).serving_model()
+HELD = web.RequestKey("held", Runtime)  # the model this request holds loaded (http releases it)
+
+
+async def serving_model(request: web.Request, name: str | None = None) -> LoadedModel:
+    """The request's model, loaded and able to serve its route: held loaded until the request is
+    answered (and loaded first if it was not: front/models.py), 503 while it does not serve, 400
+    saying why when its task (or what else the route requires) does not fit."""
+    runtime = model_of(request, name)
+    if HELD not in request:
+        request[HELD] = runtime
+        await request.app[MODELS].hold(runtime, request_deadline(request))
+    loaded = runtime.serving_model()
     route = request.get(ROUTE)
     refusal = route.refusal(loaded.ready) if route is not None else None
     if refusal is not None:
@@ -104,12 +112,12 @@ def check_input_sizes(inputs: Sequence[Any], limit: int) -> None:
                                          "(--max-input-bytes)")
 
 
-def require_task(route: Route, request: web.Request) -> None:
+async def require_task(route: Route, request: web.Request) -> None:
     """Before a model route reads its body: its model chosen (by path, or the first) and checked
     (serving_model). A route whose body names the model (OpenAI's) is checked once it is read."""
     request[ROUTE] = route
     if not route.model_field:
-        serving_model(request)
+        await serving_model(request)
 
 
 async def run_jobs(request: web.Request, model: LoadedModel, inputs: Sequence[Any],

@@ -201,7 +201,7 @@ def _usage(end: ipc.StreamEnd) -> dict[str, int]:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     document = decode(await common.read_body(request), CompletionsRequest)
-    common.serving_model(request, document.model)
+    await common.serving_model(request, document.model)
     prompt = document.prompt if isinstance(document.prompt, str) else document.prompt[0]
     parameters = _sampling(document, document.max_tokens, common.max_new_tokens(common.model_of(request)))
     return await _respond(request, "text_completion", parameters, document, prompt=prompt)
@@ -213,7 +213,7 @@ def has_chat_template(ready: Ready) -> str | None:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     document = decode(await common.read_body(request), ChatRequest)
-    common.serving_model(request, document.model)
+    await common.serving_model(request, document.model)
     max_tokens = document.max_completion_tokens or document.max_tokens
     parameters = _sampling(document, max_tokens, common.max_new_tokens(common.model_of(request)))
     return await _respond(request, "chat.completion", parameters, document, messages=_messages(document.messages))

@@ -74,7 +74,7 @@ NESTED_SINGLE = frozenset({"text-classification"})
 
 async def predict(request: web.Request) -> web.StreamResponse:
     # First: while no model is loaded, what inputs and parameters it takes is not known yet.
-    model = common.serving_model(request)
+    model = await common.serving_model(request)
     # request.read() raises 413 past client_max_size (--max-body-bytes).
     body = await common.read_body(request)
     if not body:

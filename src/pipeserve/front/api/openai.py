@@ -103,7 +103,7 @@ class ModelList(Answer):
 
 async def embeddings(request: web.Request) -> web.Response:
     document = decode(await common.read_body(request), EmbeddingsRequest, hints={"input": _TOKEN_IDS_HINT})
-    model = common.serving_model(request, document.model)
+    model = await common.serving_model(request, document.model)
     inputs = [document.input] if isinstance(document.input, str) else document.input
     encoding = document.encoding_format or "float"
     parameters: dict[str, Any] = {"pooling": sentence_pooling(model.ready), "normalize": True}

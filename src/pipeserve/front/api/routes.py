@@ -83,7 +83,7 @@ NAMED_PREFIX = "/models/{model_name:.+}"  # every model route again, for the mod
 
 
 def add_routes(app: web.Application, routes: Sequence[Route],
-               check: Callable[[Route, web.Request], None]) -> None:
+               check: Callable[[Route, web.Request], Awaitable[None]]) -> None:
     """Register each route, a model route behind `check` (its model chosen and able to serve it),
     and again under /models/{name} unless its body names the model; `POST /models/{name}` (the
     Inference API's URL of one model) last, so that it does not take `/models/{name}/embed`."""
@@ -95,9 +95,9 @@ def add_routes(app: web.Application, routes: Sequence[Route],
         app.router.add_route(route.method, path, _checked(route, check))
 
 
-def _checked(route: Route, check: Callable[[Route, web.Request], None]) -> Handler:
+def _checked(route: Route, check: Callable[[Route, web.Request], Awaitable[None]]) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        check(route, request)
+        await check(route, request)
         return await route.handler(request)
 
     return handler

@@ -135,7 +135,7 @@ def sentence_pooling(ready: Ready) -> str:
 
 
 async def embed(request: web.Request) -> web.Response:
-    model = common.serving_model(request)
+    model = await common.serving_model(request)
     document = decode(await common.read_body(request), EmbedRequest)
     parameters = {"pooling": sentence_pooling(model.ready),
                   "normalize": True if document.normalize is None else document.normalize, **_truncation(document)}
@@ -151,7 +151,7 @@ def _texts(value: str | list[str]) -> list[str]:
 
 
 async def embed_all(request: web.Request) -> web.Response:
-    model = common.serving_model(request)
+    model = await common.serving_model(request)
     document = decode(await common.read_body(request), EmbedAllRequest)
     parameters = {"pooling": "none", "normalize": False, **_truncation(document)}
     if document.prompt_name is not None:
@@ -184,7 +184,7 @@ def _predict_inputs(value: str | list[Any]) -> tuple[list[Any], bool]:
 
 
 async def predict(request: web.Request) -> web.Response:
-    model = common.serving_model(request)
+    model = await common.serving_model(request)
     document = decode(await common.read_body(request), PredictRequest)
     items, batch = _predict_inputs(document.inputs)
     # The pipeline's default: softmax over several labels, sigmoid for one (as TEI does).
@@ -204,7 +204,7 @@ def is_reranker(ready: Ready) -> str | None:
 
 
 async def rerank(request: web.Request) -> web.Response:
-    model = common.serving_model(request)
+    model = await common.serving_model(request)
     document = decode(await common.read_body(request), RerankRequest)
     pairs = [{"text": document.query, "text_pair": text} for text in document.texts]
     jobs = await common.run_jobs(request, model, pairs, _classifier_parameters(document, "sigmoid"))
@@ -218,7 +218,7 @@ async def rerank(request: web.Request) -> web.Response:
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    model = common.serving_model(request)
+    model = await common.serving_model(request)
     document = decode(await common.read_body(request), TokenizeRequest)
     add_special = True if document.add_special_tokens is None else document.add_special_tokens
     jobs = await common.run_jobs(request, model, _texts(document.inputs), {"add_special_tokens": add_special},
@@ -227,7 +227,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def decode_ids(request: web.Request) -> web.Response:
-    model = common.serving_model(request)
+    model = await common.serving_model(request)
     document = decode(await common.read_body(request), DecodeRequest)
     ids = document.ids
     if all(isinstance(item, int) for item in ids):
