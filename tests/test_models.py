@@ -112,6 +112,11 @@ def test_each_model_is_reported_with_its_settings_and_a_model_label(retrieval: S
     assert 'pipeserve_worker_up{model="rerank",worker="0"} 1.0' in metrics
     assert 'route="/models/{model_name}/predict"' in metrics and 'model="rerank"' in metrics
     assert "model=rerank" in retrieval.log  # the access log names it
+    document = retrieval.request("GET", "/openapi.json").json()
+    field = document["components"]["schemas"]["EmbeddingsRequest"]["properties"]["model"]["anyOf"][0]
+    assert field["enum"] == ["embed", "chat", "rerank"]  # with several, the body's model names one of them
+    path = document["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["schema"]
+    assert path["enum"] == ["embed", "chat", "rerank"]
 
 
 async def _load(server: Server, path: str, document: Any, count: int) -> list[int]:

@@ -182,7 +182,8 @@ async def stats(request: web.Request) -> web.Response:
 async def openapi_document(request: web.Request) -> web.Response:
     """The routes this server's model serves (all of them while none has loaded and --task is unset),
     with what they accept here."""
-    runtime = request.app[MODELS].first  # the root routes' model
+    models = request.app[MODELS]
+    runtime = models.first  # the root routes' model
     config = runtime.config
     loaded = runtime.loaded_model()
     ready = loaded.ready if loaded else None
@@ -191,7 +192,8 @@ async def openapi_document(request: web.Request) -> web.Response:
     facts = openapi.Facts(model_name=runtime.served_model_name, max_new_tokens=max_new_tokens(runtime),
                           max_items=config.max_items, parameters=loaded.schema if loaded else None,
                           open_parameters=loaded.open_parameters if loaded else False,
-                          details=ready.details if ready else {}, input_kind=ready.input_kind if ready else None)
+                          details=ready.details if ready else {}, input_kind=ready.input_kind if ready else None,
+                          model_names=tuple(model.name for model in models))
     return json_response(openapi.document(served, bool(config.required_api_key()), facts, task))
 
 

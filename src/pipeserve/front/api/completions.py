@@ -279,10 +279,10 @@ ROUTES = (
     Route("POST", "/v1/completions", completions, "Text completions (OpenAI), plain or streamed", DIALECT,
           request=CompletionsRequest, response=Completion, tasks=(GENERATION_TASK,), model_field=True,
           events=(CompletionChunk, OpenAIError), events_end="[DONE]",
-          examples=({"model": "any", "prompt": "Once upon a time", "max_tokens": 16},)),
+          examples=({"prompt": "Once upon a time", "max_tokens": 16},)),
     Route("POST", "/v1/chat/completions", chat_completions, "Chat completions (OpenAI), plain or streamed",
           DIALECT, request=ChatRequest, response=ChatCompletion, tasks=(GENERATION_TASK,), model_field=True,
           events=(ChatChunk, OpenAIError), events_end="[DONE]",
           requires=has_chat_template,
-          examples=({"model": "any", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},)),
+          examples=({"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},)),
 )

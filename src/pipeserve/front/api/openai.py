@@ -22,6 +22,7 @@ from pipeserve.front.api.contract import (
     Texts,
     decode,
     describe,
+    fact,
 )
 from pipeserve.front.api.routes import Dialect, Route
 from pipeserve.front.api.tei import sentence_pooling
@@ -55,7 +56,8 @@ def openai_body(error: errors.PipeserveError) -> dict[str, object]:
 
 
 DIALECT = Dialect("openai", openai_body, OpenAIError)
-AnyModel = Annotated[str, describe("any name: the served model answers")]
+AnyModel = Annotated[str, describe("with one model served, any name is it; with several, one of theirs "
+                                   "(unknown: 404 model_not_found)"), fact("model_field")]
 
 # --- embeddings and models ---------------------------------------------------------------------------
 
@@ -138,7 +140,7 @@ async def get_model(request: web.Request) -> web.Response:
 ROUTES = (
     Route("POST", "/v1/embeddings", embeddings, "Embeddings (OpenAI)", DIALECT,
           request=EmbeddingsRequest, response=EmbeddingsResponse, tasks=(EMBEDDING_TASK,), model_field=True,
-          examples=({"input": ["What is deep learning?", "A cat sat on the mat."], "model": "any"},)),
+          examples=({"input": ["What is deep learning?", "A cat sat on the mat."]},)),
     Route("GET", "/v1/models", list_models, "The served models (OpenAI)", DIALECT, response=ModelList,
           model_route=False),
     Route("GET", "/v1/models/{model:.+}", get_model, "One model by name (OpenAI)", DIALECT, response=ModelCard,

@@ -41,13 +41,14 @@ class Facts:
     `parameters` is None while no model has loaded: the marks then add nothing.
     """
 
-    model_name: str
+    model_name: str  # the root routes' model
     max_new_tokens: int
     max_items: int
     parameters: Mapping[str, ParamSpec] | None = None
     open_parameters: bool = False
     details: Mapping[str, Any] = field(default_factory=dict)  # the loaded model's (Ready.details)
     input_kind: InputKind | None = None
+    model_names: tuple[str, ...] = ()  # every model served (several: OpenAI's `model` names one)
 
     def raw_bodies(self, media: Sequence[str]) -> list[str]:
         """The raw media types the loaded model takes: text, or a file's bytes."""
@@ -58,8 +59,10 @@ class Facts:
 
     def resolve(self, name: str) -> dict[str, Any] | None:
         """The schema keywords for the fact `name`; None when no value can be valid here."""
-        if name == "model":
-            return {"enum": [self.model_name]}
+        if name == "model":  # /v1/models/{model}
+            return {"enum": list(self.model_names or (self.model_name,))}
+        if name == "model_field":  # an OpenAI body's: any name with one model, one of them with several
+            return {"enum": list(self.model_names)} if len(self.model_names) > 1 else {}
         if name == "max_new_tokens":
             return {"maximum": self.max_new_tokens}
         if self.parameters is None:
