@@ -293,3 +293,31 @@ def test_sighup_reloads_the_models_under_load_without_failing_a_request(tiny_mod
     assert _post(server, "/models/b/predict", {"inputs": "x"}).status == 404
     assert "reload: model 'a' replaced" in server.log and "reload: model 'b' removed" in server.log
     server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_model_with_work_under_way_is_never_unloaded(tmp_path: Path) -> None:
+    import threading
+
+    config = tmp_path / "models.toml"
+    config.write_text('[models.a]\npipeline = "custom_pipelines:make"\n[models.b]\npipeline = "custom_pipelines:make"\n')
+    server = Server(["--config", str(config), "--max-loaded-models", "1"]).wait_ready()
+    gate = tmp_path / "gate"
+    held: list[int] = []
+    try:
+        assert _loaded(server) == {"a": True, "b": False}
+        worker = threading.Thread(target=lambda: held.append(_post(server, "/models/a", {"inputs": f"WAIT:{gate}"}).status))
+        worker.start()
+        wait_until(lambda: server.info()["models"]["a"]["counters"]["in_flight"] == 1, 30)
+        refused = _post(server, "/models/b", {"inputs": "x"})  # the one loaded model is busy: no room
+        assert refused.status == 503 and "has work under way" in refused.json()["error"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert _loaded(server) == {"a": True, "b": False}
+        gate.touch()
+        worker.join(30)
+        assert held == [200]
+        assert _post(server, "/models/b", {"inputs": "x"}).status == 200  # a is idle now: it makes room
+        assert _loaded(server) == {"a": False, "b": True}
+    finally:
+        gate.touch()
+        server.stop()
