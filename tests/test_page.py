@@ -142,6 +142,9 @@ def test_the_model_picker_switches_the_form_and_the_routes(start_server: Callabl
     bars = _bars(page.run())
     assert sorted(name for name, _ in bars) == ["NEGATIVE", "POSITIVE"]
     assert any(url.endswith("/models/sentiment") for url in page.requests), page.requests
+    # Its figures too (evaluate lets playwright deliver the request events it has received).
+    wait_until(lambda: page.page.evaluate("1") and any(url.endswith("/stats?model=sentiment")
+                                                       for url in page.requests), 10)
     page.screenshot("picker", tmp_path)
 
 

@@ -176,7 +176,10 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return json_response(request.app[MODELS].first.stats())
+    """The first model's live figures, or `?model=NAME`'s (request totals and latency are the server's)."""
+    models = request.app[MODELS]
+    name = request.query.get("model")
+    return json_response((models.named(name) if name else models.first).stats())
 
 
 async def openapi_document(request: web.Request) -> web.Response:

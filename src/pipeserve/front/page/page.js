@@ -326,7 +326,7 @@ function render() {
 async function poll() {
   if (document.hidden) return; // nobody looks: ask nothing
   try {
-    points.push(point(await call("/stats")));
+    points.push(point(await call(chosenModel ? `/stats?model=${encodeURIComponent(chosenModel)}` : "/stats")));
     if (points.length > HISTORY) points.shift();
     render();
   } catch (error) {
@@ -365,6 +365,7 @@ async function start() {
     $("picker").replaceChildren(...names.map((name) => el("option", { value: name, text: name })));
     $("picker").onchange = () => {
       chosenModel = $("picker").value;
+      points.length = 0; // another model's figures from here on
       tryModel({ ...models[chosenModel], model_id: chosenModel });
     };
   }
