@@ -67,6 +67,6 @@ def test_facts_fill_the_server_specific_parts() -> None:
                                  {"type": "null"}]},
         "prompt_name": {"anyOf": [{"type": "string", contract.FACT_KEY: "parameter:prompt_name"}, {"type": "null"}]},
     }, "required": ["prompt_name"]}
-    filled = _fill(schema, Facts(model_name="m", max_new_tokens=8, max_items=10, parameters={}))
+    filled = _fill(schema, Facts(model_name="m", max_new_tokens=8, parameters={}))
     assert filled["properties"]["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 8}
     assert "prompt_name" not in filled["properties"] and filled["required"] == []  # the model takes none

@@ -193,7 +193,7 @@ async def openapi_document(request: web.Request) -> web.Response:
     task = ready.task if ready else config.task
     served = [route for route in ROUTES if route.refusal(ready, task) is None]
     facts = openapi.Facts(model_name=runtime.served_model_name, max_new_tokens=max_new_tokens(runtime),
-                          max_items=config.max_items, parameters=loaded.schema if loaded else None,
+                          parameters=loaded.schema if loaded else None,
                           open_parameters=loaded.open_parameters if loaded else False,
                           details=ready.details if ready else {}, input_kind=ready.input_kind if ready else None,
                           model_names=tuple(model.name for model in models))

@@ -218,7 +218,7 @@ class Models:
                         log.error("reload: model %r's new settings do not serve (%s); the old ones stay", name,
                                   exc.message)
                         await runtime.stop()
-                        self.metrics.bind(name, *self._bound(self.runtimes[name]))
+                        self.runtimes[name].bind_metrics()
                         del started[name]
             names = [entry.name for entry in deployment.models]
             retired = [runtime for name, runtime in self.runtimes.items() if name not in names or name in started]
@@ -245,10 +245,6 @@ class Models:
         await runtime.stop()
         if removed and runtime.name not in self.runtimes:
             self.metrics.unbind(runtime.name)
-
-    @staticmethod
-    def _bound(runtime: Runtime) -> tuple[Any, ...]:
-        return (runtime.batcher, lambda: runtime.supervisors, runtime.streams, lambda: runtime.loaded)
 
     # --- state for the HTTP layer and systemd ----------------------------------------------------
 

@@ -126,6 +126,11 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []  # the supervisors'
         self._watch: asyncio.Task[None] | None = None
         self._loaded: LoadedModel | None = None
+        self.bind_metrics()
+
+    def bind_metrics(self) -> None:
+        """Its live state at scrape time, under its name (again, where a reload's failed
+        replacement had taken the name)."""
         self.metrics.bind(self.name, self.batcher, lambda: self.supervisors, self.streams, lambda: self.loaded)
 
     def _supervisors(self, entry_point: str, worker_allocator: str, log_name: str,

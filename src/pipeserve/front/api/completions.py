@@ -33,8 +33,6 @@ from pipeserve.front.jsonio import json_response
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import GENERATION_TASK, Ready
 
-Only = msgspec.Meta
-
 
 class StreamOptions(Body):
     include_usage: bool | None = None
@@ -49,17 +47,17 @@ class Sampling(Body):
     top_p: TopP | None = None
     stop: NonEmptyText | StopList | None = None
     seed: Seed | None = None
-    n: Annotated[int, Only(ge=1, le=1)] | None = None
+    n: Annotated[int, neutral(1)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool | None = None
-    presence_penalty: Annotated[float, Only(ge=0, le=0)] | None = None
-    frequency_penalty: Annotated[float, Only(ge=0, le=0)] | None = None
+    presence_penalty: Annotated[float, neutral(0)] | None = None
+    frequency_penalty: Annotated[float, neutral(0)] | None = None
 
 
 class CompletionsRequest(Sampling, kw_only=True):
-    prompt: str | Annotated[list[str], Only(min_length=1, max_length=1)]
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
     echo: Annotated[bool, neutral(False)] | None = None
     logprobs: None = None
 
@@ -76,7 +74,7 @@ class Message(Body):
 
 
 class ChatRequest(Sampling, kw_only=True):
-    messages: Annotated[list[Message], Only(min_length=1)]
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     max_completion_tokens: MaxNewTokens | None = None
     logprobs: Annotated[bool, neutral(False)] | None = None
 

@@ -61,9 +61,13 @@ def exact_schemas() -> dict[str, dict[str, Any]]:
 
 
 def neutral(value: Any) -> msgspec.Meta:
-    """Accepted at one value only (a client may send the field; anything else is refused)."""
-    return msgspec.Meta(description=f"accepted only as {orjson.dumps(value).decode()}",
-                        extra_json_schema={"const": value})
+    """Accepted at one value only (a client may send the field; anything else is refused): a
+    number by its bounds, which decoding checks; a boolean by the document's `const`, which its
+    handler checks (msgspec has no constraint for a boolean)."""
+    described = f"accepted only as {orjson.dumps(value).decode()}"
+    if isinstance(value, bool):
+        return msgspec.Meta(description=described, extra_json_schema={"const": value})
+    return msgspec.Meta(ge=value, le=value, description=described)
 
 
 # --- the rules two routes share, each named once ------------------------------------------------
@@ -181,7 +185,3 @@ def invalid(exc: msgspec.ValidationError, kind: Any = None, hints: Mapping[str, 
     hint = (hints or {}).get(field)
     return errors.BadRequest(message + (f" ({hint})" if hint else ""), param=field or None)
 
-
-def schema_of(kind: Any) -> dict[str, Any]:
-    """The JSON Schema of a declared type, inline (no references), for tests and tools."""
-    return msgspec.json.schema(kind)

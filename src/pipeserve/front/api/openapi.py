@@ -43,7 +43,6 @@ class Facts:
 
     model_name: str  # the root routes' model
     max_new_tokens: int
-    max_items: int
     parameters: Mapping[str, ParamSpec] | None = None
     open_parameters: bool = False
     details: Mapping[str, Any] = field(default_factory=dict)  # the loaded model's (Ready.details)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-import msgspec
 import orjson
 from aiohttp import web
 
@@ -37,9 +36,6 @@ from pipeserve.front.jsonio import json_response
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import GENERATION_TASK
 
-# Accepted at their neutral value only (huggingface_hub sends them); anything else is refused.
-Only = msgspec.Meta
-
 
 class Parameters(Body):
     max_new_tokens: MaxNewTokens | None = None
@@ -54,11 +50,12 @@ class Parameters(Body):
     return_full_text: bool | None = None
     decoder_input_details: Annotated[bool, neutral(False)] | None = None
     watermark: Annotated[bool, neutral(False)] | None = None
-    best_of: Annotated[int, Only(ge=1, le=1)] | None = None
-    top_n_tokens: Annotated[int, Only(ge=0, le=0)] | None = None
-    repetition_penalty: Annotated[float, Only(ge=1, le=1)] | None = None
-    frequency_penalty: Annotated[float, Only(ge=0, le=0)] | None = None
-    typical_p: Annotated[float, Only(ge=1, le=1)] | None = None
+    # Accepted at their neutral value only (huggingface_hub sends them); anything else is refused.
+    best_of: Annotated[int, neutral(1)] | None = None
+    top_n_tokens: Annotated[int, neutral(0)] | None = None
+    repetition_penalty: Annotated[float, neutral(1)] | None = None
+    frequency_penalty: Annotated[float, neutral(0)] | None = None
+    typical_p: Annotated[float, neutral(1)] | None = None
     truncate: None = None
     grammar: None = None
     adapter_id: None = None
