@@ -45,7 +45,6 @@ class Models:
         self.stop_signal: str | None = None
         self.exit_code = ExitCode.OK
         self.draining = False
-        self.failed: dict[str, str] = {}  # models that could not load, and why
         self.max_loaded = self.config.max_loaded_models or len(deployment.models)
         self._cut_short = asyncio.Event()
         self._lock = asyncio.Lock()  # one load, unload or reload decision at a time
@@ -168,10 +167,9 @@ class Models:
         it was the only one; otherwise that model is reported and the others go on."""
         log.error("%s", reason)
         if len(self.runtimes) > 1:
-            if runtime.name not in self.failed:
-                self.failed[runtime.name] = reason
+            if runtime.failed is None:
                 runtime.failed = reason
-                asyncio.get_running_loop().create_task(runtime.stop(), name=f"stop-{runtime.name}")
+                self._tasks.append(asyncio.get_running_loop().create_task(runtime.stop(), name=f"stop-{runtime.name}"))
             self.changed.set()
             return
         if self.exit_code == ExitCode.OK:
@@ -224,8 +222,6 @@ class Models:
             retired = [runtime for name, runtime in self.runtimes.items() if name not in names or name in started]
             self.runtimes = {name: started.get(name) or self.runtimes[name] for name in names}
             self.first = next(iter(self.runtimes.values()))
-            for runtime in retired:
-                self.failed.pop(runtime.name, None)
         for name in started:
             log.info("reload: model %r %s", name, "replaced" if any(r.name == name for r in retired) else "added")
             self.metrics.model_loads.labels(name, "reload").inc()
@@ -252,7 +248,7 @@ class Models:
         """Why /ready is 503: draining, or a model (not one that failed for good) not serving."""
         if self.draining:
             return "draining"
-        reasons = [runtime.unavailable_reason() for runtime in self if runtime.name not in self.failed]
+        reasons = [runtime.unavailable_reason() for runtime in self if runtime.failed is None]
         if not reasons:
             return "failed"
         # A model unloaded on purpose (--max-loaded-models, --keep-alive) loads on its next request.
@@ -260,16 +256,14 @@ class Models:
 
     def readiness(self) -> dict[str, Any]:
         """Each model's status, for /ready's body."""
-        return {runtime.name: self.failed.get(runtime.name) or runtime.unavailable_reason() or "ready"
-                for runtime in self}
+        return {runtime.name: runtime.failed or runtime.unavailable_reason() or "ready" for runtime in self}
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""
         if len(self.runtimes) == 1:
             return self.first.status_line()
-        return "; ".join(f"{runtime.name}: {status}" for runtime, status in
-                         ((runtime, (self.failed.get(runtime.name) and "failed") or runtime.status_line())
-                          for runtime in self))
+        return "; ".join(f"{runtime.name}: {'failed' if runtime.failed else runtime.status_line()}"
+                         for runtime in self)
 
 
 MODELS = web.AppKey("models", Models)

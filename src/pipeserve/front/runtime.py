@@ -194,11 +194,10 @@ class Runtime:
     def _give_up(self, exit_code: ExitCode, reason: str) -> None:
         if self._on_give_up is not None:
             self._on_give_up(self, exit_code, reason)
-            return
-        if self.exit_code == ExitCode.OK:
+        elif self.exit_code == ExitCode.OK:
             log.error("%s", reason)
             self.exit_code = exit_code
-        self.changed.set()
+        self._worker_changed()  # a request waiting for it to load (until_serving) hears why at once
 
     def _worker_changed(self) -> None:
         if self._change is not None and not self._change.done():
