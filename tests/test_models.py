@@ -107,7 +107,11 @@ def test_each_model_is_reported_with_its_settings_and_a_model_label(retrieval: S
     assert info["served_model_name"] == "embed"  # the first model's, at the top, as with one model
     ready = retrieval.request("GET", "/ready").json()
     assert ready["models"] == {"embed": "ready", "chat": "ready", "rerank": "ready"}
+    before = retrieval.request("GET", "/stats").json()["requests"]
     _post(retrieval, "/models/rerank/predict", {"inputs": "x"})
+    _post(retrieval, "/models/rerank", {"inputs": "x"})
+    # Both ask the model: the page's figures count them (probes and scrapes they do not).
+    assert retrieval.request("GET", "/stats").json()["requests"] == before + 2
     metrics = retrieval.request("GET", "/metrics").body.decode()
     assert 'pipeserve_worker_up{model="rerank",worker="0"} 1.0' in metrics
     assert 'route="/models/{model_name}/predict"' in metrics and 'model="rerank"' in metrics

@@ -77,7 +77,7 @@ def _account(request: web.Request, status: int, seconds: float) -> None:
     route = resource.canonical if resource is not None else "/" if request.path == "/" else "unmatched"
     model = request.get(MODEL)
     name = model.name if model is not None else ""
-    asks = (request.method, route.removeprefix(_NAMED)) in _MODEL_ROUTES
+    asks = (request.method, _declared(request)) in _MODEL_ROUTES
     request.app[MODELS].metrics.observe_request(route, status, seconds, asks, model=name)
     batch_size = request.get(BATCH_SIZE) or None
     fields: dict[str, object] = {"method": request.method, "path": request.path, "status": status,
@@ -126,11 +126,17 @@ def require_api_key(key: str) -> Callable[[web.Request, Handler], Awaitable[web.
     return check
 
 
+def _declared(request: web.Request) -> str | None:
+    """The path of the route a request matched, as declared (a `/models/{name}/...` one without
+    its prefix); None when it matched none."""
+    resource = request.match_info.route.resource
+    return resource.canonical.removeprefix(_NAMED) or "/" if resource is not None else None
+
+
 def dialect_for(request: web.Request) -> Dialect:
     """Errors answer in the envelope of the API dialect the request came through: the one its
     route declares (under /models/{name} too), or OpenAI's anywhere under /v1/."""
-    resource = request.match_info.route.resource
-    declared = resource.canonical.removeprefix(_NAMED) or "/" if resource is not None else request.path
+    declared = _declared(request) or request.path
     return _DIALECT_BY_PATH.get(declared) or (openai.DIALECT if request.path.startswith("/v1/") else hf.DIALECT)
 
 
