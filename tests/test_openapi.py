@@ -92,6 +92,11 @@ def test_fuzzing_a_chat_generator_finds_nothing(chat_model: Path) -> None:  # no
         assert {"type": "integer", "minimum": 1, "maximum": 8} in parameters["max_new_tokens"]["anyOf"]
         stream = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
         assert set(stream) == {"application/json", "text/event-stream"}
+        # A rule across fields is in the document too: streamed, POST / takes one prompt.
+        assert "anyOf" in document["components"]["schemas"]["RootRequest"]
+        refused = server.request("POST", "/", json.dumps({"inputs": ["a", "b"], "stream": True}),
+                                 {"Content-Type": "application/json"})
+        assert refused.status == 400 and "one prompt" in refused.json()["error"]
         _fuzz(server)
     finally:
         server.stop()

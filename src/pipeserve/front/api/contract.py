@@ -46,17 +46,19 @@ def describe(text: str, **schema: Any) -> msgspec.Meta:
     return msgspec.Meta(description=text, extra_json_schema=schema or None)
 
 
-def exact_schemas() -> dict[str, dict[str, Any]]:
-    """{body type's name: {field: schema}} for the fields whose union msgspec decodes more
-    loosely than the document says (two list shapes in one field): such a Body names them in
-    its `exact` class variable, and its handler tells the shapes apart and refuses a mix."""
-    found: dict[str, dict[str, Any]] = {}
+def exact_schemas() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """{body type's name: ({field: schema}, {keyword: schema})} for what a Body's handler checks
+    beyond what msgspec decodes, so that the document says it too: a field whose union msgspec
+    takes more loosely (two list shapes in one field), in its `exact` class variable; a rule
+    across fields (stream needs one prompt), in `across`, added to the object's schema."""
+    found: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     todo: list[type] = [Body]
     while todo:
         kind = todo.pop()
         todo.extend(kind.__subclasses__())
-        if getattr(kind, "exact", None):
-            found[kind.__name__] = kind.exact  # type: ignore[attr-defined]
+        fields, rules = getattr(kind, "exact", None) or {}, getattr(kind, "across", None) or {}
+        if fields or rules:
+            found[kind.__name__] = (fields, rules)
     return found
 
 

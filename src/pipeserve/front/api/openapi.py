@@ -170,9 +170,10 @@ def document(routes: Sequence[Route], secured: bool, facts: Facts, task: str | N
         + [route.response for route in routes] + [route.dialect.error_body for route in routes]
         + [kind for route in routes for kind in route.events_for(task)]))
     inline, components = msgspec.json.schema_components(types, ref_template=_REFS)
-    for name, fields in exact_schemas().items():
+    for name, (fields, rules) in exact_schemas().items():
         if name in components:
             components[name]["properties"].update(fields)
+            components[name].update(rules)
     schemas = dict(zip(types, inline, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:

@@ -10,7 +10,7 @@ Errors before the stream starts use TEI/TGI's envelope too.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
 from aiohttp import web
@@ -74,6 +74,9 @@ class RootRequest(Body):
     parameters: Parameters | None = None
     stream: bool | None = None
     options: dict[str, Any] | None = None  # the hosted API's caching options: ignored
+    # Streamed, it takes one prompt (root() refuses a list): not streamed, or a string.
+    across: ClassVar = {"anyOf": [{"properties": {"stream": {"enum": [False, None]}}},
+                                  {"properties": {"inputs": {"type": "string"}}}]}
 
 
 class Token(Answer):
