@@ -17,8 +17,7 @@ import pytest
 from huggingface_hub import InferenceClient
 
 from conftest import TESTS_DIR, Server, _bert_tokenizer, png_bytes, wav_bytes
-from pipeserve.front.config import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
-from pipeserve.front.machine import gpu_likely
+from pipeserve.front.machine import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, gpu_likely
 
 TEI_OPENAPI = json.loads((TESTS_DIR / "data" / "tei_openapi.json").read_text())
 

@@ -18,9 +18,6 @@ import pytest
 
 from pipeserve import ipc
 from pipeserve.front.config import (
-    CPU_BATCH_TOKENS,
-    GPU_BATCH_TOKENS,
-    MAX_AUTO_WORKERS,
     Config,
     build_parser,
     env_name,
@@ -28,7 +25,7 @@ from pipeserve.front.config import (
     load_config,
     parse_size,
 )
-from pipeserve.front.machine import cores, gpu_likely
+from pipeserve.front.machine import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, MAX_AUTO_WORKERS, cores, gpu_likely
 
 
 def test_defaults() -> None:

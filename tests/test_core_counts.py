@@ -17,13 +17,13 @@ import pytest
 
 from conftest import Server, client_session, completed, counters, eventually, held_batch, input_count, post
 from pipeserve.front import machine
-from pipeserve.front.config import (
+from pipeserve.front.config import Config
+from pipeserve.front.machine import (
     CPU_BATCH_TOKENS,
     CPU_MIN_BATCH_FILL,
     GPU_BATCH_TOKENS,
     GPU_MIN_BATCH_FILL,
     MAX_AUTO_WORKERS,
-    Config,
 )
 from pipeserve.front.runtime import Runtime
 

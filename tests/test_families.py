@@ -92,3 +92,46 @@ def test_streams_joining_and_leaving_generate_what_each_prompt_gives_alone(
         assert tokens[stream] == _alone(model, tokenizer, prompt, len(tokens[stream])), (family, stream)
     # Row-by-row sharing where the cache allows it; the static-batch fallback where it does not.
     assert shared == (family != "mistral-sliding-window"), family
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_prompt_reusing_an_ended_sequences_prefix_generates_what_it_gives_alone(
+        family: str, task_models: dict[str, Path]) -> None:
+    """Issue #27 item 3: the second turn of a conversation prefills only what follows the first
+    turn's kept keys and values (prompt and reply), and its tokens are the whole sequence's own."""
+    from transformers import AutoTokenizer
+
+    from pipeserve.model.generation import Engine
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    model = _model(family, tokenizer)
+    engine = Engine(model, tokenizer, max_running=8, prefix_cache_bytes=64 << 20)
+    system = " ".join(["the good movie was a long one and this is what we saw"] * 4)
+    first_turn = _ended(engine, 1, system, 8)
+    reply = tokenizer.decode(first_turn.tokens)
+    second_prompt = system + reply + " hello world"
+    engine.add(ipc.Generate(9, "a", {**GREEDY, "max_new_tokens": 12}))  # running beside the second turn
+    _run(engine, steps=2)
+    second_turn = _ended(engine, 2, second_prompt, 6)
+    assert second_turn.tokens == _alone(model, tokenizer, second_prompt, 6), family
+    if family == "mistral-sliding-window":  # its cache cannot be cut into rows to keep
+        assert second_turn.end.cached_tokens == 0
+    else:  # the whole first turn was kept, up to its reply's last token (never fed back)
+        assert second_turn.end.cached_tokens >= first_turn.end.prompt_tokens, family
+
+
+class _Ended:
+    def __init__(self, tokens: list[int], end: ipc.StreamEnd) -> None:
+        self.tokens, self.end = tokens, end
+
+
+def _ended(engine: Any, stream: int, prompt: str, new: int) -> _Ended:
+    engine.add(ipc.Generate(stream, prompt, {**GREEDY, "max_new_tokens": new}))
+    tokens: list[int] = []
+    while True:
+        step = engine.step()
+        tokens += [token.id for token in step.tokens if token.stream_id == stream]
+        for end in step.ended:
+            if end.stream_id == stream:
+                return _Ended(tokens, end)

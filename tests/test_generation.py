@@ -196,7 +196,7 @@ def test_an_over_long_prompt_keeps_the_same_last_tokens_from_its_tail_alone(gpt2
     """Only a long prompt's end is tokenized; the tokens kept are those of the whole prompt's."""
     import random
 
-    from pipeserve.model.generation import tail_ids
+    from pipeserve.model.prompts import tail_ids
 
     tokenizer = gpt2[1] if kind == "word-level" else _byte_level_bpe()
     rng = random.Random(0)

@@ -105,8 +105,7 @@ def test_one_worker_per_listed_device(start_server: Any, tmp_path: Path) -> None
 
 
 def test_no_workers_flag_means_one_single_threaded_worker_per_core(start_server: Any) -> None:
-    from pipeserve.front.config import MAX_AUTO_WORKERS
-    from pipeserve.front.machine import cores
+    from pipeserve.front.machine import MAX_AUTO_WORKERS, cores
 
     server = start_server(*ECHO, "--device", "cpu", env={"PIPESERVE_WORKERS": "0"})
     expected = min(cores(), MAX_AUTO_WORKERS)

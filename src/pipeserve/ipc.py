@@ -140,6 +140,7 @@ class WorkerSpec:
     # With --devices cuda:N: CUDA_VISIBLE_DEVICES for this worker, which then uses cuda:0.
     visible_devices: str | None = None
     max_running_sequences: int = 32  # generated sequences sharing one decoding step
+    prefix_cache_bytes: int = 0  # kept keys and values of ended sequences, for prompts that start with them
     # The front's pid: a model process whose parent is no longer this is an orphan. Not "PID 1
     # means orphaned": in a container the front itself is PID 1.
     parent_pid: int = 0
@@ -274,6 +275,7 @@ class StreamEnd:
     prompt_tokens: int
     seed: int | None = None
     error: Failed | None = None
+    cached_tokens: int = 0  # of prompt_tokens, those whose keys and values a kept prefix gave
 
 
 @dataclass(frozen=True)

@@ -38,21 +38,6 @@ def setting(default: Any, parse: Callable[[str], Any], help: str, metavar: str |
                            "secret": secret, "repeat": repeat})
 
 
-# On a CPU, one single-threaded worker per core served the most: 1.4x one worker using both cores
-# at 64 clients on the 2-core bench machine (bench/TUNING.md). Each worker holds its own copy of
-# the model, so `auto` stops at a few; more cores then go to each worker's torch threads.
-MAX_AUTO_WORKERS = 4
-# Default most padded tokens in a batch. On a CPU a matrix product reaches its speed at a few
-# hundred rows (all-MiniLM-L6-v2, one thread: the same time per token at 400 rows as at 1,232),
-# so a bigger batch only holds a model process longer while others wait: at 64 clients on the
-# bench mix, 768 served +3.7 % req/s at a 7 % lower p99 than 8192 (bench/TUNING.md, five
-# alternating rounds). A GPU needs big batches to be busy; its default is the earlier one.
-CPU_BATCH_TOKENS = 768
-GPU_BATCH_TOKENS = 8192
-# Default least share of real tokens in a length-ordered batch: on a CPU every padded token costs
-# as much as a real one (0.85 served best, bench/TUNING.md); a GPU pads nearly for free.
-CPU_MIN_BATCH_FILL = 0.85
-GPU_MIN_BATCH_FILL = 0.0
 # A request's inputs enter the queue this many batches per worker at a time (api/common.py):
 # enough for length-aware batching to choose from, few enough that a request arriving meanwhile
 # waits behind one window, not behind the whole of a large request.
@@ -105,7 +90,7 @@ class Config:
         0, parsers.non_negative_int,
         "Most padded tokens in one batch (longest input's estimate x batch size); smaller on a "
         "CPU, where a bigger batch gains no speed but holds a model process longer (see README).",
-        "N", shown=f"0 = {CPU_BATCH_TOKENS} on a CPU, {GPU_BATCH_TOKENS} on a GPU")
+        "N", shown=f"0 = {machine.CPU_BATCH_TOKENS} on a CPU, {machine.GPU_BATCH_TOKENS} on a GPU")
     batch_order: str = setting(
         "length", parsers.choice("length", "arrival"),
         "length: batch inputs of similar length together (the oldest always goes next); "
@@ -123,8 +108,8 @@ class Config:
         None, parsers.optional_fraction,
         "With --batch-order length, leave an input for the next batch rather than fill a batch "
         "below this share of real (unpadded) tokens.",
-        "F", shown=f"auto = {CPU_MIN_BATCH_FILL} on a CPU (best measured), {GPU_MIN_BATCH_FILL:g} on a GPU, "
-        "where padding is nearly free")
+        "F", shown=f"auto = {machine.CPU_MIN_BATCH_FILL} on a CPU (best measured), "
+        f"{machine.GPU_MIN_BATCH_FILL:g} on a GPU, where padding is nearly free")
     max_queue: int = setting(
         128, parsers.positive_int,
         "Most items waiting for the model; beyond it requests get 503 at once.", "N")
@@ -199,6 +184,11 @@ class Config:
         32, parsers.positive_int,
         "Generated sequences one model process decodes together (continuous batching); as many "
         "more may wait in it, and beyond that a new stream gets 503 at once.", "N")
+    prefix_cache_bytes: int = setting(
+        512 * 1024 * 1024, parsers.size_or_off,
+        "Memory each model process keeps the keys and values of ended sequences in, so that a prompt "
+        "starting with one (a chat's system prompt and earlier turns) prefills only the rest; "
+        "least recently used first out. 0 turns prefix reuse off.", "SIZE", shown="512M")
     max_new_tokens: int = setting(
         1024, parsers.positive_int, "Most tokens one request may ask to generate; more gets 400.", "N")
     max_connections: int = setting(
@@ -225,7 +215,7 @@ class Config:
         "PATH", secret=True, shown="none")
     workers: int = setting(
         0, parsers.non_negative_int, "Model processes behind the front.", "N",
-        shown=f"0 = one per core on a CPU (at most {MAX_AUTO_WORKERS}), one on a GPU or for a text generator")
+        shown=f"0 = one per core on a CPU (at most {machine.MAX_AUTO_WORKERS}), one on a GPU or for a text generator")
     threads: int = setting(
         0, parsers.non_negative_int,
         "Torch threads per model process.", "N",
@@ -247,7 +237,7 @@ class Config:
             return self.workers
         if machine.gpu_likely(self.device) or machine.generates_text(self.model, self.task):
             return 1
-        return min(machine.cores(), MAX_AUTO_WORKERS)
+        return min(machine.cores(), machine.MAX_AUTO_WORKERS)
 
     def on_gpu(self) -> bool:
         """Whether any model process will (or, for auto, is likely to) run on a GPU."""
@@ -258,13 +248,13 @@ class Config:
         a model process reported; None: the front's guess)."""
         if self.max_batch_tokens:
             return self.max_batch_tokens
-        return GPU_BATCH_TOKENS if (self.on_gpu() if gpu is None else gpu) else CPU_BATCH_TOKENS
+        return machine.GPU_BATCH_TOKENS if (self.on_gpu() if gpu is None else gpu) else machine.CPU_BATCH_TOKENS
 
     def batch_fill(self, gpu: bool | None = None) -> float:
         """Least share of real tokens in a length-ordered batch: the flag, or the device's default."""
         if self.min_batch_fill is not None:
             return self.min_batch_fill
-        return GPU_MIN_BATCH_FILL if (self.on_gpu() if gpu is None else gpu) else CPU_MIN_BATCH_FILL
+        return machine.GPU_MIN_BATCH_FILL if (self.on_gpu() if gpu is None else gpu) else machine.CPU_MIN_BATCH_FILL
 
     def queue_reserve(self) -> int:
         """Room in the queue that a large request's windows leave to others: one batch."""

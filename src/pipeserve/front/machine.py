@@ -17,6 +17,23 @@ from pipeserve.ipc import GENERATION_ARCHITECTURES, GENERATION_TASK
 NVIDIA_DEVICE_PRESENT = os.path.exists("/dev/nvidia0")
 
 
+# On a CPU, one single-threaded worker per core served the most: 1.4x one worker using both cores
+# at 64 clients on the 2-core bench machine (bench/TUNING.md). Each worker holds its own copy of
+# the model, so `auto` stops at a few; more cores then go to each worker's torch threads.
+MAX_AUTO_WORKERS = 4
+# Default most padded tokens in a batch. On a CPU a matrix product reaches its speed at a few
+# hundred rows (all-MiniLM-L6-v2, one thread: the same time per token at 400 rows as at 1,232),
+# so a bigger batch only holds a model process longer while others wait: at 64 clients on the
+# bench mix, 768 served +3.7 % req/s at a 7 % lower p99 than 8192 (bench/TUNING.md, five
+# alternating rounds). A GPU needs big batches to be busy; its default is the earlier one.
+CPU_BATCH_TOKENS = 768
+GPU_BATCH_TOKENS = 8192
+# Default least share of real tokens in a length-ordered batch: on a CPU every padded token costs
+# as much as a real one (0.85 served best, bench/TUNING.md); a GPU pads nearly for free.
+CPU_MIN_BATCH_FILL = 0.85
+GPU_MIN_BATCH_FILL = 0.0
+
+
 def gpu_likely(device: str) -> bool:
     """Whether the worker's device is (or, for auto, will resolve to) a GPU."""
     if device.startswith("cuda"):

@@ -59,6 +59,9 @@ class Metrics:
             ["model"], buckets=_TOKEN_BUCKETS, registry=self.registry)
         self.generated_tokens = Counter(
             "pipeserve_generated_tokens", "Tokens generated for streams.", ["model"], registry=self.registry)
+        self.cached_prompt_tokens = Counter(
+            "pipeserve_cached_prompt_tokens", "Prompt tokens of streams not prefilled: a kept prefix's keys and "
+            "values served them (--prefix-cache-bytes).", ["model"], registry=self.registry)
         self.model_loads = Counter(
             "pipeserve_model_loads", "Models loaded after start, by reason (request: on demand; reload: SIGHUP).",
             ["model", "reason"], registry=self.registry)
@@ -115,6 +118,8 @@ class ModelMetrics:
         reason = stream.end.finish_reason if stream.end is not None else "cancelled"
         metrics.streams_ended.labels(self.name, reason).inc()
         metrics.generated_tokens.labels(self.name).inc(stream.tokens)
+        if stream.end is not None:
+            metrics.cached_prompt_tokens.labels(self.name).inc(stream.end.cached_tokens)
         if stream.first_token_at is not None:
             metrics.time_to_first_token.labels(self.name).observe(stream.first_token_at - stream.opened_at)
             if stream.tokens > 1:

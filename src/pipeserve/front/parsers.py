@@ -137,6 +137,11 @@ def optional_size(text: str) -> int | None:
     return None if text.strip().lower() in ("", "0", "none", "off") else parse_size(text)
 
 
+def size_or_off(text: str) -> int:
+    """A size, or 0 for off ('0', 'off')."""
+    return 0 if text.strip().lower() in ("0", "off") else parse_size(text)
+
+
 def text(text: str) -> str:
     return text
 

@@ -63,8 +63,8 @@ def worker_spec(config: Config, model: str, index: int, allocator: str = "glibc"
         max_worker_memory=config.max_worker_memory, log_level=config.log_level,
         log_format=config.log_format, worker_index=index,
         worker_name=f"{log_name}/worker[{index}]" if log_name else f"worker[{index}]",
-        max_running_sequences=config.max_running_sequences, parent_pid=os.getpid(),
-        max_image_pixels=config.max_image_pixels, allocator=allocator)
+        max_running_sequences=config.max_running_sequences, prefix_cache_bytes=config.prefix_cache_bytes,
+        parent_pid=os.getpid(), max_image_pixels=config.max_image_pixels, allocator=allocator)
 
 
 class Supervisor:

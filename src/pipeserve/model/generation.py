@@ -7,9 +7,13 @@ written, left-padded, into the cache's free rows); a finished or cancelled one l
 dropped). Each sequence has its own parameters: max_new_tokens, greedy or sampled
 (temperature, top_p, top_k) with its own seeded generator, stop sequences.
 
+A prompt that starts with the tokens of a sequence that ended earlier (a chat's system prompt
+and earlier turns) prefills only the rest, on that sequence's kept keys and values
+(prefix_cache.py).
+
 Models whose cache is not a plain DynamicCache (sliding windows, hybrid or recurrent layers)
-still stream, but without joining: a new sequence waits until the running ones have finished
-(static batches with per-row streaming).
+still stream, but without joining or prefix reuse: a new sequence waits until the running ones
+have finished (static batches with per-row streaming).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +28,9 @@ from typing import Any
 from pipeserve import ipc
 from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
 from pipeserve.model import kv_cache
+from pipeserve.model.prefix_cache import Hit, PrefixCache
+from pipeserve.model.prompts import tail_ids
+from pipeserve.model.sampling import sample_one, samples
 
 log = logging.getLogger("pipeserve.worker")
 
@@ -42,6 +48,7 @@ class Sequence:
     cancelled: bool = False
     prefix_offset: int = 0  # generated[prefix_offset:read_offset] is text already sent
     read_offset: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
 
     @property
     def max_new_tokens(self) -> int:
@@ -51,7 +58,7 @@ class Sequence:
 class Engine:
     """Runs generated sequences step by step; `step()` returns what the front must be told."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_running: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_running: int, prefix_cache_bytes: int = 0) -> None:
         import torch  # noqa: PLC0415 - the model process only
 
         self.torch = torch
@@ -68,6 +75,7 @@ class Engine:
         self.cache: Any = None
         self.mask: Any = None  # [rows, columns]: 1 where a row has a real token
         self.joinable = True  # False once a cache shows it cannot be stacked (see module doc)
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         forward_parameters = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache (the old name warns, then goes away).
         self._cache_keyword = "cache" if "cache" in forward_parameters else "past_key_values"
@@ -148,6 +156,17 @@ class Engine:
         return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
 
     def _prefill(self, sequences: list[Sequence]) -> list[ipc.Token]:
+        """Prefill newcomers together, except those reusing a kept prefix: each of those alone."""
+        together, tokens = [], []
+        for sequence in sequences:
+            hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
+            if hit is None:
+                together.append(sequence)
+            else:
+                tokens += self._prefill_on(hit, sequence)
+        return self._prefill_together(together) + tokens if together else tokens
+
+    def _prefill_together(self, sequences: list[Sequence]) -> list[ipc.Token]:
         torch = self.torch
         width = max(len(s.prompt_ids) for s in sequences)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
@@ -160,6 +179,23 @@ class Engine:
         self._join(_cache_of(output), mask)
         self.running.extend(sequences)
         return self._sample(output.logits[:, -1, :], sequences)
+
+    def _prefill_on(self, hit: Hit, sequence: Sequence) -> list[ipc.Token]:
+        """Prefill the prompt's tokens after a kept prefix, on a copy of the prefix's keys and values."""
+        from transformers.cache_utils import DynamicCache  # noqa: PLC0415 - the model process only
+
+        torch = self.torch
+        past = DynamicCache(ddp_cache_data=hit.layers())  # its first update copies: the entry stays as kept
+        prompt = sequence.prompt_ids
+        ids = torch.tensor([prompt[hit.length:]], device=self.device)
+        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
+        positions = torch.arange(hit.length, len(prompt), device=self.device).unsqueeze(0)
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **{self._cache_keyword: past}, **self._last_logits_only)
+        sequence.cached_tokens = hit.length
+        self._join(_cache_of(output), mask)
+        self.running.append(sequence)
+        return self._sample(output.logits[:, -1, :], [sequence])
 
     def _decode(self) -> list[ipc.Token]:
         torch = self.torch
@@ -196,8 +232,8 @@ class Engine:
         logits = logits.float()
         chosen = logits.argmax(dim=-1).tolist()  # greedy rows, all at once
         for row, sequence in enumerate(sequences):
-            if _samples(sequence.parameters):
-                chosen[row] = _sample_one(torch, logits[row], sequence.parameters, sequence.generator)
+            if samples(sequence.parameters):
+                chosen[row] = sample_one(torch, logits[row], sequence.parameters, sequence.generator)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen_logprobs = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
         special_ids = self._special_ids
@@ -229,7 +265,9 @@ class Engine:
     def _drop_cancelled(self) -> list[ipc.StreamEnd]:
         ended = [self._end(s, "cancelled") for s in self.waiting if s.cancelled]
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
-        ended += [self._end(s, "cancelled") for s in self.running if s.cancelled]
+        leaving = [s for s in self.running if s.cancelled]
+        ended += [self._end(s, "cancelled") for s in leaving]
+        self._remember(leaving)
         self._keep([s for s in self.running if not s.cancelled])
         return ended
 
@@ -241,8 +279,22 @@ class Engine:
                 keep.append(sequence)
             else:
                 ended.append(self._end(sequence, reason))
+        self._remember([s for s in self.running if s not in keep])
         self._keep(keep)
         return ended
+
+    def _remember(self, leaving: list[Sequence]) -> None:
+        """Keep the keys and values of sequences leaving the batch, for prompts that start with them."""
+        if self.prefixes is None or not self.joinable or not leaving:
+            return
+        for sequence in leaving:
+            tokens = sequence.prompt_ids + sequence.generated[:-1]  # the last token was never fed back
+            row = self.running.index(sequence)
+            if int(self.mask[row].sum()) != len(tokens):  # not one run of real columns at the right
+                continue
+            self.prefixes.keep(tokens, [(layer.keys[row:row + 1, :, -len(tokens):],
+                                         layer.values[row:row + 1, :, -len(tokens):])
+                                        for layer in self.cache.layers])
 
     def _finish_reason(self, sequence: Sequence) -> str | None:
         if not sequence.generated:
@@ -286,7 +338,7 @@ class Engine:
 
     def _end(self, sequence: Sequence, reason: str) -> ipc.StreamEnd:
         return ipc.StreamEnd(sequence.stream_id, reason, len(sequence.generated), len(sequence.prompt_ids),
-                             sequence.seed)
+                             sequence.seed, cached_tokens=sequence.cached_tokens)
 
     def fail_all(self, error: ipc.Failed) -> list[ipc.StreamEnd]:
         """End every sequence with an error (the step raised); the engine starts afresh."""
@@ -294,58 +346,9 @@ class Engine:
                  for s in [*self.waiting, *self.running]]
         self.waiting.clear()
         self.running, self.cache, self.mask, self.joinable = [], None, None, True
+        if self.prefixes is not None:
+            self.prefixes.clear()
         return ended
-
-
-# A prompt longer than the model's positions keeps only its last tokens. Tokenizing all of it
-# would cost time in proportion to its length on the loop that steps every other stream (a
-# 200 KB prompt: ~100 ms, bench/PROMPT_JOIN.md); only its tail is tokenized: a window of this
-# many characters per token kept, cut at a whitespace (the tokenizers served split text into
-# words there before merging, so the cut cannot change the tokens after it), used if it gives
-# the kept tokens with this many to spare. A window with no whitespace near its start (a long
-# run of one character, text without spaces) is not cut: the whole prompt is tokenized.
-_TAIL_CHARACTERS_PER_TOKEN = 16
-_TAIL_SPARE_TOKENS = 32
-_WHITESPACE = re.compile(r"\s")
-
-
-GREEDY_BELOW = 1e-5  # a temperature under this samples as greedy
-
-
-def tail_ids(tokenizer: Any, text: str, room: int, add_special_tokens: bool) -> list[int]:
-    """The tokens of `text` (the last `room` of them exactly as the whole text's), tokenizing only
-    as much of its end as needed."""
-    window = (room + _TAIL_SPARE_TOKENS) * _TAIL_CHARACTERS_PER_TOKEN
-    if len(text) > window:
-        cut = _WHITESPACE.search(text, len(text) - window, len(text) - window // 2)
-        if cut is not None:
-            ids = list(tokenizer(text[cut.start():], add_special_tokens=add_special_tokens)["input_ids"])
-            if len(ids) >= room + _TAIL_SPARE_TOKENS:
-                return ids
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-
-def _samples(parameters: dict[str, Any]) -> bool:
-    """Whether a sequence samples its tokens; otherwise it is greedy (temperature 0 is greedy too,
-    and so is one too small to divide the logits by without overflowing: vLLM draws the same line)."""
-    temperature = parameters.get("temperature")
-    return bool(parameters.get("do_sample")) and (temperature is None or temperature >= GREEDY_BELOW)
-
-
-def _sample_one(torch: Any, logits: Any, parameters: dict[str, Any], generator: Any) -> int:
-    """A sample after temperature, top-k and top-p, from the sequence's own generator."""
-    logits = logits / float(parameters.get("temperature") or 1.0)
-    top_k = parameters.get("top_k")
-    if top_k:
-        threshold = torch.topk(logits, min(int(top_k), logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    top_p = parameters.get("top_p")
-    if top_p is not None and 0 < top_p < 1:
-        ordered, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-        cut = cumulative - torch.softmax(ordered, dim=-1) > top_p  # keep the first token past p
-        logits = logits.masked_fill(torch.zeros_like(cut).scatter(0, order, cut), float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
 def _cache_of(output: Any) -> Any:

@@ -82,10 +82,15 @@ class ChatRequest(Sampling, kw_only=True):
 FinishReason = Literal["stop", "length"]
 
 
+class PromptTokensDetails(Answer):
+    cached_tokens: int  # prompt tokens whose keys and values a kept prefix gave (OpenAI's prompt caching field)
+
+
 class Usage(Answer):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(Answer):
@@ -192,9 +197,10 @@ def _finish(end: ipc.StreamEnd) -> str:
     return "length" if end.finish_reason == "length" else "stop"
 
 
-def _usage(end: ipc.StreamEnd) -> dict[str, int]:
+def _usage(end: ipc.StreamEnd) -> dict[str, Any]:
     return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.generated_tokens,
-            "total_tokens": end.prompt_tokens + end.generated_tokens}
+            "total_tokens": end.prompt_tokens + end.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": end.cached_tokens}}
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
