@@ -1,6 +1,6 @@
 """Generated streams at their edges, against a real server: clients that leave at every stage
-(while the request is read, handed to a busy worker, queued in it, decoding), refusals that
-come before the first event, and prompts over --max-input-bytes."""
+(while the request is read, handed to a busy worker, queued in it, prefilled, decoding), refusals
+that come before the first event, and prompts over --max-input-bytes."""
 
 from __future__ import annotations
 
@@ -54,6 +54,20 @@ def _read_until(sock: socket.socket, marker: bytes) -> bytes:
 
 def _open_streams(server: Server) -> int:
     return int(server.info()["counters"]["streams"]["open"])
+
+
+def _streams(server: Server) -> dict[str, int]:
+    return dict(server.info()["counters"]["streams"])
+
+
+def _open_connections(server: Server) -> int:
+    """Client connections the front holds open, counting the one that asks."""
+    return int(server.info()["counters"]["connections"]["open"])
+
+
+def _generated_tokens(server: Server) -> int:
+    """Tokens the front has handed to open streams (a released stream's later tokens are dropped)."""
+    return int(server.request("GET", "/stats").json()["generated_tokens"])
 
 
 def _running_sequences(server: Server) -> float:
@@ -123,9 +137,22 @@ def test_a_long_allowed_prompt_keeps_its_end(generator: Server) -> None:
 
 
 def test_a_client_that_leaves_while_its_body_is_read(generator: Server) -> None:
-    sock = _send(generator.port, "/generate_stream", _long(), body_bytes=10)
-    sock.close()
-    _no_stream_left(generator)
+    """No stream exists before the body is whole, so what shows the server noticed the client
+    leave is its connection: held open while the rest of the body is awaited, let go once the
+    client has closed it; and no stream was opened for the half a request."""
+    wait_until(lambda: _open_connections(generator) == 1, 30, message="only the asking connection open")
+    before = _streams(generator)
+    sock = _send(generator.port, "/generate_stream", _long(), body_bytes=10)  # of a ~90-byte body
+    try:
+        wait_until(lambda: _open_connections(generator) == 2, 30, message="the half-sent request's connection")
+    finally:
+        sock.close()
+    wait_until(lambda: _open_connections(generator) == 1, 30, message="its connection let go")
+    assert _streams(generator) == before  # none opened, none cancelled: the body was never whole
+    assert _running_sequences(generator) == 0
+    reply = generator.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                              {"Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
 
 
 def test_clients_that_leave_while_their_prompts_are_handed_to_a_stopped_worker(chat_model: Path) -> None:  # noqa: F811
@@ -168,6 +195,59 @@ def test_a_client_that_leaves_while_its_sequence_waits_in_the_worker(generator: 
     wait_until(lambda: _open_streams(generator) == 1, 30, message="the waiting one released")
     running.close()
     _no_stream_left(generator)
+
+
+@pytest.fixture(scope="module")
+def long_context_model(chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    """The chat model's tokenizer on a wider GPT-2 with 4096 positions: a prompt that fills them
+    takes about a second to prefill on one CPU thread (a few milliseconds per decoding step)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("long-context") / "tiny-long-context"
+    folder.mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=256, n_layer=6, n_head=4, n_positions=4096,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def test_a_client_that_leaves_while_its_prompt_is_prefilled(long_context_model: Path) -> None:
+    """The client closes once its stream is handed to the worker, while the worker prefills its
+    ~3,700-token prompt: the front lets the stream go before its first token, the worker drops
+    the sequence after that one forward pass instead of decoding it, and SIGTERM has nothing
+    left to wait for."""
+    # On the CPU with one thread, so the prefill's length does not depend on the machine's GPU or cores.
+    server = Server(["--model", str(long_context_model), "--max-running-sequences", "1",
+                     "--device", "cpu", "--threads", "1"]).wait_ready()
+    try:
+        steps, tokens = _streams(server)["steps"], _generated_tokens(server)
+        sock = _send(server.port, "/generate_stream", _long("the " * 4096))  # 400 new tokens: 3,696 kept
+        try:
+            wait_until(lambda: _open_streams(server) == 1, 30, interval=0.01, message="the stream handed over")
+        finally:
+            sock.close()  # without reading a byte: before the first event
+        wait_until(lambda: _running_sequences(server) == 0, 30, message="pipeserve_running_sequences 0")
+        assert _streams(server)["cancelled"] == 1
+        assert _generated_tokens(server) == tokens  # it left before its first token reached the front
+        # One sequence runs at a time: had the abandoned one gone on decoding, this one would wait
+        # behind its 400 steps. Steps: the abandoned prefill, this prefill and one decoding step
+        # (and one more, should the Cancel have reached the worker a step late).
+        reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {
+            "max_new_tokens": 2, "ignore_eos": True}}), {"Content-Type": "application/json"})
+        assert reply.status == 200, reply.body
+        assert _streams(server)["steps"] - steps <= 4, _streams(server)
+        _no_stream_left(server)
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(30) == 0
+        assert "draining" not in server.log  # nothing was left to wait for
+        assert "drain incomplete" not in server.log
+    finally:
+        server.stop()
 
 
 def test_a_client_that_leaves_while_decoding(generator: Server) -> None:
