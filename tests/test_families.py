@@ -96,10 +96,12 @@ def test_streams_joining_and_leaving_generate_what_each_prompt_gives_alone(
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_prompt_reusing_an_ended_sequences_prefix_generates_what_it_gives_alone(
+def test_prompts_reusing_ended_sequences_prefixes_generate_what_they_give_alone(
         family: str, task_models: dict[str, Path]) -> None:
-    """Issue #27 item 3: the second turn of a conversation prefills only what follows the first
-    turn's kept keys and values (prompt and reply), and its tokens are the whole sequence's own."""
+    """Issue #27 item 3: a conversation's next turn prefills only what follows its earlier turns'
+    kept keys and values (prompt and reply), and its tokens are the whole sequence's own. Two
+    conversations' second turns arrive together (prefixes of different lengths, prefilled in one
+    pass beside a running stream); a third turn then reuses what the second turn's row kept."""
     from transformers import AutoTokenizer
 
     from pipeserve.model.generation import Engine
@@ -107,31 +109,38 @@ def test_a_prompt_reusing_an_ended_sequences_prefix_generates_what_it_gives_alon
     tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
     model = _model(family, tokenizer)
     engine = Engine(model, tokenizer, max_running=8, prefix_cache_bytes=64 << 20)
-    system = " ".join(["the good movie was a long one and this is what we saw"] * 4)
-    first_turn = _ended(engine, 1, system, 8)
-    reply = tokenizer.decode(first_turn.tokens)
-    second_prompt = system + reply + " hello world"
-    engine.add(ipc.Generate(9, "a", {**GREEDY, "max_new_tokens": 12}))  # running beside the second turn
+    systems = {1: " ".join(["the good movie was a long one and this is what we saw"] * 4),
+               2: " ".join(["hello world this is a much longer prompt"] * 5)}
+    prompts = dict(systems)
+    for stream in (1, 2):
+        prompts[stream] += tokenizer.decode(_ended(engine, {stream: prompts[stream]}, 8)[stream][0]) + " hello world"
+    engine.add(ipc.Generate(9, "a", {**GREEDY, "max_new_tokens": 12}))  # running beside the second turns
     _run(engine, steps=2)
-    second_turn = _ended(engine, 2, second_prompt, 6)
-    assert second_turn.tokens == _alone(model, tokenizer, second_prompt, 6), family
-    if family == "mistral-sliding-window":  # its cache cannot be cut into rows to keep
-        assert second_turn.end.cached_tokens == 0
-    else:  # the whole first turn was kept, up to its reply's last token (never fed back)
-        assert second_turn.end.cached_tokens >= first_turn.end.prompt_tokens, family
+    second = _ended(engine, {11: prompts[1], 12: prompts[2]}, 6)
+    third_prompt = prompts[1] + tokenizer.decode(second[11][0]) + " the good"
+    third = _ended(engine, {13: third_prompt}, 6)
+    turns = {11: (prompts[1], second[11]), 12: (prompts[2], second[12]), 13: (third_prompt, third[13])}
+    for stream, (prompt, (tokens, end)) in turns.items():
+        assert tokens == _alone(model, tokenizer, prompt, 6), (family, stream)
+        if family == "mistral-sliding-window":  # its cache cannot be cut into rows to keep
+            assert end.cached_tokens == 0
+        else:  # the earlier turn was kept whole, up to its reply's last token (never fed back)
+            assert end.cached_tokens >= len(tokenizer(systems[1 if stream != 12 else 2])["input_ids"]), family
+    if family != "mistral-sliding-window":
+        # More than the first turn's entry gives: the second turn's row (a gap inside it) was kept.
+        assert turns[13][1][1].cached_tokens > turns[11][1][1].cached_tokens
 
 
-class _Ended:
-    def __init__(self, tokens: list[int], end: ipc.StreamEnd) -> None:
-        self.tokens, self.end = tokens, end
-
-
-def _ended(engine: Any, stream: int, prompt: str, new: int) -> _Ended:
-    engine.add(ipc.Generate(stream, prompt, {**GREEDY, "max_new_tokens": new}))
-    tokens: list[int] = []
-    while True:
+def _ended(engine: Any, prompts: dict[int, str], new: int) -> dict[int, tuple[list[int], ipc.StreamEnd]]:
+    """Add these prompts together; step until each has ended: its tokens and its end."""
+    for stream, prompt in prompts.items():
+        engine.add(ipc.Generate(stream, prompt, {**GREEDY, "max_new_tokens": new}))
+    tokens: dict[int, list[int]] = {stream: [] for stream in prompts}
+    ended: dict[int, ipc.StreamEnd] = {}
+    while len(ended) < len(prompts):
         step = engine.step()
-        tokens += [token.id for token in step.tokens if token.stream_id == stream]
-        for end in step.ended:
-            if end.stream_id == stream:
-                return _Ended(tokens, end)
+        for token in step.tokens:
+            if token.stream_id in tokens:
+                tokens[token.stream_id].append(token.id)
+        ended.update({end.stream_id: end for end in step.ended if end.stream_id in tokens})
+    return {stream: (tokens[stream], ended[stream]) for stream in prompts}

@@ -148,17 +148,3 @@ def test_a_longer_turn_replaces_the_entry_it_extends_and_a_hit_leaves_a_token_to
     assert store.lookup([*turn[:MIN_TOKENS - 1], 5000]) is None  # too short a share to be worth a lone prefill
     store.keep(list(range(MIN_TOKENS - 1)), _layers(MIN_TOKENS - 1))
     assert len(store.entries) == 1
-
-
-def test_a_kept_entry_is_a_copy_not_a_view_of_the_live_cache() -> None:
-    from pipeserve.model.prefix_cache import MIN_TOKENS, PrefixCache
-
-    store = PrefixCache(max_bytes=1 << 20)
-    live = _layers(MIN_TOKENS + 1)
-    store.keep(list(range(MIN_TOKENS + 1)), live)
-    for keys, values in live:  # the engine reuses its cache's rows once a sequence has left
-        keys.fill_(99.0)
-        values.fill_(99.0)
-    hit = store.lookup([*list(range(MIN_TOKENS + 1)), 3])
-    assert hit is not None
-    assert all(float(keys.max()) < 99.0 for keys, _ in hit.layers())

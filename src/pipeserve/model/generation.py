@@ -156,46 +156,39 @@ class Engine:
         return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
 
     def _prefill(self, sequences: list[Sequence]) -> list[ipc.Token]:
-        """Prefill newcomers together, except those reusing a kept prefix: each of those alone."""
-        together, tokens = [], []
+        """Prefill newcomers: those reusing a kept prefix in one pass, the others in another (a
+        whole prompt beside a short rest would pad every rest to its length)."""
+        fresh: list[Sequence] = []
+        reusing: list[tuple[Sequence, Hit | None]] = []
         for sequence in sequences:
             hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
             if hit is None:
-                together.append(sequence)
+                fresh.append(sequence)
             else:
-                tokens += self._prefill_on(hit, sequence)
-        return self._prefill_together(together) + tokens if together else tokens
+                sequence.cached_tokens = hit.length
+                reusing.append((sequence, hit))
+        tokens = self._prefill_on([(s, None) for s in fresh]) if fresh else []
+        return tokens + self._prefill_on(reusing) if reusing else tokens
 
-    def _prefill_together(self, sequences: list[Sequence]) -> list[ipc.Token]:
+    def _prefill_on(self, newcomers: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
+        """Prefill each prompt's tokens after its kept prefix (if any), on a copy of the prefixes'
+        keys and values, each left-padded: a row is [padding, prefix, padding, rest]."""
         torch = self.torch
-        width = max(len(s.prompt_ids) for s in sequences)
+        kept = [hit.length if hit is not None else 0 for _, hit in newcomers]
+        rests = [s.prompt_ids[length:] for (s, _), length in zip(newcomers, kept, strict=True)]
+        before, width = max(kept), max(len(rest) for rest in rests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in sequences],
-                           device=self.device)
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in sequences],
-                            device=self.device)
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                            **self._last_logits_only)
+        ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests], device=self.device)
+        mask = torch.tensor([[0] * (before - length) + [1] * length + [0] * (width - len(rest)) + [1] * len(rest)
+                             for length, rest in zip(kept, rests, strict=True)], device=self.device)
+        hits = [hit.layers() for _, hit in newcomers if hit is not None]
+        past = {self._cache_keyword: kv_cache.past(hits, before)} if hits else {}
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, before:],
+                            use_cache=True, **past, **self._last_logits_only)
+        sequences = [sequence for sequence, _ in newcomers]
         self._join(_cache_of(output), mask)
         self.running.extend(sequences)
         return self._sample(output.logits[:, -1, :], sequences)
-
-    def _prefill_on(self, hit: Hit, sequence: Sequence) -> list[ipc.Token]:
-        """Prefill the prompt's tokens after a kept prefix, on a copy of the prefix's keys and values."""
-        from transformers.cache_utils import DynamicCache  # noqa: PLC0415 - the model process only
-
-        torch = self.torch
-        past = DynamicCache(ddp_cache_data=hit.layers())  # its first update copies: the entry stays as kept
-        prompt = sequence.prompt_ids
-        ids = torch.tensor([prompt[hit.length:]], device=self.device)
-        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
-        positions = torch.arange(hit.length, len(prompt), device=self.device).unsqueeze(0)
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            **{self._cache_keyword: past}, **self._last_logits_only)
-        sequence.cached_tokens = hit.length
-        self._join(_cache_of(output), mask)
-        self.running.append(sequence)
-        return self._sample(output.logits[:, -1, :], [sequence])
 
     def _decode(self) -> list[ipc.Token]:
         torch = self.torch
@@ -290,10 +283,11 @@ class Engine:
         for sequence in leaving:
             tokens = sequence.prompt_ids + sequence.generated[:-1]  # the last token was never fed back
             row = self.running.index(sequence)
-            if int(self.mask[row].sum()) != len(tokens):  # not one run of real columns at the right
+            if int(self.mask[row].sum()) != len(tokens):
                 continue
-            self.prefixes.keep(tokens, [(layer.keys[row:row + 1, :, -len(tokens):],
-                                         layer.values[row:row + 1, :, -len(tokens):])
+            real = self.mask[row].nonzero().squeeze(1)  # a prefix reused in a batch left a gap in its row
+            self.prefixes.keep(tokens, [(layer.keys[row:row + 1].index_select(2, real),
+                                         layer.values[row:row + 1].index_select(2, real))
                                         for layer in self.cache.layers])
 
     def _finish_reason(self, sequence: Sequence) -> str | None:

@@ -112,6 +112,17 @@ def _place(buffer: Any, row: int, block: Any, length: int) -> None:
     buffer[row:row + count, :, pad:length] = block
 
 
+def past(prefixes: list[list[tuple[Any, Any]]], length: int) -> Any:
+    """A cache of kept prefixes' keys and values (per row, per layer), each row left-padded to
+    `length`: a copy, which the prefill of the prompts' rests then writes into."""
+    from transformers.cache_utils import DynamicCache  # noqa: PLC0415
+
+    cache = DynamicCache()
+    cache.layers = [growing_layer([row[layer][0] for row in prefixes], [row[layer][1] for row in prefixes],
+                                  length, len(prefixes)) for layer in range(len(prefixes[0]))]
+    return cache
+
+
 def grow_in_place(cache: Any, max_rows: int) -> None:
     for index, layer in enumerate(cache.layers):
         cache.layers[index] = growing_layer([layer.keys], [layer.values], layer.keys.shape[2], max_rows)

@@ -13,7 +13,8 @@ import os
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.model import adapters, embeddings, pooling, precision, prepack
+from pipeserve.ipc import GENERATION_TASK
+from pipeserve.model import adapters, embeddings, pooling, precision, prepack, weight_int8
 from pipeserve.model.tasks import task_for, task_for_architecture
 
 log = logging.getLogger("pipeserve.model")
@@ -49,6 +50,8 @@ def _load_in_precision(spec: ipc.WorkerSpec, device: str, torch: Any
         return load_custom(spec), ipc.Precision(spec.dtype, spec.dtype, note=note)
     if spec.dtype == "int8":
         call = load_transformers(spec, device, torch, "float32")
+        if call.task == GENERATION_TASK:  # weight-only: decoding reads the weights, not the activations
+            return call, weight_int8.apply(call, device, torch)
         return call, precision.quantize_int8(call, device, torch)
     if spec.dtype != "auto":
         return load_transformers(spec, device, torch, spec.dtype), ipc.Precision(spec.dtype, spec.dtype)

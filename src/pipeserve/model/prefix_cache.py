@@ -3,8 +3,8 @@
 A chat client sends the whole conversation every turn: the same system prompt, the earlier
 turns, then the new message. When a sequence leaves the engine, its tokens' keys and values
 (prompt and reply, all but the last token, whose keys were never computed) are copied out of
-the running batch's cache and kept here. A new prompt that starts with the tokens of a kept
-entry prefills only the rest, on top of a copy of the entry's keys and values.
+the running batch's cache and kept here. New prompts that start with the tokens of kept
+entries prefill only the rest, together, on a copy of the entries' keys and values.
 
 Exact: a kept position's keys and values are those its own tokens and position gave, the same
 whether the model computed them in a prefill or one step at a time (up to float rounding, as
@@ -21,8 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-# A shared prefix shorter than this is prefilled with the other newcomers instead: a prompt
-# reusing a prefix is prefilled on its own, which would cost more than a few tokens recomputed.
+# A shared prefix shorter than this is prefilled with the other newcomers' whole prompts: prompts
+# reusing a prefix are prefilled apart from those, which costs a pass.
 MIN_TOKENS = 32
 _COMPARE_BLOCK = 256  # tokens compared at a time by list equality (C speed) before one by one
 
@@ -68,7 +68,7 @@ class PrefixCache:
         return Hit(self.entries[best_id], best_length)
 
     def keep(self, tokens: list[int], layers: list[tuple[Any, Any]]) -> None:
-        """Keep a copy of these tokens' keys and values (views into a live cache)."""
+        """Keep these tokens' keys and values: copies, out of the live cache, given to the store."""
         if len(tokens) < MIN_TOKENS:
             return
         for entry_id, entry in list(self.entries.items()):
@@ -83,8 +83,7 @@ class PrefixCache:
                 self._drop(entry_id)
         while self.entries and self.nbytes + nbytes > self.max_bytes:
             self._drop(next(iter(self.entries)))
-        copied = [(keys.clone(), values.clone()) for keys, values in layers]
-        self.entries[self._next_id] = Entry(list(tokens), copied, nbytes)
+        self.entries[self._next_id] = Entry(list(tokens), layers, nbytes)
         self._next_id += 1
         self.nbytes += nbytes
 

@@ -1,0 +1,117 @@
+"""Precision for text generation (issue #27 items 2 and 4): weight-only int8 layers against the
+float products they replace, the engine on an int8 model against transformers' own generate()
+on the same layers, and `--dtype int8` through a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_families import GREEDY, _alone, _model, _run
+
+
+def _relative_error(got: Any, expected: Any) -> float:
+    return float((got.float() - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 9, 64])
+def test_an_int8_layer_computes_the_float_product_within_int8_rounding(rows: int) -> None:
+    """Both ways an int8 layer multiplies (torch's int8 kernel up to DIRECT_ROWS rows, the
+    dequantized weights beyond) give the float32 product within per-channel int8 rounding."""
+    import torch
+
+    from pipeserve.model import weight_int8
+
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 160)
+    x = torch.randn(rows, 96)
+    expected = linear(x).detach()
+    layer = weight_int8._layer_class(torch)(linear.weight.detach(), linear.bias)
+    assert layer.weight.dtype == torch.int8 and layer.scales.shape == (160,)
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, 160)
+    assert _relative_error(got, expected) < 0.02
+    assert _relative_error(got, expected) > 0  # it did quantize: not the float32 product itself
+
+
+def test_quantize_replaces_every_linear_and_gpt2_conv1d_layer(task_models: dict[str, Path]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeserve.model import weight_int8
+
+    model = AutoModelForCausalLM.from_pretrained(task_models["text-generation"]).eval()  # a GPT-2
+    conv1d = [m for m in model.modules() if type(m).__name__ == "Conv1D"]
+    linear = [m for m in model.modules() if type(m) is torch.nn.Linear]  # the output layer
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+    swapped = weight_int8.quantize(model, torch)
+    assert swapped == len(conv1d) + len(linear) > 0
+    assert not [m for m in model.modules() if type(m) is torch.nn.Linear or type(m).__name__ == "Conv1D"]
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16
+    assert _relative_error(got, expected) < 0.1  # int8 weights and bfloat16 activations, through the model
+    # The output layer's weight was tied to the input embeddings: those stay a float table.
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", ["llama", "gpt-neox", "opt"])
+def test_streams_on_int8_weights_generate_what_each_prompt_gives_alone(
+        family: str, task_models: dict[str, Path]) -> None:
+    """Continuous batching on the int8 model: a stream joining and leaving a running batch gets
+    the tokens the same int8 model chooses for its prompt alone, recomputed without a cache."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeserve import ipc
+    from pipeserve.model import weight_int8
+    from pipeserve.model.generation import Engine
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    model = _model(family, tokenizer)
+    weight_int8.quantize(model, torch)
+    engine = Engine(model, tokenizer, max_running=8)
+    prompts = {1: "the good movie", 2: "hello world this is a much longer prompt than the others"}
+    engine.add(ipc.Generate(1, prompts[1], GREEDY))
+    first = _run(engine, steps=2)
+    engine.add(ipc.Generate(2, prompts[2], {**GREEDY, "max_new_tokens": 3}))
+    rest = _run(engine)
+    tokens = {1: first.get(1, []) + rest.get(1, []), 2: rest[2]}
+    for stream, prompt in prompts.items():
+        assert tokens[stream] == _alone(model, tokenizer, prompt, len(tokens[stream])), (family, stream)
+
+
+@pytest.mark.timeout(180)
+def test_int8_generation_through_the_server(start_server: Any, task_models: dict[str, Path]) -> None:
+    """--dtype int8 on a generator: weight-only int8, said in /info with its agreement, and the
+    streamed greedy tokens are those transformers' generate() gives on the same int8 layers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeserve.model import weight_int8
+
+    model_path = task_models["text-generation"]
+    server = start_server("--model", str(model_path), "--dtype", "int8")
+    info = server.info()
+    assert info["dtype"] == "int8"
+    assert "weight-only int8" in info["precision"]["note"]
+    assert info["precision"]["agreement"]["inputs"] >= 1  # the check texts that fit the positions
+    reply = server.request("POST", "/generate", '{"inputs": "the good movie", "parameters": '
+                           '{"max_new_tokens": 6, "do_sample": false, "details": true}}',
+                           {"Content-Type": "application/json"}).json()
+    served = [token["id"] for token in reply["details"]["tokens"]]
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    weight_int8.quantize(model, torch)
+    ids = tokenizer("the good movie", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                  min_new_tokens=6, pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+    assert served == expected.tolist()
