@@ -115,3 +115,69 @@ def test_int8_generation_through_the_server(start_server: Any, task_models: dict
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                                   min_new_tokens=6, pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
     assert served == expected.tolist()
+
+
+def test_one_token_attention_equals_sdpa_with_grouped_heads_and_padding() -> None:
+    """The decoding path's products against transformers' SDPA attention, in bfloat16, with
+    grouped key/value heads and left padding masked out."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeserve.model import attention
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, positions, dim = attention.MATMUL_ROWS, 8, 2, 40, 16
+    query = torch.randn(rows, heads, 1, dim).bfloat16()
+    key = torch.randn(rows, kv_heads, positions, dim).bfloat16()
+    value = torch.randn(rows, kv_heads, positions, dim).bfloat16()
+    mask = torch.ones(rows, 1, 1, positions, dtype=torch.bool)
+    mask[0, :, :, :30] = False  # a short row, left-padded
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    got, _ = attention.attend(module, query, key, value, mask, scaling=0.25)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape == (rows, 1, heads, dim)
+    assert float((got.float() - expected.float()).abs().max()) < 0.02
+    garbage = value.clone()
+    garbage[0, :, :30] = 1e4  # what padding holds must not reach the answer
+    assert torch.equal(attention.attend(module, query, key, garbage, mask, scaling=0.25)[0][0], got[0])
+
+
+@pytest.mark.timeout(120)
+def test_bfloat16_streams_on_the_decoding_path_generate_what_sdpa_gives(task_models: dict[str, Path]) -> None:
+    """Enough streams for the matrix-product path (MATMUL_ROWS and more), in bfloat16: the same
+    greedy tokens as the model's SDPA attention, and the path did run."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeserve import ipc
+    from pipeserve.model import attention
+    from pipeserve.model.generation import Engine
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    prompts = {index: " ".join(["the good movie", "hello world", "a long one"][: 1 + index % 3]) + f" {index}"
+               for index in range(attention.MATMUL_ROWS + 2)}
+    calls: list[int] = []  # the rows of each call the decoding path took
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].shape[0])
+        return attention.attend(*args, **kwargs)
+
+    from transformers import AttentionInterface
+
+    answers = {}
+    try:
+        for implementation in ("sdpa", attention.NAME):
+            model = _model("llama", tokenizer).to(torch.bfloat16)
+            engine = Engine(model, tokenizer, max_running=16)  # switches SDPA to the decoding path
+            assert model.config._attn_implementation == attention.NAME
+            model.set_attn_implementation(implementation)
+            AttentionInterface.register(attention.NAME, counted)
+            for stream, prompt in prompts.items():
+                engine.add(ipc.Generate(stream, prompt, GREEDY))
+            answers[implementation] = _run(engine)
+    finally:
+        AttentionInterface.register(attention.NAME, attention.attend)
+    assert calls and max(calls) >= attention.MATMUL_ROWS
+    assert answers["sdpa"] == answers[attention.NAME]
+    assert all(len(tokens) == GREEDY["max_new_tokens"] for tokens in answers["sdpa"].values())

@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeserve import ipc
 from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
-from pipeserve.model import kv_cache
+from pipeserve.model import attention, kv_cache
 from pipeserve.model.prefix_cache import Hit, PrefixCache
 from pipeserve.model.prompts import tail_ids
 from pipeserve.model.sampling import sample_one, samples
@@ -76,6 +76,7 @@ class Engine:
         self.mask: Any = None  # [rows, columns]: 1 where a row has a real token
         self.joinable = True  # False once a cache shows it cannot be stacked (see module doc)
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        attention.use_for_decoding(model)
         forward_parameters = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache (the old name warns, then goes away).
         self._cache_keyword = "cache" if "cache" in forward_parameters else "past_key_values"
