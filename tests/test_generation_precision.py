@@ -50,7 +50,7 @@ def test_quantize_replaces_every_linear_and_gpt2_conv1d_layer(task_models: dict[
     with torch.inference_mode():
         expected = model(input_ids=ids).logits
     swapped = weight_int8.quantize(model, torch)
-    assert swapped == len(conv1d) + len(linear) > 0
+    assert len(swapped) == len(conv1d) + len(linear) > 0
     assert not [m for m in model.modules() if type(m) is torch.nn.Linear or type(m).__name__ == "Conv1D"]
     with torch.inference_mode():
         got = model(input_ids=ids).logits
@@ -181,3 +181,91 @@ def test_bfloat16_streams_on_the_decoding_path_generate_what_sdpa_gives(task_mod
     assert calls and max(calls) >= attention.MATMUL_ROWS
     assert answers["sdpa"] == answers[attention.NAME]
     assert all(len(tokens) == GREEDY["max_new_tokens"] for tokens in answers["sdpa"].values())
+
+
+# --- --dtype auto for generators: the fastest agreeing precision, timed at load -----------------------
+
+WORD_PROMPTS = ("the cat sat on", "the good movie", "i love this film", "hello world from the big city of paris")
+
+
+def _choose(task_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, agrees: dict[str, bool],
+            seconds: dict[str, float]) -> tuple[Any, Any, dict[str, Any]]:
+    """generation_dtype.choose on the tiny GPT-2 with bfloat16 taken as native, each candidate's
+    agreement decided by `agrees` (its real comparison is still made) and its step time by `seconds`."""
+    import torch
+
+    from pipeserve.model import generation_dtype, precision
+    from test_precision import _load, _weights
+
+    monkeypatch.setattr(precision, "native_reduced_dtype", lambda device, torch: "bfloat16")
+    monkeypatch.setattr(precision, "CHECK_TEXTS", WORD_PROMPTS)
+    order = iter(["bfloat16", "int8"])
+    real_compare = precision.compare
+
+    def compare(reference: list[Any], reduced: list[Any]) -> Any:
+        import dataclasses
+
+        agreement = real_compare(reference, reduced)
+        return dataclasses.replace(agreement, same_answers=agrees[next(order)])
+
+    timed: list[str] = []
+
+    def fake_time(call: Any, device: str, torch: Any, rows: int, dtype: str) -> float:
+        timed.append(dtype)
+        return seconds[dtype]
+
+    monkeypatch.setattr(precision, "compare", compare)
+    monkeypatch.setattr(generation_dtype, "_timed", fake_time)
+    call = _load(task_models["text-generation"])
+    before = _weights(call)
+    chosen = generation_dtype.choose(call, "cpu", torch, 4)
+    assert timed == ["float32", *[dtype for dtype in ("bfloat16", "int8") if agrees[dtype]]]  # only agreeing ones
+    return call, chosen, before
+
+
+def _int8_layers(call: Any) -> int:
+    return sum(type(module).__name__ == "Int8Linear" for module in call.pipe.model.modules())
+
+
+def test_auto_keeps_the_fastest_agreeing_precision(task_models: dict[str, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    call, chosen, _ = _choose(task_models, monkeypatch, {"bfloat16": True, "int8": True},
+                              {"float32": 3.0, "bfloat16": 2.0, "int8": 1.0})
+    assert chosen.dtype == "int8" and _int8_layers(call) > 0
+    assert "float32 3000.0 ms, bfloat16 2000.0 ms, int8 1000.0 ms" in chosen.note
+    assert call(list(WORD_PROMPTS[:1]), {"max_new_tokens": 3, "do_sample": False})  # and it serves
+
+
+def test_auto_passes_over_a_faster_precision_that_disagrees(task_models: dict[str, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    call, chosen, _ = _choose(task_models, monkeypatch, {"bfloat16": True, "int8": False},
+                              {"float32": 3.0, "bfloat16": 2.0, "int8": 1.0})
+    assert chosen.dtype == "bfloat16" and _int8_layers(call) == 0  # int8's layers were put back
+    assert call.pipe.model.dtype == torch.bfloat16 and "int8 disagreed" in chosen.note
+
+
+def test_auto_stays_float32_with_its_exact_weights_where_float32_is_fastest(
+        task_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from test_precision import _weights
+
+    call, chosen, before = _choose(task_models, monkeypatch, {"bfloat16": True, "int8": True},
+                                   {"float32": 1.0, "bfloat16": 2.0, "int8": 3.0})
+    assert chosen.dtype == "float32" and _int8_layers(call) == 0
+    after = _weights(call)
+    assert all(after[name].dtype == torch.float32 and torch.equal(after[name], before[name]) for name in before)
+
+
+@pytest.mark.timeout(180)
+def test_auto_for_a_generator_through_the_server_says_what_it_timed(start_server: Any,
+                                                                    task_models: dict[str, Path]) -> None:
+    server = start_server("--model", str(task_models["text-generation"]), "--max-running-sequences", "4")
+    info = server.info()
+    note = info["precision"]["note"]
+    assert "1 + 4 streams' decoding step: float32 " in note and info["dtype"] in note
+    reply = server.request("POST", "/generate", '{"inputs": "the good movie", "parameters": {"max_new_tokens": 3}}',
+                           {"Content-Type": "application/json"})
+    assert reply.status == 200 and reply.json()["generated_text"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeserve import ipc
 from pipeserve.ipc import GENERATION_TASK
-from pipeserve.model import adapters, embeddings, pooling, precision, prepack, weight_int8
+from pipeserve.model import adapters, embeddings, generation_dtype, pooling, precision, prepack, weight_int8
 from pipeserve.model.tasks import task_for, task_for_architecture
 
 log = logging.getLogger("pipeserve.model")
@@ -62,6 +62,8 @@ def _load_in_precision(spec: ipc.WorkerSpec, device: str, torch: Any
         call = load_transformers(spec, device, torch, own)
         return call, ipc.Precision("auto", own, note="the checkpoint's own dtype")
     call = load_transformers(spec, device, torch, "float32")
+    if call.task == GENERATION_TASK:  # decoding speed depends on the machine: measured, not ruled
+        return call, generation_dtype.choose(call, device, torch, spec.max_running_sequences)
     return call, precision.choose(call, device, torch)
 
 

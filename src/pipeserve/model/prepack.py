@@ -59,15 +59,15 @@ def apply(call: PipelineCall, torch: Any) -> int:
     inputs, parameters = check
     before = call(inputs, parameters)
     shared = _shared_storage(model)
-    swapped = _swap_linears(model, torch)
+    swapped = swap(model, torch)
     try:
         agreement = precision.compare(before, call(inputs, parameters))
     except Exception as exc:  # noqa: BLE001 - any failure of the packed layers means the plain ones
-        _restore(swapped)
+        restore(swapped)
         log.warning("packed linear layers failed (%s); keeping the plain ones", type(exc).__name__)
         return 0
     if not precision.agrees(agreement, mean=SAME_COSINE, floor=SAME_COSINE):
-        _restore(swapped)
+        restore(swapped)
         log.warning("packed linear layers changed the answers (%s); keeping the plain ones",
                     precision.describe(agreement))
         return 0
@@ -77,7 +77,7 @@ def apply(call: PipelineCall, torch: Any) -> int:
     return len(swapped)
 
 
-def _swap_linears(model: Any, torch: Any) -> list[tuple[Any, str, Any]]:
+def swap(model: Any, torch: Any) -> list[tuple[Any, str, Any]]:
     packed_linear = _packed_linear_class(torch)
     swapped = []
     for parent in list(model.modules()):
@@ -105,7 +105,7 @@ def _shared_storage(model: Any) -> set[int]:
     return shared
 
 
-def _restore(swapped: list[tuple[Any, str, Any]]) -> None:
+def restore(swapped: list[tuple[Any, str, Any]]) -> None:
     for parent, name, original in swapped:
         setattr(parent, name, original)
 

@@ -32,11 +32,12 @@ DIRECT_ROWS = 8
 _CLASS: Any = None
 
 
-def quantize(model: Any, torch: Any) -> int:
-    """Cast the model to bfloat16 and replace its Linear layers with int8 ones; how many."""
+def quantize(model: Any, torch: Any) -> list[tuple[Any, str, Any]]:
+    """Cast the model to bfloat16 and replace its Linear layers with int8 ones: (parent, name,
+    replaced layer) for each, to put back."""
     model.to(torch.bfloat16)
     layer_class = _layer_class(torch)
-    swapped = 0
+    swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
@@ -46,7 +47,7 @@ def quantize(model: Any, torch: Any) -> int:
             else:
                 continue
             setattr(parent, name, layer_class(weight.detach(), child.bias))
-            swapped += 1
+            swapped.append((parent, name, child))
     return swapped
 
 
@@ -92,7 +93,7 @@ def apply(call: PipelineCall, device: str, torch: Any) -> ipc.Precision:
         raise ValueError(f"--dtype int8 is not available for {call.task}")
     inputs, parameters = check
     reference = call(inputs, parameters)
-    swapped = quantize(call.pipe.model, torch)
+    swapped = len(quantize(call.pipe.model, torch))
     agreement = precision.compare(reference, call(inputs, parameters))
     note = f"weight-only int8 in {swapped} layers, bfloat16 activations"
     if not agreement.same_answers:

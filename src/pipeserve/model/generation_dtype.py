@@ -1,0 +1,117 @@
+"""`--dtype auto` for a text generator: the fastest precision whose greedy answers agree with
+float32's, timed at warm-up.
+
+Which precision decodes fastest depends on the machine and on how many streams share a step:
+on this project's 2-core bench machine, int8 weights beat bfloat16 for one stream and lose to it
+at 32 (model/weight_int8.py), and bfloat16 is emulated, and slow, on CPUs without avx512_bf16. So
+nothing is chosen by rule. The model loads in float32 and answers the check inputs; then each
+candidate (bfloat16 where the device runs it natively, int8 weights on a CPU with torch's int8
+kernel) is put in place, answers them too, and, where every greedy token is the same, is timed:
+DECODE_STEPS decoding steps of the engine for one stream and as many for
+--max-running-sequences streams, with the layers packed as they would be served. The fastest
+of those, float32 included, is kept; the log and /info say every time and agreement.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeserve import ipc
+from pipeserve.model import precision, prepack, weight_int8
+from pipeserve.model.adapters import PipelineCall
+from pipeserve.model.generation import Engine
+
+log = logging.getLogger("pipeserve.model")
+
+DECODE_STEPS = 6
+_TIMING_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+def choose(call: PipelineCall, device: str, torch: Any, max_running: int) -> ipc.Precision:
+    """Leave the model in the fastest agreeing precision (float32 at worst); say which and why."""
+    model = call.pipe.model
+    check = call.agreement_inputs(list(precision.CHECK_TEXTS))
+    if check is None:
+        return ipc.Precision("auto", "float32", note=f"no agreement check for {call.task}")
+    inputs, parameters = check
+    reference = call(inputs, parameters)
+    saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    timings = {"float32": _timed(call, device, torch, max_running, "float32")}
+    agreements: dict[str, ipc.Agreement] = {}
+    notes = []
+    for candidate in _candidates(device, torch):
+        undo = _put(call, candidate, torch)
+        try:
+            agreements[candidate] = precision.compare(reference, call(inputs, parameters))
+            if agreements[candidate].same_answers:
+                timings[candidate] = _timed(call, device, torch, max_running, candidate)
+            else:
+                notes.append(f"{candidate} disagreed ({precision.describe(agreements[candidate])})")
+        except Exception as exc:  # noqa: BLE001 - any failure of a candidate leaves it out
+            notes.append(f"{candidate} failed the check ({type(exc).__name__})")
+        finally:
+            undo()
+            model.load_state_dict(saved)
+    chosen = min(timings, key=lambda dtype: timings[dtype])
+    if chosen != "float32":
+        _put(call, chosen, torch)
+    times = ", ".join(f"{dtype} {seconds * 1000:.1f} ms" for dtype, seconds in timings.items())
+    note = f"fastest agreeing precision; 1 + {max_running} streams' decoding step: {times}"
+    note += "".join(f"; {part}" for part in notes)
+    log.info("--dtype auto for generation: %s (%s)", chosen, note)
+    return ipc.Precision("auto", chosen, candidate=chosen if chosen != "float32" else None,
+                         agreement=agreements.get(chosen), note=note)
+
+
+def _candidates(device: str, torch: Any) -> list[str]:
+    found = []
+    native = precision.native_reduced_dtype(device, torch)
+    if native is not None:
+        found.append(native)
+    if device == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        found.append("int8")
+    return found
+
+
+def _put(call: PipelineCall, dtype: str, torch: Any) -> Callable[[], None]:
+    """Put the float32 model in `dtype`; a function that puts it back in float32 (weights to be
+    reloaded by the caller)."""
+    model = call.pipe.model
+    if dtype == "int8":
+        swapped = weight_int8.quantize(model, torch)
+        return lambda: _unswap(model, swapped, torch)
+    model.to(getattr(torch, dtype))
+    return lambda: model.to(torch.float32)
+
+
+def _unswap(model: Any, swapped: list[tuple[Any, str, Any]], torch: Any) -> None:
+    for parent, name, original in swapped:
+        setattr(parent, name, original)
+    model.to(torch.float32)
+
+
+def _timed(call: PipelineCall, device: str, torch: Any, max_running: int, dtype: str) -> float:
+    """One stream's median decoding step plus --max-running-sequences streams', with the Linear
+    layers packed where serving would pack them."""
+    packed = prepack.swap(call.pipe.model, torch) if prepack.pays(device, dtype, torch) else []
+    try:
+        total = 0.0
+        for rows in (1, max_running):
+            engine = Engine(call.pipe.model, call.pipe.tokenizer, rows)
+            for stream in range(rows):
+                engine.add(ipc.Generate(stream, _TIMING_PROMPT, {"max_new_tokens": DECODE_STEPS + 2,
+                                                                  "ignore_eos": True}))
+            engine.step()  # the prefill
+            steps = []
+            for _ in range(DECODE_STEPS):
+                started = time.perf_counter()
+                engine.step()
+                steps.append(time.perf_counter() - started)
+            total += statistics.median(steps)
+        return total
+    finally:
+        prepack.restore(packed)
