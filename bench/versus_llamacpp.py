@@ -11,8 +11,9 @@ llama-server is built with cmake from the llama.cpp tree inside llama-cpp-python
 byte-level BPE trained at bench time), converted by that tree's convert_hf_to_gguf.py.
 
 Servers, each alone on a free loopback port: llama-server f16 and q8_0 (32 slots, 2 threads,
-continuous batching), pipeserve with its defaults (`--dtype auto`: bfloat16 where its greedy
-answers agree with float32's at load, else float32) and with --dtype bfloat16. Each
+continuous batching), pipeserve with its defaults (`--dtype auto`: of float32, bfloat16 and int8
+weights, the fastest whose greedy answers agree with float32's at load), with --dtype bfloat16
+and with --dtype int8 (weight-only, bfloat16 activations). Each
 client sends streamed OpenAI /v1/chat/completions requests one after another (a fresh seeded
 two-sentence user message each, the same sequence for every server), greedy, 64 new tokens,
 `ignore_eos`, and records when each content delta arrives. Figures per server and concurrency:
@@ -81,6 +82,7 @@ def servers(slot: int) -> dict[str, dict[str, Any]]:
         "pipeserve defaults": {"command": pipeserve, "ready": "/ready", "kind": "pipeserve"},
         "pipeserve --dtype bfloat16": {"command": [*pipeserve, "--dtype", "bfloat16"], "ready": "/ready",
                                        "kind": "pipeserve"},
+        "pipeserve --dtype int8": {"command": [*pipeserve, "--dtype", "int8"], "ready": "/ready", "kind": "pipeserve"},
     }
 
 
@@ -334,8 +336,8 @@ def render(results: dict[str, Any], facts: dict[str, str], command: str, warmup:
                      f"{where} | {tokenized} |")
     pairs = [("pipeserve --dtype bfloat16", f"llama-server f16 ({SLOTS} slots)", "16-bit weights (bf16 vs f16)"),
              ("pipeserve defaults", f"llama-server f16 ({SLOTS} slots)", "defaults vs f16"),
-             ("pipeserve --dtype bfloat16", f"llama-server q8_0 ({SLOTS} slots)", "reduced vs reduced (bf16 vs "
-              "q8_0; no pipeserve int8 generation yet)"),
+             ("pipeserve --dtype int8", f"llama-server q8_0 ({SLOTS} slots)", "8-bit weights (int8 vs q8_0)"),
+             ("pipeserve --dtype bfloat16", f"llama-server q8_0 ({SLOTS} slots)", "bf16 vs q8_0"),
              ("pipeserve defaults", f"llama-server q8_0 ({SLOTS} slots)", "defaults vs q8_0")]
     lines += ["", "## Ratios (pipeserve / llama-server)", "",
               "| pipeserve | llama-server | class | streams | tokens/s | TTFT p99 | inter-token p99 |",

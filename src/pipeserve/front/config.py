@@ -78,8 +78,10 @@ class Config:
         "auto", parsers.choice(*DTYPES),
         "auto|float32|float16|bfloat16|int8; auto = bfloat16 where the device runs it natively (a GPU "
         "with bf16, a CPU with avx512_bf16 or AMX; float16 on an older GPU) and its answers agree with "
-        "float32's at warm-up, else float32; int8 (opt-in, CPUs with VNNI) = dynamic int8 layers, kept only where "
-        "answers hold its floor (see README).", "DTYPE")
+        "float32's at warm-up, else float32 (a text generator: the fastest of float32, bfloat16 and int8 "
+        "weights whose greedy tokens agree, timed at warm-up); int8 (opt-in, CPU) = dynamic int8 layers "
+        "kept only where answers hold its floor (VNNI needed), for a generator int8 weights with "
+        "bfloat16 activations (see README).", "DTYPE")
     max_batch_size: int = setting(
         32, parsers.positive_int, "Most items in one pipeline call.", "N")
     max_batch_delay_ms: float = setting(
