@@ -144,3 +144,26 @@ def _ended(engine: Any, prompts: dict[int, str], new: int) -> dict[int, tuple[li
                 tokens[token.stream_id].append(token.id)
         ended.update({end.stream_id: end for end in step.ended if end.stream_id in tokens})
     return {stream: (tokens[stream], ended[stream]) for stream in prompts}
+
+
+@pytest.mark.timeout(120)
+def test_rests_longer_than_the_caches_growth_room_prefill_onto_their_prefixes(task_models: dict[str, Path]) -> None:
+    """Two prompts reusing prefixes at once, each with more new tokens than the cache adds room
+    for at a time (kv_cache.GROWTH): the cache makes the room, and the tokens are exact."""
+    from transformers import AutoTokenizer
+
+    from pipeserve.model import kv_cache
+    from pipeserve.model.generation import Engine
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    model = _model("llama", tokenizer)
+    engine = Engine(model, tokenizer, max_running=8, prefix_cache_bytes=64 << 20)
+    firsts = {1: " ".join(["the good movie was a long one"] * 5), 2: " ".join(["hello world this is"] * 9)}
+    rest = " ".join(["and then a much longer prompt than the others"] * 7)
+    prompts = {stream: prompt + tokenizer.decode(_ended(engine, {stream: prompt}, 4)[stream][0]) + rest
+               for stream, prompt in firsts.items()}
+    second = _ended(engine, {11: prompts[1], 12: prompts[2]}, 4)
+    for stream, (tokens, end) in second.items():
+        assert end.prompt_tokens - end.cached_tokens > kv_cache.GROWTH
+        assert end.cached_tokens > 0
+        assert tokens == _alone(model, tokenizer, prompts[stream - 10], 4)

@@ -212,3 +212,32 @@ def test_an_over_long_prompt_keeps_the_same_last_tokens_from_its_tail_alone(gpt2
             whole = list(tokenizer(text)["input_ids"])
             tail = tail_ids(tokenizer, text, room, add_special_tokens=True)
             assert tail[-room:] == whole[-room:], (room, len(text), text[-20:])
+
+
+def test_a_step_that_raises_while_prefilling_ends_every_stream_it_held(gpt2: tuple[Any, Any]) -> None:
+    """A newcomer whose prefill raised (out of memory, a model error) is neither waiting nor
+    running any more when the step fails: it must still get its error end, or its client waits
+    until the front's stall watchdog kills a healthy worker."""
+    from pipeserve.model_proc import _step
+
+    model = gpt2[0]
+    engine = _engine(gpt2)
+    engine.add(ipc.Generate(1, "the good movie", {**GREEDY, "max_new_tokens": 20}))
+    _run(engine, steps=2)  # 1 is running
+    original = model.forward
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the prefill failed")
+
+    engine.add(ipc.Generate(2, "hello world", GREEDY))
+    engine.add(ipc.Generate(3, "a", GREEDY))
+    model.forward = failing
+    try:
+        step = _step(engine)
+    finally:
+        model.forward = original
+    assert sorted(end.stream_id for end in step.ended) == [1, 2, 3]
+    assert {end.finish_reason for end in step.ended} == {"error"} and not engine.active
+    engine.add(ipc.Generate(4, "the good movie", GREEDY))  # and the engine serves on
+    tokens, ended = _run(engine)
+    assert ended[4].finish_reason == "length" and len(tokens[4]) == GREEDY["max_new_tokens"]

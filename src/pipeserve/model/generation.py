@@ -19,6 +19,7 @@ have finished (static batches with per-row streaming).
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import random
 from collections import deque
@@ -143,6 +144,8 @@ class Engine:
             admit = self._admissible()
             if admit:
                 tokens = self._prefill(admit)
+                for _ in admit:  # only now: a prefill that raises leaves them to fail_all
+                    self.waiting.popleft()
             elif self.running:
                 tokens = self._decode()
             else:
@@ -154,7 +157,7 @@ class Engine:
         if not self.waiting or (self.running and not self.joinable):
             return []
         room = self.max_running - len(self.running)
-        return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        return list(itertools.islice(self.waiting, min(room, len(self.waiting))))
 
     def _prefill(self, sequences: list[Sequence]) -> list[ipc.Token]:
         """Prefill newcomers: those reusing a kept prefix in one pass, the others in another (a
@@ -337,8 +340,9 @@ class Engine:
 
     def fail_all(self, error: ipc.Failed) -> list[ipc.StreamEnd]:
         """End every sequence with an error (the step raised); the engine starts afresh."""
+        every = {id(s): s for s in [*self.waiting, *self.running]}  # one admitted as the step raised is in both
         ended = [ipc.StreamEnd(s.stream_id, "error", len(s.generated), len(s.prompt_ids), s.seed, error)
-                 for s in [*self.waiting, *self.running]]
+                 for s in every.values()]
         self.waiting.clear()
         self.running, self.cache, self.mask, self.joinable = [], None, None, True
         if self.prefixes is not None:

@@ -38,9 +38,10 @@ def growing_layer(keys: list[Any], values: list[Any], length: int, max_rows: int
         from transformers.cache_utils import DynamicLayer  # noqa: PLC0415
 
         class GrowingLayer(DynamicLayer):  # type: ignore[misc]
-            def adopt(self, keys: list[Any], values: list[Any], length: int, max_rows: int) -> None:
-                self._keys = _stack_left_padded(torch, keys, length, max_rows)
-                self._values = _stack_left_padded(torch, values, length, max_rows)
+            def adopt(self, keys: list[Any], values: list[Any], length: int, max_rows: int,
+                      room: int = GROWTH) -> None:
+                self._keys = _stack_left_padded(torch, keys, length, max_rows, room)
+                self._values = _stack_left_padded(torch, values, length, max_rows, room)
                 self._rows = sum(block.shape[0] for block in keys)
                 self._length = length
                 self._view()
@@ -53,7 +54,8 @@ def growing_layer(keys: list[Any], values: list[Any], length: int, max_rows: int
             def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
                 added = key_states.shape[-2]
                 if self._length + added > self._keys.shape[2]:
-                    self.adopt([self.keys], [self.values], self._length, self._keys.shape[0])  # fresh room
+                    # Fresh room, for a whole prompt's rest where one is prefilled onto kept keys.
+                    self.adopt([self.keys], [self.values], self._length, self._keys.shape[0], max(GROWTH, added))
                 self._keys[:self._rows, :, self._length:self._length + added] = key_states
                 self._values[:self._rows, :, self._length:self._length + added] = value_states
                 self._length += added
@@ -85,14 +87,14 @@ def growing_layer(keys: list[Any], values: list[Any], length: int, max_rows: int
     return layer
 
 
-def _stack_left_padded(torch: Any, blocks: list[Any], length: int, max_rows: int) -> Any:
-    """A buffer [max_rows, heads, length + GROWTH, dim] holding the blocks, each right-aligned at length.
+def _stack_left_padded(torch: Any, blocks: list[Any], length: int, max_rows: int, room: int = GROWTH) -> Any:
+    """A buffer [max_rows, heads, length + room, dim] holding the blocks, each right-aligned at length.
 
     Each block is copied once.
     """
     first = blocks[0]
     rows = sum(block.shape[0] for block in blocks)
-    buffer = torch.empty((max(rows, max_rows), first.shape[1], length + GROWTH, first.shape[3]),
+    buffer = torch.empty((max(rows, max_rows), first.shape[1], length + room, first.shape[3]),
                          dtype=first.dtype, device=first.device)
     row = 0
     for block in blocks:
