@@ -27,8 +27,11 @@ from pipeserve.model.generation import Engine
 
 log = logging.getLogger("pipeserve.model")
 
-DECODE_STEPS = 6
-_TIMING_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+# Few steps, on a short prompt: on a large model a CPU prefill of --max-running-sequences long
+# prompts would cost minutes of the load's time (--load-timeout), and a decoding step's cost
+# hardly depends on the prompt.
+DECODE_STEPS = 4
+_TIMING_PROMPT = "The quick brown fox"
 
 
 def choose(call: PipelineCall, device: str, torch: Any, max_running: int) -> ipc.Precision:
