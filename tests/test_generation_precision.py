@@ -29,7 +29,7 @@ def test_an_int8_layer_computes_the_float_product_within_int8_rounding(rows: int
     x = torch.randn(rows, 96)
     expected = linear(x).detach()
     layer = weight_int8._layer_class(torch)(linear.weight.detach(), linear.bias)
-    assert layer.weight.dtype == torch.int8 and layer.scales.shape == (160,)
+    assert layer.qweight.dtype == torch.int8 and layer.scales.shape == (160,)
     with torch.inference_mode():
         got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (rows, 160)
@@ -269,3 +269,55 @@ def test_auto_for_a_generator_through_the_server_says_what_it_timed(start_server
     reply = server.request("POST", "/generate", '{"inputs": "the good movie", "parameters": {"max_new_tokens": 3}}',
                            {"Content-Type": "application/json"})
     assert reply.status == 200 and reply.json()["generated_text"]
+
+
+@pytest.mark.parametrize("fastest", ["float32", "bfloat16", "int8"])
+def test_rotary_frequencies_stay_float32_whatever_auto_chooses(task_models: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, fastest: str) -> None:
+    """A rotary model's frequency tables are computed at load, not saved: casting the model to
+    bfloat16 and back would round them for good (load_state_dict cannot restore them), shifting
+    rotary angles at long positions."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeserve.model import generation_dtype, precision
+    from test_precision import _load
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    _model("llama", tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    call = _load(tmp_path)
+    frequencies = {name: buffer.clone() for name, buffer in call.pipe.model.named_buffers() if "inv_freq" in name}
+    assert frequencies and all(buffer.dtype == torch.float32 for buffer in frequencies.values())
+    seconds = {"float32": 2.0, "bfloat16": 2.0, "int8": 2.0, fastest: 1.0}
+    monkeypatch.setattr(precision, "native_reduced_dtype", lambda device, torch: "bfloat16")
+    monkeypatch.setattr(precision, "compare", lambda reference, reduced: ipc_agreement())
+    monkeypatch.setattr(generation_dtype, "_timed", lambda call, device, torch, rows, dtype: seconds[dtype])
+    assert generation_dtype.choose(call, "cpu", torch, 2).dtype == fastest
+    buffers = dict(call.pipe.model.named_buffers())
+    for name, original in frequencies.items():
+        assert buffers[name].dtype == torch.float32 and torch.equal(buffers[name], original), name
+
+
+def ipc_agreement() -> Any:
+    from pipeserve import ipc
+
+    return ipc.Agreement(same_answers=True, inputs=1)
+
+
+def test_one_token_attention_with_a_value_size_other_than_the_keys() -> None:
+    """Some models (DeepSeek-V2/V3, MiniCPM3) have value heads of another size than key heads."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeserve.model import attention
+
+    torch.manual_seed(1)
+    rows, heads, positions = attention.MATMUL_ROWS, 4, 12
+    query, key = torch.randn(rows, heads, 1, 16).bfloat16(), torch.randn(rows, heads, positions, 16).bfloat16()
+    value = torch.randn(rows, heads, positions, 24).bfloat16()
+    module = torch.nn.Module()
+    got, _ = attention.attend(module, query, key, value, None, scaling=0.25)
+    expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.25)
+    assert got.shape == expected.shape == (rows, 1, heads, 24)
+    assert float((got.float() - expected.float()).abs().max()) < 0.02

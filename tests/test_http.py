@@ -49,11 +49,16 @@ async def start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterato
 
 async def _bounded(step: Awaitable[None], name: str) -> None:
     """Await a teardown step; if it hangs, fail at once naming what every task is waiting on."""
-    try:
-        await asyncio.wait_for(step, WAIT_S)
-    except TimeoutError:
-        stacks = [f"{task.get_name()}: {_awaiting(task.get_coro())}" for task in asyncio.all_tasks()]
-        pytest.fail(f"{name} did not return in {WAIT_S:g}s; pending tasks:\n" + "\n".join(stacks))
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=WAIT_S)
+    if task in done:
+        task.result()
+        return
+    # Named while still suspended: once cancelled, the step's own chain is gone.
+    stacks = [f"{each.get_name()}: {_awaiting(each.get_coro())}" for each in asyncio.all_tasks()]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    pytest.fail(f"{name} did not return in {WAIT_S:g}s; pending tasks:\n" + "\n".join(stacks))
 
 
 def _awaiting(awaitable: Any) -> str:

@@ -115,21 +115,36 @@ def _layers(tokens: int, layers: int = 2) -> list[tuple[Any, Any]]:
             for layer in range(layers)]
 
 
+copied_lengths: list[int] = []  # the token counts of every copy the store asked for
+
+
+def _keep(store: Any, tokens: list[int]) -> None:
+    """Offer the store these tokens, with keys and values it may ask to be copied."""
+    layers = _layers(len(tokens))
+
+    def copy() -> list[tuple[Any, Any]]:
+        copied_lengths.append(len(tokens))
+        return layers
+
+    store.keep(tokens, sum(k.nbytes + v.nbytes for k, v in layers), copy)
+
+
 def test_the_store_keeps_within_its_bytes_least_recently_used_out() -> None:
     from pipeserve.model.prefix_cache import MIN_TOKENS, PrefixCache
 
     one = sum(k.nbytes + v.nbytes for k, v in _layers(MIN_TOKENS + 8))
     store = PrefixCache(max_bytes=2 * one)
     first, second, third = ([n] * (MIN_TOKENS + 8) for n in (1, 2, 3))
-    store.keep(first, _layers(MIN_TOKENS + 8))
-    store.keep(second, _layers(MIN_TOKENS + 8))
+    _keep(store, first)
+    _keep(store, second)
     assert store.lookup([*first, 7]) is not None  # first is now the more recently used
-    store.keep(third, _layers(MIN_TOKENS + 8))  # no room for three: second goes
+    _keep(store, third)  # no room for three: second goes
     assert store.nbytes == 2 * one
     assert store.lookup([*second, 7]) is None
     assert store.lookup([*first, 7]) is not None and store.lookup([*third, 7]) is not None
-    store.keep([9] * (MIN_TOKENS + 8) * 3, _layers((MIN_TOKENS + 8) * 3))  # larger than the whole store
-    assert len(store.entries) == 2 and store.nbytes == 2 * one
+    copied_lengths.clear()
+    _keep(store, [9] * (MIN_TOKENS + 8) * 3)  # larger than the whole store
+    assert len(store.entries) == 2 and store.nbytes == 2 * one and not copied_lengths  # and never copied
 
 
 def test_a_longer_turn_replaces_the_entry_it_extends_and_a_hit_leaves_a_token_to_prefill() -> None:
@@ -137,14 +152,16 @@ def test_a_longer_turn_replaces_the_entry_it_extends_and_a_hit_leaves_a_token_to
 
     store = PrefixCache(max_bytes=1 << 20)
     turn = list(range(MIN_TOKENS + 4))
-    store.keep(turn, _layers(len(turn)))
-    store.keep(turn[:-2], _layers(len(turn) - 2))  # already held within the first: nothing added
+    copied_lengths.clear()
+    _keep(store, turn)
+    _keep(store, turn[:-2])  # already held within the first: nothing added, nothing copied
+    assert copied_lengths == [len(turn)]
     longer = [*turn, 1000, 1001]
-    store.keep(longer, _layers(len(longer)))
+    _keep(store, longer)
     assert [entry.tokens for entry in store.entries.values()] == [longer]
     hit = store.lookup(longer)  # the very same prompt: its last token is prefilled for its logits
     assert hit is not None and hit.length == len(longer) - 1
     assert [keys.shape[2] for keys, _ in hit.layers()] == [len(longer) - 1] * 2
     assert store.lookup([*turn[:MIN_TOKENS - 1], 5000]) is None  # too short a share to be worth a lone prefill
-    store.keep(list(range(MIN_TOKENS - 1)), _layers(MIN_TOKENS - 1))
-    assert len(store.entries) == 1
+    _keep(store, list(range(MIN_TOKENS - 1)))
+    assert len(store.entries) == 1 and copied_lengths == [len(turn), len(longer)]

@@ -138,8 +138,11 @@ def optional_size(text: str) -> int | None:
 
 
 def size_or_off(text: str) -> int:
-    """A size, or 0 for off ('0', 'off')."""
-    return 0 if text.strip().lower() in ("0", "off") else parse_size(text)
+    """A size, or 0 for off ('0', '0M', 'off', 'none', '')."""
+    zero = re.fullmatch(r"\s*0+(?:\.0*)?\s*[KMGT]?(?:I?B)?\s*", text.upper())
+    if zero or text.strip().lower() in ("", "none", "off"):
+        return 0
+    return parse_size(text)
 
 
 def text(text: str) -> str:

@@ -147,7 +147,11 @@ class WorkerProcess:
             except (ConnectionError, OSError):  # dead before the batch could be sent
                 died = await asyncio.shield(self.exited)
                 raise WorkerDied(died.cause, died.exitcode, sent=False) from None
-            return await asyncio.wait_for(future, timeout)
+            # Not asyncio.wait_for: on Python 3.11 a result arriving as the task is cancelled
+            # (the server stopping) is returned and the cancellation lost; the dispatch loop
+            # then waited for its next batch forever and the stop never ended.
+            async with asyncio.timeout(timeout):
+                return await future
         except TimeoutError:  # before OSError, of which it is a subclass
             self.kill(f"a batch ran past --batch-timeout {timeout:g}s")
             raise BatchTimeout() from None

@@ -68,6 +68,8 @@ def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, d
     # Grouped heads (GQA) share their key and value: [batch, kv_heads, group, dim] each.
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     scale = scaling if scaling is not None else dim ** -0.5
+    # The product is rounded to bfloat16 as it leaves the kernel (SDPA keeps float32 there); the
+    # softmax runs in float32. The tests' greedy streams come out the same either way.
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [batch, kv_heads, group, kv]
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -75,5 +77,5 @@ def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, d
         else:
             scores = scores + attention_mask
     weights = torch.softmax(scores, dim=-1).to(value.dtype)
-    output = torch.matmul(weights, value)  # [batch, kv_heads, group, dim]
-    return output.reshape(batch, 1, heads, dim), None
+    output = torch.matmul(weights, value)  # [batch, kv_heads, group, value dim]: it may differ from the key's
+    return output.reshape(batch, 1, heads, value.shape[-1]), None

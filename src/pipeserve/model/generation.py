@@ -18,6 +18,7 @@ have finished (static batches with per-row streaming).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -185,7 +186,8 @@ class Engine:
         ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests], device=self.device)
         mask = torch.tensor([[0] * (before - length) + [1] * length + [0] * (width - len(rest)) + [1] * len(rest)
                              for length, rest in zip(kept, rests, strict=True)], device=self.device)
-        hits = [hit.layers() for _, hit in newcomers if hit is not None]
+        hits = [[(keys.to(self.device), values.to(self.device)) for keys, values in hit.layers()]
+                for _, hit in newcomers if hit is not None]
         past = {self._cache_keyword: kv_cache.past(hits, before)} if hits else {}
         output = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, before:],
                             use_cache=True, **past, **self._last_logits_only)
@@ -289,10 +291,18 @@ class Engine:
             row = self.running.index(sequence)
             if int(self.mask[row].sum()) != len(tokens):
                 continue
-            real = self.mask[row].nonzero().squeeze(1)  # a prefix reused in a batch left a gap in its row
-            self.prefixes.keep(tokens, [(layer.keys[row:row + 1].index_select(2, real),
-                                         layer.values[row:row + 1].index_select(2, real))
-                                        for layer in self.cache.layers])
+            self.prefixes.keep(tokens, len(tokens) * self._bytes_per_position(),
+                               functools.partial(self._copy_row, row))
+
+    def _copy_row(self, row: int) -> list[tuple[Any, Any]]:
+        """A row's real positions (a prefix reused in a batch left a gap in it), in host memory."""
+        real = self.mask[row].nonzero().squeeze(1)
+        return [(layer.keys[row:row + 1].index_select(2, real).to("cpu"),
+                 layer.values[row:row + 1].index_select(2, real).to("cpu")) for layer in self.cache.layers]
+
+    def _bytes_per_position(self) -> int:
+        return sum((layer.keys.shape[1] * layer.keys.shape[3] + layer.values.shape[1] * layer.values.shape[3])
+                   * layer.keys.element_size() for layer in self.cache.layers)
 
     def _finish_reason(self, sequence: Sequence) -> str | None:
         if not sequence.generated:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 from pipeserve import ipc
@@ -42,13 +41,15 @@ def choose(call: PipelineCall, device: str, torch: Any, max_running: int) -> ipc
         return ipc.Precision("auto", "float32", note=f"no agreement check for {call.task}")
     inputs, parameters = check
     reference = call(inputs, parameters)
-    saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    candidates = _candidates(device, torch)
+    saved = _snapshot(model, torch, whole="int8" not in candidates or len(candidates) > 1)
     timings = {"float32": _timed(call, device, torch, max_running, "float32")}
     agreements: dict[str, ipc.Agreement] = {}
     notes = []
-    for candidate in _candidates(device, torch):
-        undo = _put(call, candidate, torch)
+    for candidate in candidates:
+        swapped: list[tuple[Any, str, Any]] = []
         try:
+            swapped = _put(call, candidate, torch)
             agreements[candidate] = precision.compare(reference, call(inputs, parameters))
             if agreements[candidate].same_answers:
                 timings[candidate] = _timed(call, device, torch, max_running, candidate)
@@ -56,9 +57,10 @@ def choose(call: PipelineCall, device: str, torch: Any, max_running: int) -> ipc
                 notes.append(f"{candidate} disagreed ({precision.describe(agreements[candidate])})")
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate leaves it out
             notes.append(f"{candidate} failed the check ({type(exc).__name__})")
-        finally:
-            undo()
-            model.load_state_dict(saved)
+        finally:  # back to the float32 model, exactly
+            weight_int8.unswap(swapped)
+            precision.cast(model, torch.float32)
+            model.load_state_dict(saved, strict=False)
     chosen = min(timings, key=lambda dtype: timings[dtype])
     if chosen != "float32":
         _put(call, chosen, torch)
@@ -80,21 +82,25 @@ def _candidates(device: str, torch: Any) -> list[str]:
     return found
 
 
-def _put(call: PipelineCall, dtype: str, torch: Any) -> Callable[[], None]:
-    """Put the float32 model in `dtype`; a function that puts it back in float32 (weights to be
-    reloaded by the caller)."""
-    model = call.pipe.model
+def _snapshot(model: Any, torch: Any, whole: bool) -> dict[str, Any]:
+    """A host copy of the float32 weights a candidate changes: all of them where a candidate
+    casts the whole model; for int8 alone, all but the Linear layers' (quantize leaves those
+    untouched), so that a large model is not held twice."""
+    state = model.state_dict()
+    if not whole:
+        linear = {f"{name}.{key}" for name, module in model.named_modules()
+                  if type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D"
+                  for key in ("weight", "bias")}
+        state = {name: tensor for name, tensor in state.items() if name not in linear}
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
+def _put(call: PipelineCall, dtype: str, torch: Any) -> list[tuple[Any, str, Any]]:
+    """Put the float32 model in `dtype`; the layers int8 replaced, to put back."""
     if dtype == "int8":
-        swapped = weight_int8.quantize(model, torch)
-        return lambda: _unswap(model, swapped, torch)
-    model.to(getattr(torch, dtype))
-    return lambda: model.to(torch.float32)
-
-
-def _unswap(model: Any, swapped: list[tuple[Any, str, Any]], torch: Any) -> None:
-    for parent, name, original in swapped:
-        setattr(parent, name, original)
-    model.to(torch.float32)
+        return weight_int8.quantize(call.pipe.model, torch)
+    precision.cast(call.pipe.model, getattr(torch, dtype))
+    return []
 
 
 def _timed(call: PipelineCall, device: str, torch: Any, max_running: int, dtype: str) -> float:

@@ -89,17 +89,29 @@ def choose(call: BatchCall, device: str, torch: Any) -> ipc.Precision:
     saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
     agreement: ipc.Agreement | None = None
     try:
-        model.to(getattr(torch, candidate))
+        cast(model, getattr(torch, candidate))
         agreement = compare(reference, call(inputs, parameters))
         if agrees(agreement):
             return ipc.Precision("auto", candidate, candidate=candidate, agreement=agreement)
         note = f"{candidate} disagreed with float32: {describe(agreement)}"
     except Exception as exc:  # noqa: BLE001 - any failure of the reduced model means float32
         note = f"{candidate} failed the check ({type(exc).__name__})"
-    model.to(torch.float32)
+    cast(model, torch.float32)
     model.load_state_dict(saved)
     log.warning("%s; serving in float32", note)
     return ipc.Precision("auto", "float32", candidate=candidate, agreement=agreement, note=note)
+
+
+def cast(model: Any, dtype: Any) -> None:
+    """model.to(dtype), except for the floating buffers a checkpoint does not hold (rotary
+    position frequencies): computed at load, they keep their float32 values. Cast, they would
+    round rotary angles at long positions, and no load_state_dict could bring them back."""
+    computed = [(module, name, module._buffers[name]) for module in model.modules()
+                for name in module._non_persistent_buffers_set
+                if module._buffers.get(name) is not None and module._buffers[name].is_floating_point()]
+    model.to(dtype)
+    for module, name, original in computed:
+        module._buffers[name] = original
 
 
 def agrees(agreement: ipc.Agreement, mean: float | None = None, floor: float | None = None) -> bool:

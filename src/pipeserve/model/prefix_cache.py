@@ -10,14 +10,16 @@ Exact: a kept position's keys and values are those its own tokens and position g
 whether the model computed them in a prefill or one step at a time (up to float rounding, as
 for any change of batch shape; greedy outputs are tested equal with and without reuse).
 
-Bounded by bytes per model process (`--prefix-cache-mb`), least recently used first out. An
+Bounded by bytes per model process (`--prefix-cache-bytes`), least recently used first out. An
 entry a newer one extends (the same conversation one turn on) is dropped when that one is kept,
-so a conversation holds one entry, not one per turn.
+so a conversation holds one entry, not one per turn. Entries live in host memory, also where the
+model runs on a GPU: its memory is the running batch's (a prefix is copied back when reused).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,23 +69,21 @@ class PrefixCache:
         self.entries.move_to_end(best_id)
         return Hit(self.entries[best_id], best_length)
 
-    def keep(self, tokens: list[int], layers: list[tuple[Any, Any]]) -> None:
-        """Keep these tokens' keys and values: copies, out of the live cache, given to the store."""
-        if len(tokens) < MIN_TOKENS:
+    def keep(self, tokens: list[int], nbytes: int, copy: Callable[[], list[tuple[Any, Any]]]) -> None:
+        """Keep these tokens' keys and values (`nbytes` of them), copied out of the live cache by
+        `copy` only if they are to be kept."""
+        if len(tokens) < MIN_TOKENS or nbytes > self.max_bytes:
             return
         for entry_id, entry in list(self.entries.items()):
             if common_prefix(tokens, entry.tokens) == len(tokens):  # nothing new: already held
                 self.entries.move_to_end(entry_id)
                 return
-        nbytes = sum(keys.nbytes + values.nbytes for keys, values in layers)
-        if nbytes > self.max_bytes:
-            return
         for entry_id, entry in list(self.entries.items()):
             if common_prefix(tokens, entry.tokens) == len(entry.tokens):  # extended by this one
                 self._drop(entry_id)
         while self.entries and self.nbytes + nbytes > self.max_bytes:
             self._drop(next(iter(self.entries)))
-        self.entries[self._next_id] = Entry(list(tokens), layers, nbytes)
+        self.entries[self._next_id] = Entry(list(tokens), copy(), nbytes)
         self._next_id += 1
         self.nbytes += nbytes
 

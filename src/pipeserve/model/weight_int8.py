@@ -33,22 +33,31 @@ _CLASS: Any = None
 
 
 def quantize(model: Any, torch: Any) -> list[tuple[Any, str, Any]]:
-    """Cast the model to bfloat16 and replace its Linear layers with int8 ones: (parent, name,
-    replaced layer) for each, to put back."""
-    model.to(torch.bfloat16)
+    """Replace the model's Linear layers with int8 ones, then cast the rest to bfloat16: (parent,
+    name, replaced layer) for each, to put back (`unswap`): the replaced layers are untouched."""
     layer_class = _layer_class(torch)
-    swapped = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                weight = child.weight
-            elif type(child).__name__ == "Conv1D" and type(child).__module__.startswith("transformers."):
-                weight = child.weight.t()  # GPT-2's: x W + b, W stored [in, out]
-            else:
-                continue
-            setattr(parent, name, layer_class(weight.detach(), child.bias))
-            swapped.append((parent, name, child))
+    swapped: list[tuple[Any, str, Any]] = []
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    weight = child.weight
+                elif type(child).__name__ == "Conv1D" and type(child).__module__.startswith("transformers."):
+                    weight = child.weight.t()  # GPT-2's: x W + b, W stored [in, out]
+                else:
+                    continue
+                setattr(parent, name, layer_class(weight.detach(), child.bias))
+                swapped.append((parent, name, child))
+        precision.cast(model, torch.bfloat16)
+    except BaseException:
+        unswap(swapped)
+        raise
     return swapped
+
+
+def unswap(swapped: list[tuple[Any, str, Any]]) -> None:
+    for parent, name, original in swapped:
+        setattr(parent, name, original)
 
 
 def _layer_class(torch: Any) -> Any:
@@ -63,18 +72,21 @@ def _layer_class(torch: Any) -> Any:
             super().__init__()
             self.out_features, self.in_features = weight.shape
             wide = weight.float()
-            scales = (wide.abs().amax(dim=1) / 127).clamp(min=1e-12)
-            self.register_buffer("weight", torch.round(wide / scales[:, None]).clamp(-127, 127)
+            # The scales are kept in bfloat16 (the kernel's), so the weights are rounded by those.
+            scales = (wide.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+            # Not named `weight`: code that reads a layer's weight dtype to cast its input (Mamba's
+            # head does) must fail, not cast activations to int8.
+            self.register_buffer("qweight", torch.round(wide / scales.float()[:, None]).clamp(-127, 127)
                                  .to(torch.int8).contiguous())
-            self.register_buffer("scales", scales.to(torch.bfloat16))
+            self.register_buffer("scales", scales)
             self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
         def forward(self, x: Any) -> Any:
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
             if rows.shape[0] <= DIRECT_ROWS:
-                y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+                y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
             else:
-                y = torch.nn.functional.linear(rows, self.weight.to(torch.bfloat16) * self.scales[:, None])
+                y = torch.nn.functional.linear(rows, self.qweight.to(torch.bfloat16) * self.scales[:, None])
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
