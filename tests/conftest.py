@@ -444,12 +444,25 @@ def _build_zero_shot(folder: Path) -> Path:
     return _bert_with_labels(folder, ["contradiction", "neutral", "entailment"], "sequence")
 
 
-def _build_text_generation(folder: Path) -> Path:
+def save_gpt2(folder: Path, tokenizer: Any, n_embd: int = 32, n_layer: int = 2, n_head: int = 2,
+              n_positions: int = 128) -> Path:
+    """A random GPT-2 (seed 0) for this tokenizer, saved with it in `folder`."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        n_positions=n_positions, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def _build_text_generation(folder: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     folder.mkdir(parents=True, exist_ok=True)
     core = Tokenizer(models.WordLevel(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -457,12 +470,7 @@ def _build_text_generation(folder: Path) -> Path:
         special_tokens=["<unk>", "<pad>", "<eos>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
                                         eos_token="<eos>", bos_token="<eos>")
-    tokenizer.save_pretrained(folder)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).eval().save_pretrained(folder)
-    return folder
+    return save_gpt2(folder, tokenizer)
 
 
 def _build_image_classification(folder: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, wait_until
+from conftest import Server, save_gpt2, wait_until
 from test_streaming import chat_model  # noqa: F401 - the fixture, shared
 
 pytestmark = pytest.mark.timeout(240)
@@ -201,19 +201,12 @@ def test_a_client_that_leaves_while_its_sequence_waits_in_the_worker(generator: 
 def long_context_model(chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     """The chat model's tokenizer on a wider GPT-2 with 4096 positions: a prompt that fills them
     takes about a second to prefill on one CPU thread (a few milliseconds per decoding step)."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("long-context") / "tiny-long-context"
     folder.mkdir()
-    tokenizer = AutoTokenizer.from_pretrained(chat_model)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=256, n_layer=6, n_head=4, n_positions=4096,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).eval().save_pretrained(folder)
-    return folder
+    return save_gpt2(folder, AutoTokenizer.from_pretrained(chat_model), n_embd=256, n_layer=6, n_head=4,
+                     n_positions=4096)
 
 
 def test_a_client_that_leaves_while_its_prompt_is_prefilled(long_context_model: Path) -> None:
@@ -237,15 +230,11 @@ def test_a_client_that_leaves_while_its_prompt_is_prefilled(long_context_model: 
         # One sequence runs at a time: had the abandoned one gone on decoding, this one would wait
         # behind its 400 steps. Steps: the abandoned prefill, this prefill and one decoding step
         # (and one more, should the Cancel have reached the worker a step late).
-        reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {
-            "max_new_tokens": 2, "ignore_eos": True}}), {"Content-Type": "application/json"})
+        reply = _post(server, "/generate", {"inputs": "the", "parameters": {"max_new_tokens": 2, "ignore_eos": True}})
         assert reply.status == 200, reply.body
         assert _streams(server)["steps"] - steps <= 4, _streams(server)
         _no_stream_left(server)
-        server.signal(signal.SIGTERM)
-        assert server.wait_exit(30) == 0
-        assert "draining" not in server.log  # nothing was left to wait for
-        assert "drain incomplete" not in server.log
+        _sigterm_exits_at_once(server)
     finally:
         server.stop()
 
@@ -270,12 +259,16 @@ def test_after_every_leaver_sigterm_exits_at_once(chat_model: Path) -> None:  # 
         leaver = _send(server.port, "/generate_stream", _long(), body_bytes=5)
         leaver.close()
         _no_stream_left(server)
-        server.signal(signal.SIGTERM)
-        assert server.wait_exit(30) == 0
-        assert "draining" not in server.log  # nothing was left to wait for
-        assert "drain incomplete" not in server.log
+        _sigterm_exits_at_once(server)
     finally:
         server.stop()
+
+
+def _sigterm_exits_at_once(server: Server) -> None:
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(30) == 0
+    assert "draining" not in server.log  # nothing was left to wait for
+    assert "drain incomplete" not in server.log
 
 
 # --- one rule on every route ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from huggingface_hub import InferenceClient
 
-from conftest import Server, wait_until
+from conftest import Server, save_gpt2, wait_until
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}assistant {% endif %}")
@@ -26,20 +26,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% e
 @pytest.fixture(scope="module")
 def chat_model(task_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GPT-2's tokenizer with a chat template, and room for 1024 positions."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("chat") / "tiny-chat"
     folder.mkdir()
     tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).eval().save_pretrained(folder)
-    return folder
+    return save_gpt2(folder, tokenizer, n_positions=1024)
 
 
 @pytest.fixture(scope="module")

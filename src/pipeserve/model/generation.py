@@ -271,14 +271,15 @@ class Engine:
         return ended
 
     def _drop_finished(self) -> list[ipc.StreamEnd]:
-        ended, keep = [], []
+        ended, keep, leaving = [], [], []
         for sequence in self.running:
             reason = self._finish_reason(sequence)
             if reason is None:
                 keep.append(sequence)
             else:
                 ended.append(self._end(sequence, reason))
-        self._remember([s for s in self.running if s not in keep])
+                leaving.append(sequence)
+        self._remember(leaving)
         self._keep(keep)
         return ended
 

@@ -58,7 +58,7 @@ def choose(call: PipelineCall, device: str, torch: Any, max_running: int) -> ipc
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate leaves it out
             notes.append(f"{candidate} failed the check ({type(exc).__name__})")
         finally:  # back to the float32 model, exactly
-            weight_int8.unswap(swapped)
+            prepack.restore(swapped)
             precision.cast(model, torch.float32)
             model.load_state_dict(saved, strict=False)
     chosen = min(timings, key=lambda dtype: timings[dtype])
@@ -89,10 +89,9 @@ def _snapshot(model: Any, torch: Any, whole: bool) -> dict[str, Any]:
     state = model.state_dict()
     if not whole:
         linear = {f"{name}.{key}" for name, module in model.named_modules()
-                  if type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D"
-                  for key in ("weight", "bias")}
+                  if prepack.linear_weight(module, torch) is not None for key in ("weight", "bias")}
         state = {name: tensor for name, tensor in state.items() if name not in linear}
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+    return precision.host_copy(state)
 
 
 def _put(call: PipelineCall, dtype: str, torch: Any) -> list[tuple[Any, str, Any]]:

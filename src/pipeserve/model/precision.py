@@ -86,7 +86,7 @@ def choose(call: BatchCall, device: str, torch: Any) -> ipc.Precision:
     inputs, parameters = check
     reference = call(inputs, parameters)
     # On the host: casting back from the reduced dtype would not restore the float32 weights.
-    saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    saved = host_copy(model.state_dict())
     agreement: ipc.Agreement | None = None
     try:
         cast(model, getattr(torch, candidate))
@@ -100,6 +100,11 @@ def choose(call: BatchCall, device: str, torch: Any) -> ipc.Precision:
     model.load_state_dict(saved)
     log.warning("%s; serving in float32", note)
     return ipc.Precision("auto", "float32", candidate=candidate, agreement=agreement, note=note)
+
+
+def host_copy(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of these weights in host memory, to restore them exactly after a cast."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
 
 
 def cast(model: Any, dtype: Any) -> None:

@@ -52,7 +52,6 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # by id, oldest use first
         self.nbytes = 0
-        self.reused_tokens = 0  # counted for the log and tests
         self._next_id = 0
 
     def lookup(self, prompt: list[int]) -> Hit | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Callable
 from typing import Any, TypeGuard
 
 from pipeserve.model import precision
@@ -77,21 +78,33 @@ def apply(call: PipelineCall, torch: Any) -> int:
     return len(swapped)
 
 
-def swap(model: Any, torch: Any) -> list[tuple[Any, str, Any]]:
-    packed_linear = _packed_linear_class(torch)
-    swapped = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            # Exactly these classes: quantised or LoRA layers keep their own.
-            if type(child) is torch.nn.Linear:
-                packed = packed_linear(child.weight, child.bias)
-            elif type(child).__name__ == "Conv1D" and type(child).__module__.startswith("transformers."):
-                packed = packed_linear(child.weight.t(), child.bias)  # GPT-2's: x W + b, W stored [in, out]
-            else:
-                continue
-            setattr(parent, name, packed)
-            swapped.append((parent, name, child))
+def swap(model: Any, torch: Any, make: Callable[[Any, Any], Any] | None = None) -> list[tuple[Any, str, Any]]:
+    """Replace every Linear layer (and GPT-2's Conv1D) with `make(weight [out, in], bias)`, packed
+    ones by default: (parent, name, replaced layer) for each, for `restore`. The replaced layers
+    are left as they were; a failure midway puts back what was replaced."""
+    make = make or _packed_linear_class(torch)
+    swapped: list[tuple[Any, str, Any]] = []
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                weight = linear_weight(child, torch)
+                if weight is not None:
+                    setattr(parent, name, make(weight, child.bias))
+                    swapped.append((parent, name, child))
+    except BaseException:
+        restore(swapped)
+        raise
     return swapped
+
+
+def linear_weight(module: Any, torch: Any) -> Any | None:
+    """The [out, in] weight of exactly a Linear layer or GPT-2's Conv1D, else None (quantised or
+    LoRA layers keep their own)."""
+    if type(module) is torch.nn.Linear:
+        return module.weight
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers."):
+        return module.weight.t()  # GPT-2's: x W + b, W stored [in, out]
+    return None
 
 
 def _shared_storage(model: Any) -> set[int]:

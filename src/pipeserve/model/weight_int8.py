@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.model import precision
+from pipeserve.model import precision, prepack
 from pipeserve.model.adapters import PipelineCall
 
 log = logging.getLogger("pipeserve.model")
@@ -34,30 +34,14 @@ _CLASS: Any = None
 
 def quantize(model: Any, torch: Any) -> list[tuple[Any, str, Any]]:
     """Replace the model's Linear layers with int8 ones, then cast the rest to bfloat16: (parent,
-    name, replaced layer) for each, to put back (`unswap`): the replaced layers are untouched."""
-    layer_class = _layer_class(torch)
-    swapped: list[tuple[Any, str, Any]] = []
+    name, replaced layer) for each, to put back (`prepack.restore`): the replaced layers are untouched."""
+    swapped = prepack.swap(model, torch, _layer_class(torch))
     try:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear:
-                    weight = child.weight
-                elif type(child).__name__ == "Conv1D" and type(child).__module__.startswith("transformers."):
-                    weight = child.weight.t()  # GPT-2's: x W + b, W stored [in, out]
-                else:
-                    continue
-                setattr(parent, name, layer_class(weight.detach(), child.bias))
-                swapped.append((parent, name, child))
         precision.cast(model, torch.bfloat16)
     except BaseException:
-        unswap(swapped)
+        prepack.restore(swapped)
         raise
     return swapped
-
-
-def unswap(swapped: list[tuple[Any, str, Any]]) -> None:
-    for parent, name, original in swapped:
-        setattr(parent, name, original)
 
 
 def _layer_class(torch: Any) -> Any:
@@ -71,7 +55,7 @@ def _layer_class(torch: Any) -> Any:
         def __init__(self, weight: Any, bias: Any) -> None:  # weight: [out_features, in_features]
             super().__init__()
             self.out_features, self.in_features = weight.shape
-            wide = weight.float()
+            wide = weight.detach().float()
             # The scales are kept in bfloat16 (the kernel's), so the weights are rounded by those.
             scales = (wide.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
             # Not named `weight`: code that reads a layer's weight dtype to cast its input (Mamba's
