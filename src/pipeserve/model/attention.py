@@ -68,14 +68,14 @@ def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, d
     # Grouped heads (GQA) share their key and value: [batch, kv_heads, group, dim] each.
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     scale = scaling if scaling is not None else dim ** -0.5
-    # The product is rounded to bfloat16 as it leaves the kernel (SDPA keeps float32 there); the
-    # softmax runs in float32. The tests' greedy streams come out the same either way.
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [batch, kv_heads, group, kv]
+    # In float32 throughout, as SDPA's kernel accumulates: bfloat16 scores or weights (rounded as
+    # they leave a bfloat16 product) changed greedy tokens of streams decoded together.
+    scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2)) * scale  # [batch, kv_heads, group, kv]
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
             scores = scores + attention_mask
-    weights = torch.softmax(scores, dim=-1).to(value.dtype)
-    output = torch.matmul(weights, value)  # [batch, kv_heads, group, value dim]: it may differ from the key's
+    weights = torch.softmax(scores, dim=-1)
+    output = torch.matmul(weights, value.float()).to(value.dtype)  # [batch, kv_heads, group, value dim]
     return output.reshape(batch, 1, heads, value.shape[-1]), None
