@@ -2,8 +2,9 @@
 
 torch's scaled_dot_product_attention on a CPU runs a flash-attention kernel made for long
 queries; for a decoding step's single query per row it is slow in bfloat16: 3.3 ms against
-0.6 ms for the products here (scores = q K^T, softmax in float32, then P V), one layer of 32
-rows x 12 heads x 120 positions. Measured through the engine on this project's 2-core bench
+0.6 ms for these products in bfloat16 (1.0 ms in float32, as they now run: scores = q K^T,
+softmax, then P V), one layer of 32
+rows x 12 heads x 120 positions. Measured (with bfloat16 products) through the engine on this project's 2-core bench
 machine (bench/llamacpp's GPT-2-small-cost Llama, four alternating rounds of 15 steps), a
 bfloat16 decoding step with these products against SDPA: 32 rows 74-91 against 91-105 ms, 16
 rows 44-67 against 51-71, 8 rows 37-47 against 38-51, 4 rows even, 1 row slower (30-38 against
