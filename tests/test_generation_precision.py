@@ -126,7 +126,7 @@ def test_one_token_attention_equals_sdpa_with_grouped_heads_and_padding() -> Non
     from pipeserve.model import attention
 
     torch.manual_seed(0)
-    rows, heads, kv_heads, positions, dim = attention.MATMUL_ROWS, 8, 2, 40, 16
+    rows, heads, kv_heads, positions, dim = 8, 8, 2, 40, 16
     query = torch.randn(rows, heads, 1, dim).bfloat16()
     key = torch.randn(rows, kv_heads, positions, dim).bfloat16()
     value = torch.randn(rows, kv_heads, positions, dim).bfloat16()
@@ -145,10 +145,10 @@ def test_one_token_attention_equals_sdpa_with_grouped_heads_and_padding() -> Non
 
 @pytest.mark.timeout(120)
 def test_bfloat16_streams_on_the_decoding_path_generate_what_sdpa_gives(task_models: dict[str, Path]) -> None:
-    """Enough streams for the matrix-product path (MATMUL_ROWS and more), in bfloat16: the same
-    greedy tokens as the model's SDPA attention, and the path did run."""
+    """Ten streams at once, in bfloat16: the same greedy tokens as the model's SDPA attention,
+    and the path did run, on every one-token step."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AttentionInterface, AutoTokenizer
 
     from pipeserve import ipc
     from pipeserve.model import attention
@@ -156,14 +156,12 @@ def test_bfloat16_streams_on_the_decoding_path_generate_what_sdpa_gives(task_mod
 
     tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
     prompts = {index: " ".join(["the good movie", "hello world", "a long one"][: 1 + index % 3]) + f" {index}"
-               for index in range(attention.MATMUL_ROWS + 2)}
-    calls: list[int] = []  # the rows of each call the decoding path took
+               for index in range(10)}
+    calls: list[tuple[int, int]] = []  # (rows, query tokens) of each call the decoding path received
 
     def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[1].shape[0])
+        calls.append((args[1].shape[0], args[1].shape[2]))
         return attention.attend(*args, **kwargs)
-
-    from transformers import AttentionInterface
 
     answers = {}
     try:
@@ -178,9 +176,59 @@ def test_bfloat16_streams_on_the_decoding_path_generate_what_sdpa_gives(task_mod
             answers[implementation] = _run(engine)
     finally:
         AttentionInterface.register(attention.NAME, attention.attend)
-    assert calls and max(calls) >= attention.MATMUL_ROWS
+    assert (len(prompts), 1) in calls
     assert answers["sdpa"] == answers[attention.NAME]
     assert all(len(tokens) == GREEDY["max_new_tokens"] for tokens in answers["sdpa"].values())
+
+
+@pytest.mark.timeout(120)
+def test_a_bfloat16_stream_takes_the_decoding_path_alone_as_beside_others(
+        task_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path's rounding is not SDPA's, so which one runs must not depend on how many streams
+    share a step: a lone stream's one-token steps take the path too (none falls back to SDPA),
+    and each stream gives alone what it gives beside eleven others."""
+    import torch
+    from transformers import AttentionInterface, AutoTokenizer
+    from transformers.integrations import sdpa_attention
+
+    from pipeserve import ipc
+    from pipeserve.model import attention
+    from pipeserve.model.generation import Engine
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    prompts = {index: f"hello world {index} " + "the good movie " * (index % 4) for index in range(12)}
+    model = _model("llama", tokenizer).to(torch.bfloat16)
+    steps: list[int] = []  # the rows of each one-token step
+    fell_back: list[int] = []  # the rows of each one-token step SDPA computed
+    sdpa = sdpa_attention.sdpa_attention_forward
+
+    def counted(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query.shape[2] == 1:
+            steps.append(query.shape[0])
+        return attention.attend(module, query, *args, **kwargs)
+
+    def watched(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query.shape[2] == 1:
+            fell_back.append(query.shape[0])
+        return sdpa(module, query, *args, **kwargs)
+
+    def generate(chosen: dict[int, str]) -> dict[int, list[int]]:
+        engine = Engine(model, tokenizer, max_running=16)
+        for stream, prompt in chosen.items():
+            engine.add(ipc.Generate(stream, prompt, {**GREEDY, "max_new_tokens": 12}))
+        return _run(engine)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", watched)
+    attention.register()  # before replacing it: the first Engine would register it over `counted`
+    AttentionInterface.register(attention.NAME, counted)
+    try:
+        together = generate(prompts)
+        alone = {stream: generate({stream: prompt})[stream] for stream, prompt in prompts.items()}
+    finally:
+        AttentionInterface.register(attention.NAME, attention.attend)
+    assert 1 in steps and len(prompts) in steps
+    assert fell_back == []
+    assert together == alone
 
 
 # --- --dtype auto for generators: the fastest agreeing precision, timed at load -----------------------
@@ -313,7 +361,7 @@ def test_one_token_attention_with_a_value_size_other_than_the_keys() -> None:
     from pipeserve.model import attention
 
     torch.manual_seed(1)
-    rows, heads, positions = attention.MATMUL_ROWS, 4, 12
+    rows, heads, positions = 8, 4, 12
     query, key = torch.randn(rows, heads, 1, 16).bfloat16(), torch.randn(rows, heads, positions, 16).bfloat16()
     value = torch.randn(rows, heads, positions, 24).bfloat16()
     module = torch.nn.Module()

@@ -2,15 +2,19 @@
 
 torch's scaled_dot_product_attention on a CPU runs a flash-attention kernel made for long
 queries; for a decoding step's single query per row it is slow in bfloat16: 3.3 ms against
-0.6 ms for these products in bfloat16 (1.0 ms in float32, as they now run: scores = q K^T,
-softmax, then P V), one layer of 32
-rows x 12 heads x 120 positions. Measured (with bfloat16 products) through the engine on this project's 2-core bench
-machine (bench/llamacpp's GPT-2-small-cost Llama, four alternating rounds of 15 steps), a
-bfloat16 decoding step with these products against SDPA: 32 rows 74-91 against 91-105 ms, 16
-rows 44-67 against 51-71, 8 rows 37-47 against 38-51, 4 rows even, 1 row slower (30-38 against
-28-31); in float32 no better at any width. So this path takes reduced-precision steps of at
-least MATMUL_ROWS rows; everything else keeps SDPA: float32, narrower steps, prompts (queries of
-many tokens), and what this path does not cover (a softcap, a position bias, a GPU).
+1.0 ms for these products (in float32: scores = q K^T, softmax, then P V), one layer of 32 rows
+x 12 heads x 120 positions. Through the engine on this project's 2-core bench machine
+(bench/llamacpp's GPT-2-small-cost Llama, bfloat16), whole decoding steps against SDPA's: 32
+rows 74-91 against 91-105 ms, 4 rows 24-28 against 25-30, 1 row even (25.8-26.3 against
+25.2-26.2, weights not packed); in float32 no better at any width, so float32 keeps SDPA.
+
+It takes every reduced-precision one-token step, whatever its width, because its rounding is
+not SDPA's: when it took only steps of 8 rows or more, a stream's algorithm changed with the
+number of streams beside it, and a bfloat16 stream decoded beside 23 others took other greedy
+tokens than alone for 13 of 24 prompts within 40 tokens (a 4-layer random Llama); taking every
+step, 4 of 24, level with SDPA everywhere (5 of 24: bfloat16 attention over left-padded rows
+is not invariant to the padding either way). Prompts (queries of many tokens) and what this
+path does not cover (a softcap, a position bias, a GPU) keep SDPA.
 
 Registered with transformers as "pipeserve_sdpa" (with SDPA's mask), and set only where the
 model used "sdpa".
@@ -21,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 NAME = "pipeserve_sdpa"
-MATMUL_ROWS = 8
 _REGISTERED = False
 
 
@@ -30,7 +33,7 @@ def use_for_decoding(model: Any) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or model.device.type != "cpu":
         return False
-    _register()
+    register()
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, AttributeError, NotImplementedError):
@@ -38,7 +41,8 @@ def use_for_decoding(model: Any) -> bool:
     return True
 
 
-def _register() -> None:
+def register() -> None:
+    """Make "pipeserve_sdpa" known to transformers (once per process)."""
     global _REGISTERED  # noqa: PLW0603 - once per process
     if _REGISTERED:
         return
@@ -57,7 +61,7 @@ def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, d
     import torch  # noqa: PLC0415
     from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
 
-    if (query.shape[2] != 1 or query.shape[0] < MATMUL_ROWS or query.dtype == torch.float32 or dropout
+    if (query.shape[2] != 1 or query.dtype == torch.float32 or dropout
             or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
             or query.device.type != "cpu"):
         answer: tuple[Any, None] = sdpa_attention_forward(module, query, key, value, attention_mask,
