@@ -143,6 +143,31 @@ def test_one_token_attention_equals_sdpa_with_grouped_heads_and_padding() -> Non
     assert torch.equal(attention.attend(module, query, key, garbage, mask, scaling=0.25)[0][0], got[0])
 
 
+def test_one_token_attention_in_slices_of_rows_answers_as_all_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wide step is computed a few rows at a time (float32 copies of its whole cache cost more
+    than the products): each row's answer is bit-for-bit the one all rows at once give."""
+    import torch
+
+    from pipeserve.model import attention
+
+    torch.manual_seed(2)
+    rows, heads, kv_heads, positions, dim = 5, 4, 2, 30, 16
+    query = torch.randn(rows, heads, 1, dim).bfloat16()
+    key, value = (torch.randn(rows, kv_heads, positions, dim).bfloat16() for _ in range(2))
+    mask = torch.ones(rows, 1, 1, positions, dtype=torch.bool)
+    mask[2, :, :, :11] = False
+    module = torch.nn.Module()
+    whole, _ = attention.attend(module, query, key, value, mask, scaling=0.25)
+    slices_of = {}
+    for per_slice in (1, 2):
+        monkeypatch.setattr(attention, "CHUNK_BYTES", per_slice * kv_heads * positions * 2 * dim * 4)
+        slices_of[per_slice], _ = attention.attend(module, query, key, value, mask, scaling=0.25)
+    assert torch.equal(slices_of[1], whole) and torch.equal(slices_of[2], whole)
+    # A mask broadcast over the rows (one for all) is sliced like a mask per row.
+    shared, _ = attention.attend(module, query, key, value, mask[2:3], scaling=0.25)
+    assert torch.equal(shared[2], whole[2])
+
+
 @pytest.mark.timeout(120)
 def test_bfloat16_streams_on_the_decoding_path_generate_what_sdpa_gives(task_models: dict[str, Path]) -> None:
     """Ten streams at once, in bfloat16: the same greedy tokens as the model's SDPA attention,

@@ -6,7 +6,9 @@ queries; for a decoding step's single query per row it is slow in bfloat16: 3.3 
 x 12 heads x 120 positions. Through the engine on this project's 2-core bench machine
 (bench/llamacpp's GPT-2-small-cost Llama, bfloat16), whole decoding steps against SDPA's: 32
 rows 74-91 against 91-105 ms, 4 rows 24-28 against 25-30, 1 row even (25.8-26.3 against
-25.2-26.2, weights not packed); in float32 no better at any width, so float32 keeps SDPA.
+25.2-26.2, weights not packed); 32 rows of ~900 positions 494-499 against 610-628 ms (one
+layer's attention alone: 12.5 against 23.7 ms). In float32 no better at any width, so
+float32 keeps SDPA.
 
 It takes every reduced-precision one-token step, whatever its width, because its rounding is
 not SDPA's: when it took only steps of 8 rows or more, a stream's algorithm changed with the
@@ -25,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 NAME = "pipeserve_sdpa"
+CHUNK_BYTES = 8 * 2**20  # float32 keys and values converted at once
 _REGISTERED = False
 
 
@@ -68,13 +71,28 @@ def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, d
                                                           dropout=dropout, scaling=scaling, **kwargs)
         return answer
 
+    # In float32 throughout, as SDPA's kernel accumulates, a few rows at a time: float32 copies of
+    # a wide step's whole cache (32 rows x 1,000 positions: 98 MB a layer) cost more to allocate
+    # and fill than the products (70 ms against 9 ms in slices of CHUNK_BYTES; SDPA 24 ms). A
+    # row's answer is the same in any slice (each row's products are separate matrices).
+    per_row = key.shape[1] * key.shape[2] * (key.shape[3] + value.shape[3]) * 4
+    rows = max(1, CHUNK_BYTES // per_row)
+    batch = query.shape[0]
+    if attention_mask is not None and attention_mask.shape[0] != batch:
+        attention_mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+    answers = [_attend_rows(torch, query[start:start + rows], key[start:start + rows], value[start:start + rows],
+                            None if attention_mask is None else attention_mask[start:start + rows], scaling)
+               for start in range(0, batch, rows)]
+    return (answers[0] if len(answers) == 1 else torch.cat(answers)), None
+
+
+def _attend_rows(torch: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None) -> Any:
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     # Grouped heads (GQA) share their key and value: [batch, kv_heads, group, dim] each.
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     scale = scaling if scaling is not None else dim ** -0.5
-    # In float32 throughout, as SDPA's kernel accumulates: bfloat16 scores or weights (rounded as
-    # they leave a bfloat16 product) changed greedy tokens of streams decoded together.
+    # bfloat16 scores or weights (rounded as they left a bfloat16 product) changed greedy tokens.
     scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2)) * scale  # [batch, kv_heads, group, kv]
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -83,4 +101,4 @@ def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, d
             scores = scores + attention_mask
     weights = torch.softmax(scores, dim=-1)
     output = torch.matmul(weights, value.float()).to(value.dtype)  # [batch, kv_heads, group, value dim]
-    return output.reshape(batch, 1, heads, value.shape[-1]), None
+    return output.reshape(batch, 1, heads, value.shape[-1])
