@@ -3,8 +3,10 @@ tiny random config: sequences that join a running batch midway, and leave it, ge
 what each prompt gives alone: the model's own greedy choice, recomputed over the whole sequence
 without a cache at every step (the definition, not an implementation of it: transformers 5's
 generate() on the sliding-window Mistral below departs from it once a sequence is longer than
-the window). Mistral with a sliding window cannot share its cache row by row: the engine falls
-back to static batches (a newcomer waits for the running ones), and its answers must be exact too."""
+the window). Mistral with a sliding window, LFM2 (convolution states beside attention) and Mamba
+(state-space layers only) cannot share their caches row by row: the engine falls back to static
+batches (a newcomer waits for the running ones; one that ends early leaves its rows), and their
+answers must be exact too."""
 
 from __future__ import annotations
 
@@ -24,7 +26,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", {"num_key_value_heads": 4, "original_max_position_embeddings": 128}),
     "gpt-neox": ("GPTNeoXConfig", {"rotary_pct": 0.5}),
     "opt": ("OPTConfig", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
+    # Recurrent state: LFM2's short convolutions beside attention; Mamba's state-space layers alone.
+    "lfm2-hybrid": ("Lfm2Config", {"num_key_value_heads": 2, "layer_types": ["conv", "full_attention"]}),
+    "mamba": ("MambaConfig", {"state_size": 8}),
 }
+# Caches that cannot be cut into rows: the static-batch fallback.
+STATIC = {"mistral-sliding-window", "lfm2-hybrid", "mamba"}
 GREEDY = {"max_new_tokens": 6, "ignore_eos": True}
 
 
@@ -91,7 +98,7 @@ def test_streams_joining_and_leaving_generate_what_each_prompt_gives_alone(
     for stream, prompt in prompts.items():
         assert tokens[stream] == _alone(model, tokenizer, prompt, len(tokens[stream])), (family, stream)
     # Row-by-row sharing where the cache allows it; the static-batch fallback where it does not.
-    assert shared == (family != "mistral-sliding-window"), family
+    assert shared == (family not in STATIC), family
 
 
 @pytest.mark.timeout(120)
@@ -122,11 +129,11 @@ def test_prompts_reusing_ended_sequences_prefixes_generate_what_they_give_alone(
     turns = {11: (prompts[1], second[11]), 12: (prompts[2], second[12]), 13: (third_prompt, third[13])}
     for stream, (prompt, (tokens, end)) in turns.items():
         assert tokens == _alone(model, tokenizer, prompt, 6), (family, stream)
-        if family == "mistral-sliding-window":  # its cache cannot be cut into rows to keep
+        if family in STATIC:  # its cache cannot be cut into rows to keep
             assert end.cached_tokens == 0
         else:  # the earlier turn was kept whole, up to its reply's last token (never fed back)
             assert end.cached_tokens >= len(tokenizer(systems[1 if stream != 12 else 2])["input_ids"]), family
-    if family != "mistral-sliding-window":
+    if family not in STATIC:
         # More than the first turn's entry gives: the second turn's row (a gap inside it) was kept.
         assert turns[13][1][1].cached_tokens > turns[11][1][1].cached_tokens
 

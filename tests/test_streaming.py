@@ -126,6 +126,33 @@ def test_bad_parameters_are_a_4xx_before_any_event(generator: Server, start_serv
         _openai(no_template).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
 
 
+@pytest.mark.timeout(120)
+def test_a_chat_template_that_refuses_the_messages_is_a_400_and_the_worker_keeps_serving(
+        task_models: dict[str, Path], start_server: Any, tmp_path: Path) -> None:
+    """Templates refuse messages they do not take by raising (jinja2's TemplateError, through
+    transformers' `raise_exception`): a 400 with the template's words, not a crashed worker."""
+    import openai
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant ")
+    server = start_server("--model", str(save_gpt2(tmp_path / "refusing-chat", tokenizer)))
+    client = _openai(server)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="System role not supported"):
+            client.chat.completions.create(model="m", max_completion_tokens=2, stream=stream,
+                                           messages=[{"role": "system", "content": "be brief"},
+                                                     {"role": "user", "content": "hi"}])
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                           max_completion_tokens=2, extra_body={"ignore_eos": True})
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+    restarts = re.findall(r"^pipeserve_worker_restarts_total\{.*\} (\S+)$",
+                          server.request("GET", "/metrics").body.decode(), re.MULTILINE)
+    assert restarts and all(float(count) == 0 for count in restarts)
+
+
 async def _stream(session: aiohttp.ClientSession, port: int, prompt: str, parameters: dict[str, Any],
                   abandon_after: int | None = None, headers: dict[str, str] | None = None,
                   at_event: tuple[int, Callable[[], None]] | None = None) -> list[dict[str, Any]]:

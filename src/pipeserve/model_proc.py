@@ -253,7 +253,12 @@ def _stream_message(engine: Engine | None, message: ipc.Generate | ipc.Cancel) -
     if engine is None:
         return ipc.StreamEnd(message.stream_id, "error", 0, 0,
                              error=ipc.Failed(ErrorKind.BAD_INPUT, "this model does not generate text"))
-    return engine.add(message)
+    try:
+        return engine.add(message)
+    except Exception as exc:  # noqa: BLE001 - one request's failure, not the worker's
+        log.error("queueing a sequence failed\n%s", "".join(traceback.format_exception(exc)).rstrip())
+        return ipc.StreamEnd(message.stream_id, "error", 0, 0,
+                             error=ipc.Failed(ErrorKind.INTERNAL, "generation failed"))
 
 
 def _step(engine: Engine) -> ipc.Step:

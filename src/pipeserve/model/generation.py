@@ -124,7 +124,13 @@ class Engine:
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("this model has no chat template")
-            text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            try:
+                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                                                          tokenize=False)
+            except Exception as exc:  # the template is the model's; the messages are the request's
+                # Templates refuse messages they do not take by raising (`raise_exception`: "roles
+                # must alternate", no system role): jinja2's TemplateError, not a ValueError.
+                raise ValueError(f"the model's chat template refused these messages: {exc}") from exc
             ids = tail_ids(self.tokenizer, text, room, add_special_tokens=False)
         else:
             ids = tail_ids(self.tokenizer, request.prompt or "", room, add_special_tokens=True)
@@ -201,7 +207,9 @@ class Engine:
         last = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)
         positions = self.mask.sum(dim=-1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
-        output = self.model(input_ids=last, attention_mask=self.mask, position_ids=positions,
+        # transformers' generate() also gives attention-free models no mask after the prompt.
+        mask = None if kv_cache.attention_free(self.cache) else self.mask
+        output = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self._cache_keyword: self.cache})
         self.cache = _cache_of(output)
         return self._sample(output.logits[:, -1, :], self.running)
@@ -328,7 +336,8 @@ class Engine:
         kept = [self.running.index(s) for s in keep]
         rows = torch.tensor(kept, device=self.device)
         if not self.joinable:
-            self.cache.batch_select_indices(rows)
+            # reorder_cache: every layer kind has it (recurrent states too), batch_select_indices not.
+            self.cache.reorder_cache(rows)
             self.mask = self.mask[rows]
             self.running = keep
             return

@@ -17,6 +17,14 @@ def stackable(cache: Any) -> bool:
     return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "GrowingLayer") for layer in layers)
 
 
+def attention_free(cache: Any) -> bool:
+    """Only recurrent states (Mamba's): no layer attends, so a decoding step's attention mask is
+    of no use to the model, and Mamba-style mixers would multiply their one new position by it
+    (the mask's length, not the step's), as if the mask marked padding."""
+    layers: list[Any] = list(getattr(cache, "layers", None) or [])
+    return bool(layers) and all(type(layer).__name__ == "LinearAttentionLayer" for layer in layers)
+
+
 _GROWING: Any = None
 GROWTH = 64  # token positions of room added at a time
 
