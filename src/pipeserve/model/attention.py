@@ -12,11 +12,12 @@ float32 keeps SDPA.
 
 It takes every reduced-precision one-token step, whatever its width, because its rounding is
 not SDPA's: when it took only steps of 8 rows or more, a stream's algorithm changed with the
-number of streams beside it, and a bfloat16 stream decoded beside 23 others took other greedy
-tokens than alone for 13 of 24 prompts within 40 tokens (a 4-layer random Llama); taking every
-step, 4 of 24, level with SDPA everywhere (5 of 24: bfloat16 attention over left-padded rows
-is not invariant to the padding either way). Prompts (queries of many tokens) and what this
-path does not cover (a softcap, a position bias, a GPU) keep SDPA.
+number of streams beside it. bench/BATCH_INVARIANCE.md (a 4-layer random Llama, 40 greedy
+tokens): bfloat16 streams decoded beside 23 others took other tokens than alone for 11 of 24
+prompts under that rule, 9 of 24 taking every step, 6 of 24 with SDPA everywhere: bfloat16
+attention over left-padded rows is not invariant to the padding with either; float32 0 of 24.
+Prompts (queries of many tokens) and what this path does not cover (a softcap, a position bias,
+a GPU) keep SDPA.
 
 Registered with transformers as "pipeserve_sdpa" (with SDPA's mask), and set only where the
 model used "sdpa".
