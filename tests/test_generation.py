@@ -94,6 +94,58 @@ def test_at_most_max_running_sequences_share_a_step(gpt2: tuple[Any, Any]) -> No
     assert max(widths) == 2 and sorted(ended) == [0, 1, 2, 3, 4]
 
 
+def test_a_step_prefills_at_most_its_token_budget_the_first_waiting_prompt_always(
+        gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting prompts are prefilled in order while rows x the longest stays within
+    PREFILL_TOKENS; one longer than the budget goes alone; the tokens are each prompt's own."""
+    from pipeserve.model import generation
+
+    _, tokenizer = gpt2
+    prompts = {1: "the good movie", 2: "a cat sat", 3: "hello world this is a much longer prompt than the others",
+               4: "the cat"}
+    lengths = {stream: len(tokenizer(prompt)["input_ids"]) for stream, prompt in prompts.items()}
+    budget = 2 * max(lengths[1], lengths[2])
+    assert lengths[3] > budget and 2 * lengths[4] <= budget  # 3 alone, over the budget; then 4
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", budget)
+    engine = _engine(gpt2)
+    for stream, prompt in prompts.items():
+        engine.add(ipc.Generate(stream, prompt, GREEDY))
+    prefilled = []  # the streams whose first token each step gave
+    tokens: dict[int, list[int]] = {}
+    while engine.active:
+        step = engine.step()
+        prefilled.append(sorted(token.stream_id for token in step.tokens if token.stream_id not in tokens))
+        for token in step.tokens:
+            tokens.setdefault(token.stream_id, []).append(token.id)
+    assert prefilled[:3] == [[1, 2], [3], [4]]
+    for stream, prompt in prompts.items():
+        assert tokens[stream] == _alone(gpt2, prompt, GREEDY["max_new_tokens"]), stream
+
+
+def test_a_row_whose_scores_overflow_ends_alone_and_the_others_go_on(gpt2: tuple[Any, Any]) -> None:
+    """Non-finite scores (a float16 overflow) in one row: that stream ends with an error (sampling
+    it would raise for the whole step), the other keeps generating its own tokens."""
+    import torch
+
+    model, _ = gpt2
+    engine = _engine(gpt2)
+    engine.add(ipc.Generate(1, "the good movie", {"max_new_tokens": 6, "do_sample": True, "seed": 3}))
+    engine.add(ipc.Generate(2, "a cat sat", GREEDY))
+
+    def overflow_first_of_two(module: Any, inputs: Any, output: Any) -> Any:
+        return output.index_fill(0, torch.tensor([0]), float("nan")) if output.shape[0] == 2 else output
+
+    hook = model.lm_head.register_forward_hook(overflow_first_of_two)
+    try:
+        tokens, ended = _run(engine)
+    finally:
+        hook.remove()
+    assert ended[1].finish_reason == "error" and ended[1].error.kind == ipc.ErrorKind.INTERNAL
+    assert "not finite" in ended[1].error.message and 1 not in tokens
+    assert ended[2].finish_reason == "length" and tokens[2] == _alone(gpt2, "a cat sat", 6)
+    assert engine.cache is None and not engine.running
+
+
 def test_seeded_sampling_repeats_and_stop_sequences_end_early(gpt2: tuple[Any, Any]) -> None:
     sampled = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "top_p": 0.9, "top_k": 20,
                "seed": 7, "ignore_eos": True}

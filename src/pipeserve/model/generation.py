@@ -24,7 +24,6 @@ import itertools
 import logging
 import random
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from pipeserve import ipc
@@ -33,28 +32,15 @@ from pipeserve.model import attention, kv_cache
 from pipeserve.model.prefix_cache import Hit, PrefixCache
 from pipeserve.model.prompts import tail_ids
 from pipeserve.model.sampling import sample_one, samples
+from pipeserve.model.sequence import Sequence
 
 log = logging.getLogger("pipeserve.worker")
 
+# Prompt tokens (rows x the longest, padding included) one step prefills at most, as TGI's
+# --max-batch-prefill-tokens (4096 by default): running streams wait for a prefill, and a burst
+# of long prompts in one pass could outlast --batch-timeout, whose watchdog restarts the worker.
+PREFILL_TOKENS = 4096
 
-
-@dataclass
-class Sequence:
-    stream_id: int
-    prompt_ids: list[int]
-    parameters: dict[str, Any]
-    generator: Any
-    seed: int | None
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    cancelled: bool = False
-    prefix_offset: int = 0  # generated[prefix_offset:read_offset] is text already sent
-    read_offset: int = 0
-    cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
-
-    @property
-    def max_new_tokens(self) -> int:
-        return int(self.parameters.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
 
 
 class Engine:
@@ -160,19 +146,28 @@ class Engine:
             ended += self._drop_finished()
         return ipc.Step(tokens, ended)
 
-    def _admissible(self) -> list[Sequence]:
+    def _admissible(self) -> list[tuple[Sequence, Hit | None]]:
+        """The waiting sequences, in order, that this step prefills (each with its kept prefix):
+        as many as there are free rows, while their padded tokens to compute stay within
+        PREFILL_TOKENS (the first always goes)."""
         if not self.waiting or (self.running and not self.joinable):
             return []
-        room = self.max_running - len(self.running)
-        return list(itertools.islice(self.waiting, min(room, len(self.waiting))))
+        admitted: list[tuple[Sequence, Hit | None]] = []
+        widest = 0
+        for sequence in itertools.islice(self.waiting, self.max_running - len(self.running)):
+            hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
+            widest = max(widest, len(sequence.prompt_ids) - (hit.length if hit is not None else 0))
+            if admitted and (len(admitted) + 1) * widest > PREFILL_TOKENS:
+                break
+            admitted.append((sequence, hit))
+        return admitted
 
-    def _prefill(self, sequences: list[Sequence]) -> list[ipc.Token]:
+    def _prefill(self, sequences: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
         """Prefill newcomers: those reusing a kept prefix in one pass, the others in another (a
         whole prompt beside a short rest would pad every rest to its length)."""
         fresh: list[Sequence] = []
         reusing: list[tuple[Sequence, Hit | None]] = []
-        for sequence in sequences:
-            hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
+        for sequence, hit in sequences:
             if hit is None:
                 fresh.append(sequence)
             else:
@@ -238,34 +233,26 @@ class Engine:
         torch = self.torch
         logits = logits.float()
         chosen = logits.argmax(dim=-1).tolist()  # greedy rows, all at once
+        # A row whose scores overflowed (float16) ends alone: sampling it would raise for the step.
+        broken = (logits.isnan() | logits.isposinf()).any(dim=-1).tolist()
         for row, sequence in enumerate(sequences):
-            if samples(sequence.parameters):
+            if broken[row]:
+                sequence.failed = ipc.Failed(ErrorKind.INTERNAL, "the model's scores for the next token were not "
+                                             "finite (an overflow: try --dtype float32)")
+            elif samples(sequence.parameters):
                 chosen[row] = sample_one(torch, logits[row], sequence.parameters, sequence.generator)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen_logprobs = logprobs[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
         special_ids = self._special_ids
         tokens = []
         for sequence, token_id, logprob in zip(sequences, chosen, chosen_logprobs, strict=True):
+            if sequence.failed is not None:
+                continue
             sequence.generated.append(token_id)
-            piece = self._next_piece(sequence)
+            piece = sequence.next_piece(self.tokenizer.decode)
             sequence.text += piece
             tokens.append(ipc.Token(sequence.stream_id, token_id, piece, logprob, token_id in special_ids))
         return tokens
-
-    def _next_piece(self, sequence: Sequence) -> str:
-        """The text the newest token adds, decoding a few tokens rather than the whole sequence.
-
-        Decoding the window from the token before the unread ones keeps the joining space (and
-        a byte-level character split over tokens) right; a piece ending in U+FFFD is an
-        incomplete character, held back until a later token completes it.
-        """
-        decode = self.tokenizer.decode
-        read = decode(sequence.generated[sequence.prefix_offset:sequence.read_offset], skip_special_tokens=True)
-        both = decode(sequence.generated[sequence.prefix_offset:], skip_special_tokens=True)
-        if len(both) <= len(read) or both.endswith("\ufffd"):
-            return ""
-        sequence.prefix_offset, sequence.read_offset = sequence.read_offset, len(sequence.generated)
-        return str(both[len(read):])
 
     # --- leaving ----------------------------------------------------------------------------
 
@@ -281,7 +268,7 @@ class Engine:
     def _drop_finished(self) -> list[ipc.StreamEnd]:
         ended, keep, leaving = [], [], []
         for sequence in self.running:
-            reason = self._finish_reason(sequence)
+            reason = sequence.finish_reason(self.eos_ids)
             if reason is None:
                 keep.append(sequence)
             else:
@@ -296,6 +283,8 @@ class Engine:
         if self.prefixes is None or not self.joinable or not leaving:
             return
         for sequence in leaving:
+            if sequence.failed is not None:  # its keys and values may hold the overflow
+                continue
             tokens = sequence.prompt_ids + sequence.generated[:-1]  # the last token was never fed back
             row = self.running.index(sequence)
             if int(self.mask[row].sum()) != len(tokens):
@@ -312,18 +301,6 @@ class Engine:
     def _bytes_per_position(self) -> int:
         return sum((layer.keys.shape[1] * layer.keys.shape[3] + layer.values.shape[1] * layer.values.shape[3])
                    * layer.keys.element_size() for layer in self.cache.layers)
-
-    def _finish_reason(self, sequence: Sequence) -> str | None:
-        if not sequence.generated:
-            return None
-        if sequence.generated[-1] in self.eos_ids and not sequence.parameters.get("ignore_eos"):
-            return "eos_token"
-        for stop in sequence.parameters.get("stop") or ():
-            if stop and stop in sequence.text:
-                return "stop_sequence"
-        if len(sequence.generated) >= sequence.max_new_tokens:
-            return "length"
-        return None
 
     def _keep(self, keep: list[Sequence]) -> None:
         """Drop the rows of sequences that left, and the leading columns no row needs."""
@@ -356,7 +333,7 @@ class Engine:
 
     def _end(self, sequence: Sequence, reason: str) -> ipc.StreamEnd:
         return ipc.StreamEnd(sequence.stream_id, reason, len(sequence.generated), len(sequence.prompt_ids),
-                             sequence.seed, cached_tokens=sequence.cached_tokens)
+                             sequence.seed, sequence.failed, cached_tokens=sequence.cached_tokens)
 
     def fail_all(self, error: ipc.Failed) -> list[ipc.StreamEnd]:
         """End every sequence with an error (the step raised); the engine starts afresh."""

@@ -113,7 +113,8 @@ def _timed(call: PipelineCall, device: str, torch: Any, max_running: int, dtype:
             for stream in range(rows):
                 engine.add(ipc.Generate(stream, _TIMING_PROMPT, {"max_new_tokens": DECODE_STEPS + 2,
                                                                   "ignore_eos": True}))
-            engine.step()  # the prefill
+            while engine.waiting:  # the prefill (in several steps past generation.PREFILL_TOKENS)
+                engine.step()
             steps = []
             for _ in range(DECODE_STEPS):
                 started = time.perf_counter()
