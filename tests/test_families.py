@@ -174,3 +174,23 @@ def test_rests_longer_than_the_caches_growth_room_prefill_onto_their_prefixes(ta
         assert end.prompt_tokens - end.cached_tokens > kv_cache.GROWTH
         assert end.cached_tokens > 0
         assert tokens == _alone(model, tokenizer, prompts[stream - 10], 4)
+
+
+def test_a_model_without_a_position_table_takes_the_tokenizers_saved_limit(task_models: dict[str, Path]) -> None:
+    """Mamba's config has no positions: the engine's limit (where an over-long prompt keeps its
+    end) is the tokenizer's saved model_max_length, else 2048; a Llama's is its own table's."""
+    from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
+
+    from pipeserve.model.generation import Engine
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    assert Engine(_model("llama", tokenizer), tokenizer, max_running=2).max_positions == 128
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                         state_size=4)).eval()
+    tokenizer.model_max_length = int(1e30)  # what a tokenizer saved without a limit reports
+    assert Engine(mamba, tokenizer, max_running=2).max_positions == 2048
+    tokenizer.model_max_length = 300
+    engine = Engine(mamba, tokenizer, max_running=2)
+    assert engine.max_positions == 300
+    ended = engine.add(ipc.Generate(1, "x", {"max_new_tokens": 300}))
+    assert ended is not None and ended.error is not None and "300 positions" in ended.error.message

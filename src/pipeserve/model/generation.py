@@ -56,8 +56,7 @@ class Engine:
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._special_ids = frozenset(tokenizer.all_special_ids)
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0)
-                                 or getattr(model.config, "n_positions", 0) or 2048)
+        self.max_positions = _max_positions(model.config, tokenizer)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cache: Any = None
@@ -365,6 +364,18 @@ def _left_pad(tensor: Any, length: int, dim: int) -> Any:
     import torch  # noqa: PLC0415
 
     return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
+
+
+def _max_positions(config: Any, tokenizer: Any) -> int:
+    """The positions a sequence may take: the config's (a composite model's text config's), else
+    the tokenizer's saved limit (Mamba and ALiBi models have no position table), else 2048."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    saved = getattr(tokenizer, "model_max_length", None)  # huge (1e30) where none was saved
+    return saved if isinstance(saved, int) and 0 < saved < 10**7 else 2048
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
