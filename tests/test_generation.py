@@ -189,7 +189,13 @@ def sliding(gpt2: tuple[Any, Any]) -> tuple[Any, Any]:
     return MistralForCausalLM(config).eval(), tokenizer
 
 
-def test_a_cache_that_cannot_be_stacked_falls_back_to_static_batches_that_stream(sliding: tuple[Any, Any]) -> None:
+def test_a_cache_that_cannot_be_stacked_falls_back_to_static_batches_that_stream(
+        sliding: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeserve.model import generation
+
+    # Below any prompt: once the cache showed it cannot be stacked, a static batch is prefilled
+    # whole regardless (a prompt left out would wait for the whole batch, not a step).
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 1)
     engine = _engine(sliding)
     prompts = {1: "the good movie", 2: "a", 3: "hello world this is a much longer prompt"}
     engine.add(ipc.Generate(1, prompts[1], GREEDY))

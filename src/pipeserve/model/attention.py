@@ -7,8 +7,8 @@ x 12 heads x 120 positions. Through the engine on this project's 2-core bench ma
 (bench/llamacpp's GPT-2-small-cost Llama, bfloat16), whole decoding steps against SDPA's: 32
 rows 74-91 against 91-105 ms, 4 rows 24-28 against 25-30, 1 row even (25.8-26.3 against
 25.2-26.2, weights not packed); 32 rows of ~900 positions 494-499 against 610-628 ms (one
-layer's attention alone: 12.5 against 23.7 ms). In float32 no better at any width, so
-float32 keeps SDPA.
+layer's attention alone: 12.5 against 23.7 ms; both in slices of 8 MiB, 7.7 ms a layer in the
+16 MiB of CHUNK_BYTES). In float32 no better at any width, so float32 keeps SDPA.
 
 It takes every reduced-precision one-token step, whatever its width, because its rounding is
 not SDPA's: when it took only steps of 8 rows or more, a stream's algorithm changed with the
@@ -74,7 +74,7 @@ def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, d
 
     # In float32 throughout, as SDPA's kernel accumulates, a few rows at a time: float32 copies of
     # a wide step's whole cache (32 rows x 1,000 positions: 98 MB a layer) cost more to allocate
-    # and fill than the products (70 ms against 8 ms in slices of CHUNK_BYTES; SDPA 24 ms). A
+    # and fill than the products (70 ms against 7.7 ms in slices of CHUNK_BYTES; SDPA 24 ms). A
     # row's answer is the same in any slice (each row's products are separate matrices).
     per_row = key.shape[1] * key.shape[2] * (key.shape[3] + value.shape[3]) * 4
     rows = max(1, CHUNK_BYTES // per_row)

@@ -62,6 +62,9 @@ class Engine:
         self.cache: Any = None
         self.mask: Any = None  # [rows, columns]: 1 where a row has a real token
         self.joinable = True  # False once a cache shows it cannot be stacked (see module doc)
+        # Once a cache could not be stacked, for good: a static batch is prefilled whole (a
+        # prompt left out by the budget would wait for the whole batch to finish, not a step).
+        self.static = False
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         attention.use_for_decoding(model)
         forward_parameters = inspect.signature(model.forward).parameters
@@ -156,7 +159,7 @@ class Engine:
         for sequence in itertools.islice(self.waiting, self.max_running - len(self.running)):
             hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
             widest = max(widest, len(sequence.prompt_ids) - (hit.length if hit is not None else 0))
-            if admitted and (len(admitted) + 1) * widest > PREFILL_TOKENS:
+            if admitted and (len(admitted) + 1) * widest > PREFILL_TOKENS and not self.static:
                 break
             admitted.append((sequence, hit))
         return admitted
@@ -214,6 +217,7 @@ class Engine:
         if self.cache is None:
             self.cache, self.mask = cache, mask
             self.joinable = kv_cache.stackable(cache)
+            self.static = self.static or not self.joinable
             if self.joinable:
                 kv_cache.grow_in_place(cache, self.max_running)
             return
@@ -233,7 +237,7 @@ class Engine:
         logits = logits.float()
         chosen = logits.argmax(dim=-1).tolist()  # greedy rows, all at once
         # A row whose scores overflowed (float16) ends alone: sampling it would raise for the step.
-        broken = (logits.isnan() | logits.isposinf()).any(dim=-1).tolist()
+        broken = ((logits.isnan() | logits.isposinf()).any(dim=-1) | logits.isneginf().all(dim=-1)).tolist()
         for row, sequence in enumerate(sequences):
             if broken[row]:
                 sequence.failed = ipc.Failed(ErrorKind.INTERNAL, "the model's scores for the next token were not "
@@ -369,11 +373,16 @@ def _left_pad(tensor: Any, length: int, dim: int) -> Any:
 def _max_positions(config: Any, tokenizer: Any) -> int:
     """The positions a sequence may take: the config's (a composite model's text config's), else
     the tokenizer's saved limit (Mamba and ALiBi models have no position table), else 2048."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    configs = [config]
+    try:  # the decoder's, as transformers' own cache asks (several text configs: a ValueError)
+        configs.append(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError, ValueError):
+        pass
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(text_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+        for each in configs:
+            value = getattr(each, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
     saved = getattr(tokenizer, "model_max_length", None)  # huge (1e30) where none was saved
     return saved if isinstance(saved, int) and 0 < saved < 10**7 else 2048
 
