@@ -13,16 +13,20 @@ from typing import Any
 
 def stackable(cache: Any) -> bool:
     """A plain DynamicCache of full-attention layers: rows can be stacked and dropped."""
-    layers: list[Any] = list(getattr(cache, "layers", None) or [])
-    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "GrowingLayer") for layer in layers)
+    kinds = _layer_kinds(cache)
+    return bool(kinds) and kinds <= {"DynamicLayer", "GrowingLayer"}
 
 
 def attention_free(cache: Any) -> bool:
     """Only recurrent states (Mamba's): no layer attends, so a decoding step's attention mask is
     of no use to the model, and Mamba-style mixers would multiply their one new position by it
     (the mask's length, not the step's), as if the mask marked padding."""
-    layers: list[Any] = list(getattr(cache, "layers", None) or [])
-    return bool(layers) and all(type(layer).__name__ == "LinearAttentionLayer" for layer in layers)
+    return _layer_kinds(cache) == {"LinearAttentionLayer"}
+
+
+def _layer_kinds(cache: Any) -> set[str]:
+    """The class names of the cache's layers (none for a cache without layers)."""
+    return {type(layer).__name__ for layer in getattr(cache, "layers", None) or []}
 
 
 _GROWING: Any = None
