@@ -256,7 +256,7 @@ def _stream_message(engine: Engine | None, message: ipc.Generate | ipc.Cancel) -
     try:
         return engine.add(message)
     except Exception as exc:  # noqa: BLE001 - one request's failure, not the worker's
-        log.error("queueing a sequence failed\n%s", "".join(traceback.format_exception(exc)).rstrip())
+        log.error("queueing a sequence failed\n%s", _traceback(exc))
         return ipc.StreamEnd(message.stream_id, "error", 0, 0,
                              error=ipc.Failed(ErrorKind.INTERNAL, "generation failed"))
 
@@ -269,7 +269,7 @@ def _step(engine: Engine) -> ipc.Step:
         out_of_memory = _is_out_of_memory(exc)
         if out_of_memory:
             _release_memory()
-        log.error("generation step failed\n%s", "".join(traceback.format_exception(exc)).rstrip())
+        log.error("generation step failed\n%s", _traceback(exc))
         kind = ErrorKind.OUT_OF_MEMORY if out_of_memory else ErrorKind.INTERNAL
         return ipc.Step([], engine.fail_all(ipc.Failed(kind, "generation failed")))
 
@@ -360,9 +360,13 @@ def _failure(exc: BaseException, out_of_memory: bool, batch: ipc.Batch, index: i
         log.info("request %s: input rejected by the pipeline: %s", request_id, _describe(exc))
         message = ipc.public_message(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
         return ipc.Failed(ErrorKind.BAD_INPUT, message or "the pipeline rejected this input")
-    log.error("request %s: pipeline failed\n%s", request_id,
-              "".join(traceback.format_exception(exc)).rstrip())
+    log.error("request %s: pipeline failed\n%s", request_id, _traceback(exc))
     return ipc.Failed(ErrorKind.INTERNAL, "inference failed")
+
+
+def _traceback(exc: BaseException) -> str:
+    """The exception's traceback as one log message's text (the log line stays one record)."""
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 def _describe(exc: BaseException) -> str:
