@@ -153,6 +153,46 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400_and_the_worker_keeps
     assert restarts and all(float(count) == 0 for count in restarts)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("family", ["lfm2-hybrid", "mamba"])
+def test_recurrent_state_models_serve_streams_that_end_apart(family: str, task_models: dict[str, Path],
+                                                             start_server: Any, tmp_path: Path) -> None:
+    """LFM2 (convolution states beside attention) and Mamba (state-space layers only) are served
+    in static batches. Two streams that wait behind a long one are prefilled as one batch; the
+    shorter ends first, and its rows leave the recurrent states too. Every stream gives the
+    model's own greedy tokens (recomputed without a cache)."""
+    from transformers import AutoTokenizer
+
+    from test_families import _alone, _model
+
+    tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
+    model = _model(family, tokenizer)
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    server = start_server("--model", str(folder), "--dtype", "float32")
+    prompts = {"first": "the good movie", "short": "a", "long": "hello world this is"}
+    lengths = {"first": 100, "short": 2, "long": 8}
+    later: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
+
+    async def streams() -> dict[str, list[dict[str, Any]]]:
+        async with aiohttp.ClientSession() as session:
+            def join() -> None:  # while the first runs: both wait, then share one static batch
+                for name in ("short", "long"):
+                    later[name] = asyncio.ensure_future(_stream(
+                        session, server.port, prompts[name], {"max_new_tokens": lengths[name], "ignore_eos": True}))
+
+            first = await _stream(session, server.port, prompts["first"],
+                                  {"max_new_tokens": lengths["first"], "ignore_eos": True}, at_event=(1, join))
+            return {"first": first, **{name: await future for name, future in later.items()}}
+
+    events = asyncio.run(streams())
+    for name, prompt in prompts.items():
+        tokens = [event["token"]["id"] for event in events[name]]
+        assert len(tokens) == lengths[name], (name, events[name][-1])
+        assert tokens == _alone(model, tokenizer, prompt, lengths[name]), (family, name)
+
+
 async def _stream(session: aiohttp.ClientSession, port: int, prompt: str, parameters: dict[str, Any],
                   abandon_after: int | None = None, headers: dict[str, str] | None = None,
                   at_event: tuple[int, Callable[[], None]] | None = None) -> list[dict[str, Any]]:
