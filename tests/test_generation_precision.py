@@ -37,6 +37,26 @@ def test_an_int8_layer_computes_the_float_product_within_int8_rounding(rows: int
     assert _relative_error(got, expected) > 0  # it did quantize: not the float32 product itself
 
 
+def test_an_int8_layers_wide_product_gives_each_row_the_int8_kernels_answer() -> None:
+    """Past DIRECT_ROWS rows a layer multiplies by the converted weights and scales the output
+    after, as torch's int8 kernel does: each row's outputs are the kernel's for that row alone to
+    one bfloat16 rounding, so a stream's numbers barely move with the rows beside it."""
+    import torch
+
+    from pipeserve.model import weight_int8
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 384, bias=False)
+    layer = weight_int8._layer_class(torch)(linear.weight.detach(), None)
+    rows = torch.randn(weight_int8.DIRECT_ROWS * 4, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        wide = layer(rows).float()
+        alone = torch.cat([layer(row[None]) for row in rows]).float()
+    assert wide.shape == alone.shape == (weight_int8.DIRECT_ROWS * 4, 384)
+    # bfloat16 keeps 8 significant bits: two roundings of one value differ by at most 2^-7 of it.
+    assert bool(((wide - alone).abs() <= alone.abs() * 2**-7).all())
+
+
 def test_quantize_replaces_every_linear_and_gpt2_conv1d_layer(task_models: dict[str, Path]) -> None:
     import torch
     from transformers import AutoModelForCausalLM

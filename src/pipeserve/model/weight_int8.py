@@ -5,9 +5,10 @@ handful of rows. Stored as int8 with one scale per output channel (symmetric, ro
 the scheme of llama.cpp's q8_0, per row instead of per 32 values), a matrix is half the bytes of
 bfloat16's; activations stay in bfloat16. Measured on this project's 2-core bench machine
 (AMD EPYC, avx512_bf16), one 768 x 3072 product: 1 row 74 us against bfloat16's 182, 4 rows 138
-against 202; the 16384-wide output layer 361 against 1,663 us. From 16 rows on, torch's int8
-kernel (one row at a time) loses to bfloat16's GEMM, so a call of many rows (a prefill, a wide
-decoding step) multiplies by the weights dequantized to bfloat16 for that call instead.
+against 202; the 16384-wide output layer 361 against 1,663 us. torch's int8 kernel costs in
+proportion to the rows from 4 on, so a call of more than DIRECT_ROWS rows (a prefill, a wide
+decoding step) multiplies by the int8 weights converted to bfloat16 for that call (exact: every
+int8 is a bfloat16) and scales the product's output channels after, as the kernel does.
 
 Every Linear layer of the model is quantized (GPT-2's Conv1D too), the output layer included, as
 q8_0 does; the input embeddings, norms and attention stay bfloat16. A weight the output layer
@@ -25,8 +26,11 @@ from pipeserve.model.adapters import PipelineCall
 
 log = logging.getLogger("pipeserve.model")
 
-# Rows up to this go through torch's int8 x bfloat16 kernel; more through a bfloat16 product
-# with the weights dequantized for the call (the crossover measured above lies between 4 and 16).
+# Rows up to this go through torch's int8 x bfloat16 kernel; more through a bfloat16 product of
+# the converted weights. Measured 2026-12-06 (bench/LLAMACPP.md's box, warm weights), 16 rows:
+# 3072 x 768 519 us against 445, the 16384-wide output layer 3,202 against 3,138; 8 rows 260
+# against 384. Scaling the weights before the product instead (W * s in bfloat16) cost 21.6 ms
+# on that output layer at any row count, and rounded each weight.
 DIRECT_ROWS = 8
 
 _CLASS: Any = None
@@ -70,7 +74,7 @@ def _layer_class(torch: Any) -> Any:
             if rows.shape[0] <= DIRECT_ROWS:
                 y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
             else:
-                y = torch.nn.functional.linear(rows, self.qweight.to(torch.bfloat16) * self.scales[:, None])
+                y = torch.nn.functional.linear(rows, self.qweight.to(torch.bfloat16)) * self.scales
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
