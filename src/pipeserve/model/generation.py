@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeserve import ipc
 from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
-from pipeserve.model import attention, kv_cache
+from pipeserve.model import attention, kv_cache, prefill_groups
 from pipeserve.model.prefix_cache import Hit, PrefixCache
 from pipeserve.model.prompts import tail_ids
 from pipeserve.model.sampling import sample_one, samples
@@ -40,7 +40,6 @@ log = logging.getLogger("pipeserve.worker")
 # --max-batch-prefill-tokens (4096 by default): running streams wait for a prefill, and a burst
 # of long prompts in one pass could outlast --batch-timeout, whose watchdog restarts the worker.
 PREFILL_TOKENS = 4096
-
 
 
 class Engine:
@@ -139,8 +138,6 @@ class Engine:
             admit = self._admissible()
             if admit:
                 tokens = self._prefill(admit)
-                for _ in admit:  # only now: a prefill that raises leaves them to fail_all
-                    self.waiting.popleft()
             elif self.running:
                 tokens = self._decode()
             else:
@@ -165,18 +162,24 @@ class Engine:
         return admitted
 
     def _prefill(self, sequences: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
-        """Prefill newcomers: those reusing a kept prefix in one pass, the others in another (a
-        whole prompt beside a short rest would pad every rest to its length)."""
-        fresh: list[Sequence] = []
-        reusing: list[tuple[Sequence, Hit | None]] = []
+        """Prefill newcomers in passes of similar length (prefill_groups.py), those reusing a kept
+        prefix apart (a whole prompt would pad every short rest to its length). Each leaves
+        `waiting` when its pass is done; a static batch is one pass, and a first cache that
+        cannot be stacked leaves the later groups waiting."""
         for sequence, hit in sequences:
-            if hit is None:
-                fresh.append(sequence)
-            else:
-                sequence.cached_tokens = hit.length
-                reusing.append((sequence, hit))
-        tokens = self._prefill_on([(s, None) for s in fresh]) if fresh else []
-        return tokens + self._prefill_on(reusing) if reusing else tokens
+            sequence.cached_tokens = hit.length if hit is not None else 0
+        tokens: list[ipc.Token] = []
+        for reused in (False, True):
+            newcomers = [(sequence, hit) for sequence, hit in sequences if (hit is not None) == reused]
+            rests = [len(sequence.prompt_ids) - sequence.cached_tokens for sequence, _ in newcomers]
+            groups = [list(range(len(newcomers)))] if self.static and newcomers else prefill_groups.by_length(rests)
+            for group in groups:
+                if self.cache is not None and not self.joinable:
+                    return tokens
+                tokens += self._prefill_on([newcomers[index] for index in group])
+                done = {id(newcomers[index][0]) for index in group}
+                self.waiting = deque(sequence for sequence in self.waiting if id(sequence) not in done)
+        return tokens
 
     def _prefill_on(self, newcomers: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
         """Prefill each prompt's tokens after its kept prefix (if any), on a copy of the prefixes'
