@@ -221,6 +221,22 @@ def test_a_cache_that_cannot_be_stacked_falls_back_to_static_batches_that_stream
     assert engine.cache is None and not engine.running
 
 
+def test_the_first_wave_of_a_model_whose_cache_cannot_be_stacked_is_one_pass(sliding: tuple[Any, Any]) -> None:
+    """Before the first cache shows whether rows can be stacked, a step's prompts are not split
+    into passes by length: a group left out would wait for the whole static batch."""
+    engine = _engine(sliding)
+    prompts = {1: " ".join(["the good movie"] * 8), 2: "a", 3: "the cat"}
+    for stream, prompt in prompts.items():
+        engine.add(ipc.Generate(stream, prompt, GREEDY))
+    first = engine.step()
+    assert sorted(token.stream_id for token in first.tokens) == [1, 2, 3] and not engine.waiting
+    assert engine.static is True
+    tokens, _ = _run(engine)
+    for stream, prompt in prompts.items():
+        assert [token.id for token in first.tokens if token.stream_id == stream] + tokens[stream] == _alone(
+            sliding, prompt, GREEDY["max_new_tokens"]), stream
+
+
 def test_rows_leave_in_place_and_many_unneeded_columns_are_dropped(gpt2: tuple[Any, Any]) -> None:
     engine = _engine(gpt2)
     prompts = {1: " ".join(["the good movie"] * 25), 2: "a", 3: "hello world"}  # 1: 75 tokens

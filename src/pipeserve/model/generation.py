@@ -61,9 +61,9 @@ class Engine:
         self.cache: Any = None
         self.mask: Any = None  # [rows, columns]: 1 where a row has a real token
         self.joinable = True  # False once a cache shows it cannot be stacked (see module doc)
-        # Once a cache could not be stacked, for good: a static batch is prefilled whole (a
-        # prompt left out by the budget would wait for the whole batch to finish, not a step).
-        self.static = False
+        # Whether caches cannot be stacked (None until the first is seen), for good. A static batch
+        # is prefilled whole, in one pass: a prompt left out would wait for the whole batch.
+        self.static: bool | None = None
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         attention.use_for_decoding(model)
         forward_parameters = inspect.signature(model.forward).parameters
@@ -162,23 +162,22 @@ class Engine:
         return admitted
 
     def _prefill(self, sequences: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
-        """Prefill newcomers in passes of similar length (prefill_groups.py), those reusing a kept
-        prefix apart (a whole prompt would pad every short rest to its length). Each leaves
-        `waiting` when its pass is done; a static batch is one pass, and a first cache that
-        cannot be stacked leaves the later groups waiting."""
+        """Prefill newcomers: whole new prompts in passes of similar length, longest first (so
+        later passes write into the cache's free rows; prefill_groups.py) once caches are known
+        to stack, those reusing a kept prefix in one pass of their own (a whole prompt would pad
+        every short rest to its length). Each leaves `waiting` when its pass is done."""
         for sequence, hit in sequences:
             sequence.cached_tokens = hit.length if hit is not None else 0
+        fresh: list[tuple[Sequence, Hit | None]] = [(sequence, None) for sequence, hit in sequences if hit is None]
+        groups = [list(range(len(fresh)))] if self.static is not False else prefill_groups.by_length(
+            [len(sequence.prompt_ids) for sequence, _ in fresh])[::-1]
+        passes = [[fresh[index] for index in group] for group in groups if group]
+        passes.append([(sequence, hit) for sequence, hit in sequences if hit is not None])
         tokens: list[ipc.Token] = []
-        for reused in (False, True):
-            newcomers = [(sequence, hit) for sequence, hit in sequences if (hit is not None) == reused]
-            rests = [len(sequence.prompt_ids) - sequence.cached_tokens for sequence, _ in newcomers]
-            groups = [list(range(len(newcomers)))] if self.static and newcomers else prefill_groups.by_length(rests)
-            for group in groups:
-                if self.cache is not None and not self.joinable:
-                    return tokens
-                tokens += self._prefill_on([newcomers[index] for index in group])
-                done = {id(newcomers[index][0]) for index in group}
-                self.waiting = deque(sequence for sequence in self.waiting if id(sequence) not in done)
+        for newcomers in filter(None, passes):
+            tokens += self._prefill_on(newcomers)
+            done = {id(sequence) for sequence, _ in newcomers}
+            self.waiting = deque(sequence for sequence in self.waiting if id(sequence) not in done)
         return tokens
 
     def _prefill_on(self, newcomers: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
@@ -220,7 +219,7 @@ class Engine:
         if self.cache is None:
             self.cache, self.mask = cache, mask
             self.joinable = kv_cache.stackable(cache)
-            self.static = self.static or not self.joinable
+            self.static = bool(self.static) or not self.joinable
             if self.joinable:
                 kv_cache.grow_in_place(cache, self.max_running)
             return

@@ -7,15 +7,21 @@ PASS_TOKENS per pass plus each group's rows x its longest is found exactly: with
 sorted by length, an optimal grouping is a split of that order into runs (a dynamic program over
 the split points, n^2 for at most --max-running-sequences prompts).
 
-Measured 2026-12-06 on the 2-core bench box (bench/LLAMACPP.md's model in bfloat16, chat prompts
-of 29-103 tokens from its pool), the median of three waves' prefill in ms:
+The engine groups whole new prompts only, and only once its caches are known to stack (a static
+batch is one pass); prompts reusing a kept prefix go in one pass of their own, whose cost is
+mostly the prefixes' (copying them, attending over them), which this count leaves out.
 
-| PASS_TOKENS | 8 prompts (three waves) | 16 prompts (two waves) |
+Measured 2026-12-06 on the 2-core bench box (bench/LLAMACPP.md's model in bfloat16, chat prompts
+of 29-103 tokens from its pool), one `Engine.step()` that prefills a wave of waiting prompts, the
+median of three rounds in ms:
+
+| | 8 prompts (three waves) | 16 prompts (two waves) |
 |---|---|---|
-| one pass (no grouping) | 446, 442, 429 | 927, 1,012 |
-| 128 | 432, 399, 439 | 768, 728 |
-| 64 | 392, 374, 407 | 782, 742 |
-| 32 | 378, 365, 382 | 710, 680 |
+| one pass | 421, 435, 452 | 939, 974 |
+| grouped, PASS_TOKENS 32, longest group first | 402, 379, 392 | 714, 699 |
+
+Calling the passes directly (shortest first, no step), PASS_TOKENS 128 / 64 / 32 gave 16-prompt
+waves of 768-728 / 782-742 / 710-680 ms: 32 was the best of those tried.
 """
 
 from __future__ import annotations
