@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeserve import ipc
 from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
-from pipeserve.model import attention, kv_cache, prefill_groups
+from pipeserve.model import attention, kv_cache, model_limits, prefill_groups
 from pipeserve.model.prefix_cache import Hit, PrefixCache
 from pipeserve.model.prompts import tail_ids
 from pipeserve.model.sampling import sample_one, samples
@@ -53,9 +53,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_running = max_running
         self.device = model.device
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = model_limits.eos_ids(model, tokenizer)
         self._special_ids = frozenset(tokenizer.all_special_ids)
-        self.max_positions = _max_positions(model.config, tokenizer)
+        self.max_positions = model_limits.max_positions(model.config, tokenizer)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cache: Any = None
@@ -370,30 +370,3 @@ def _left_pad(tensor: Any, length: int, dim: int) -> Any:
     import torch  # noqa: PLC0415
 
     return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
-
-
-def _max_positions(config: Any, tokenizer: Any) -> int:
-    """The positions a sequence may take: the config's (a composite model's text config's), else
-    the tokenizer's saved limit (Mamba and ALiBi models have no position table), else 2048."""
-    configs = [config]
-    try:  # the decoder's, as transformers' own cache asks (several text configs: a ValueError)
-        configs.append(config.get_text_config(decoder=True))
-    except (AttributeError, TypeError, ValueError):
-        pass
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        for each in configs:
-            value = getattr(each, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    saved = getattr(tokenizer, "model_max_length", None)  # huge (1e30) where none was saved
-    return saved if isinstance(saved, int) and 0 < saved < 10**7 else 2048
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is None:
-        configured = tokenizer.eos_token_id
-    if configured is None:
-        return [-1]
-    return list(configured) if isinstance(configured, (list, tuple)) else [int(configured)]
-
