@@ -94,32 +94,116 @@ def test_at_most_max_running_sequences_share_a_step(gpt2: tuple[Any, Any]) -> No
     assert max(widths) == 2 and sorted(ended) == [0, 1, 2, 3, 4]
 
 
-def test_a_step_prefills_at_most_its_token_budget_the_first_waiting_prompt_always(
+def test_a_step_prefills_at_most_its_token_budget_a_longer_prompt_in_chunks(
         gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Waiting prompts are prefilled in order while rows x the longest stays within
-    PREFILL_TOKENS; one longer than the budget goes alone; the tokens are each prompt's own."""
+    PREFILL_TOKENS; one longer than the budget is computed in chunks of it (no pass computes
+    more); the tokens are each prompt's own."""
     from pipeserve.model import generation
 
-    _, tokenizer = gpt2
+    model, tokenizer = gpt2
     prompts = {1: "the good movie", 2: "a cat sat", 3: "hello world this is a much longer prompt than the others",
                4: "the cat"}
     lengths = {stream: len(tokenizer(prompt)["input_ids"]) for stream, prompt in prompts.items()}
     budget = 2 * max(lengths[1], lengths[2])
-    assert lengths[3] > budget and 2 * lengths[4] <= budget  # 3 alone, over the budget; then 4
+    assert lengths[3] > budget and 2 * lengths[4] <= budget  # 3 over the budget; then 4
     monkeypatch.setattr(generation, "PREFILL_TOKENS", budget)
     engine = _engine(gpt2)
     for stream, prompt in prompts.items():
         engine.add(ipc.Generate(stream, prompt, GREEDY))
+    passes: list[tuple[int, ...]] = []  # every prefill pass's [rows, tokens]
+    hook = model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     prefilled = []  # the streams whose first token each step gave
     tokens: dict[int, list[int]] = {}
-    while engine.active:
-        step = engine.step()
-        prefilled.append(sorted(token.stream_id for token in step.tokens if token.stream_id not in tokens))
-        for token in step.tokens:
-            tokens.setdefault(token.stream_id, []).append(token.id)
-    assert prefilled[:3] == [[1, 2], [3], [4]]
+    try:
+        while engine.active:
+            step = engine.step()
+            prefilled.append(sorted(token.stream_id for token in step.tokens if token.stream_id not in tokens))
+            for token in step.tokens:
+                tokens.setdefault(token.stream_id, []).append(token.id)
+    finally:
+        hook.remove()
+    firsts = [streams for streams in prefilled if streams]
+    assert firsts[0] == [1, 2] and firsts[1][0] == 3 and [4] in (firsts[1][1:], firsts[2])  # in order
+    assert prefilled[1] == []  # 3's first chunk: no token yet
+    assert all(rows * width <= budget for rows, width in passes if width > 1)
     for stream, prompt in prompts.items():
         assert tokens[stream] == _alone(gpt2, prompt, GREEDY["max_new_tokens"]), stream
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_with_decoding_steps_between(
+        gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt whose rest is longer than PREFILL_TOKENS is computed that many tokens a step, on
+    its own keys and values so far, the running streams decoding a token between two chunks (no
+    step runs past the budget: the watchdog's --batch-timeout bounds a step); each stream's tokens
+    are its own, and chunks do not count as reused prompt tokens."""
+    from pipeserve.model import generation
+
+    _, tokenizer = gpt2
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 8)
+    long_prompt = " ".join(["the good movie was long"] * 5)
+    assert 24 < len(tokenizer(long_prompt)["input_ids"]) <= 32  # three chunks, then a rest
+    engine = _engine(gpt2)
+    engine.add(ipc.Generate(1, "the cat", {**GREEDY, "max_new_tokens": 12}))
+    tokens: dict[int, list[int]] = {}
+    ended: dict[int, Any] = {}
+    steps: list[list[int]] = []
+    for count in range(40):
+        if count == 1:
+            engine.add(ipc.Generate(2, long_prompt, GREEDY))
+        if not engine.active:
+            break
+        step = engine.step()
+        steps.append(sorted(token.stream_id for token in step.tokens))
+        for token in step.tokens:
+            tokens.setdefault(token.stream_id, []).append(token.id)
+        ended.update({end.stream_id: end for end in step.ended})
+    # 1's prefill; then three chunks of 2's prompt (no token), each followed by 1's decoding step;
+    # then 2's last rest joins (its first token) and both decode.
+    assert steps[:9] == [[1], [], [1], [], [1], [], [1], [2], [1, 2]]
+    assert tokens[1] == _alone(gpt2, "the cat", 12) and tokens[2] == _alone(gpt2, long_prompt, GREEDY["max_new_tokens"])
+    assert ended[2].cached_tokens == 0 and ended[2].finish_reason == "length"
+    assert not engine.running and not engine.waiting
+
+
+def test_a_long_prompt_that_starts_with_a_kept_prefix_is_chunked_after_it(
+        gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first chunk starts where the kept prefix ends; only the prefix counts as reused."""
+    from pipeserve.model import generation
+    from pipeserve.model.generation import Engine
+
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 8)
+    engine = Engine(*gpt2, max_running=8, prefix_cache_bytes=64 << 20)
+    system = " ".join(["the good movie was long and"] * 7)
+    assert _run_one(engine, 1, system)[1].cached_tokens == 0
+    longer = system + " " + " ".join(["a cat sat on the mat"] * 4)
+    tokens, end = _run_one(engine, 2, longer)
+    assert end.cached_tokens >= 32 and end.finish_reason == "length"
+    assert len(gpt2[1](longer)["input_ids"]) - end.cached_tokens > 8  # so it was chunked after the prefix
+    assert tokens == _alone(gpt2, longer, GREEDY["max_new_tokens"])
+
+
+def _run_one(engine: Any, stream: int, prompt: str) -> tuple[list[int], Any]:
+    engine.add(ipc.Generate(stream, prompt, GREEDY))
+    tokens, ended = _run(engine)
+    return tokens[stream], ended[stream]
+
+
+def test_a_prompt_cancelled_between_its_chunks_ends_and_the_others_go_on(
+        gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeserve.model import generation
+
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 8)
+    engine = _engine(gpt2)
+    engine.add(ipc.Generate(1, "the cat", GREEDY))
+    first = engine.step()
+    engine.add(ipc.Generate(2, " ".join(["the good movie was long"] * 5), GREEDY))
+    assert engine.step().tokens == [] and engine.waiting[0].computed is not None  # a chunk of 2
+    engine.cancel(2)
+    tokens, ended = _run(engine)
+    assert ended[2].finish_reason == "cancelled" and ended[2].generated_tokens == 0
+    assert [token.id for token in first.tokens] + tokens[1] == _alone(gpt2, "the cat", GREEDY["max_new_tokens"])
 
 
 def test_a_row_whose_scores_overflow_ends_alone_and_the_others_go_on(gpt2: tuple[Any, Any]) -> None:

@@ -11,9 +11,12 @@ A prompt that starts with the tokens of a sequence that ended earlier (a chat's 
 and earlier turns) prefills only the rest, on that sequence's kept keys and values
 (prefix_cache.py).
 
+A prompt longer than one step's budget is prefilled in chunks (one a step, a decoding step for
+the running ones between two), each on the keys and values of the chunks before it.
+
 Models whose cache is not a plain DynamicCache (sliding windows, hybrid or recurrent layers)
-still stream, but without joining or prefix reuse: a new sequence waits until the running ones
-have finished (static batches with per-row streaming).
+still stream, but without joining, prefix reuse or chunks: a new sequence waits until the
+running ones have finished (static batches with per-row streaming).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 from pipeserve import ipc
 from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
 from pipeserve.model import attention, kv_cache, model_limits, prefill_groups
-from pipeserve.model.prefix_cache import Hit, PrefixCache
+from pipeserve.model.prefix_cache import Entry, Hit, PrefixCache
 from pipeserve.model.prompts import tail_ids
 from pipeserve.model.sampling import sample_one, samples
 from pipeserve.model.sequence import Sequence
@@ -39,6 +42,7 @@ log = logging.getLogger("pipeserve.worker")
 # Prompt tokens (rows x the longest, padding included) one step prefills at most, as TGI's
 # --max-batch-prefill-tokens (4096 by default): running streams wait for a prefill, and a burst
 # of long prompts in one pass could outlast --batch-timeout, whose watchdog restarts the worker.
+# A longer prompt is prefilled this many tokens a step (chunked), a decoding step between two.
 PREFILL_TOKENS = 4096
 
 
@@ -65,6 +69,7 @@ class Engine:
         # is prefilled whole, in one pass: a prompt left out would wait for the whole batch.
         self.static: bool | None = None
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self._decode_next = False  # a chunk of a long prompt was prefilled: the running streams' turn
         attention.use_for_decoding(model)
         forward_parameters = inspect.signature(model.forward).parameters
         # transformers 5 renamed past_key_values to cache (the old name warns, then goes away).
@@ -135,7 +140,8 @@ class Engine:
         """Prefill the waiting sequences that fit, or else decode one token for every running one."""
         with self.torch.inference_mode():  # rows leave in place: the cache's tensors are inference tensors
             ended = self._drop_cancelled()
-            admit = self._admissible()
+            admit = [] if self._decode_next and self.running else self._admissible()
+            self._decode_next = False
             if admit:
                 tokens = self._prefill(admit)
             elif self.running:
@@ -148,14 +154,19 @@ class Engine:
     def _admissible(self) -> list[tuple[Sequence, Hit | None]]:
         """The waiting sequences, in order, that this step prefills (each with its kept prefix):
         as many as there are free rows, while their padded tokens to compute stay within
-        PREFILL_TOKENS (the first always goes)."""
+        PREFILL_TOKENS (the first always goes, or the next chunk of it where it is longer)."""
         if not self.waiting or (self.running and not self.joinable):
             return []
         admitted: list[tuple[Sequence, Hit | None]] = []
         widest = 0
         for sequence in itertools.islice(self.waiting, self.max_running - len(self.running)):
-            hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
-            widest = max(widest, len(sequence.prompt_ids) - (hit.length if hit is not None else 0))
+            hit = sequence.computed
+            if hit is None and self.prefixes is not None:
+                hit = self.prefixes.lookup(sequence.prompt_ids)
+            rest = _rest(sequence, hit)
+            if rest > PREFILL_TOKENS and self.static is False:
+                return admitted or [(sequence, hit)]  # a chunk of it, alone, once those before it went
+            widest = max(widest, rest)
             if admitted and (len(admitted) + 1) * widest > PREFILL_TOKENS and not self.static:
                 break
             admitted.append((sequence, hit))
@@ -167,7 +178,10 @@ class Engine:
         to stack, those reusing a kept prefix in one pass of their own (a whole prompt would pad
         every short rest to its length). Each leaves `waiting` when its pass is done."""
         for sequence, hit in sequences:
-            sequence.cached_tokens = hit.length if hit is not None else 0
+            if sequence.computed is None:  # only the kept prefix counts as reused, not earlier chunks
+                sequence.cached_tokens = hit.length if hit is not None else 0
+        if len(sequences) == 1 and self.static is False and _rest(*sequences[0]) > PREFILL_TOKENS:
+            return self._prefill_chunk(*sequences[0])
         fresh: list[tuple[Sequence, Hit | None]] = [(sequence, None) for sequence, hit in sequences if hit is None]
         groups = [list(range(len(fresh)))] if self.static is not False else prefill_groups.by_length(
             [len(sequence.prompt_ids) for sequence, _ in fresh])[::-1]
@@ -180,12 +194,34 @@ class Engine:
             self.waiting = deque(sequence for sequence in self.waiting if id(sequence) not in done)
         return tokens
 
+    def _prefill_chunk(self, sequence: Sequence, hit: Hit | None) -> list[ipc.Token]:
+        """Compute the next PREFILL_TOKENS of a prompt too long for one pass, on its keys and values
+        so far; it stays waiting, and the running streams get a decoding step before its next."""
+        done = hit.length if hit is not None else 0
+        end = done + PREFILL_TOKENS
+        output, _ = self._forward([(sequence, hit)], [sequence.prompt_ids[done:end]])
+        layers = [(layer.keys[:, :, :end].clone(), layer.values[:, :, :end].clone())
+                  for layer in _cache_of(output).layers]
+        sequence.computed = Hit(Entry(sequence.prompt_ids[:end], layers, 0), end)
+        self._decode_next = True
+        return []
+
     def _prefill_on(self, newcomers: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
-        """Prefill each prompt's tokens after its kept prefix (if any), on a copy of the prefixes'
-        keys and values, each left-padded: a row is [padding, prefix, padding, rest]."""
+        """Prefill each prompt's tokens after its kept prefix (if any) and join the running batch."""
+        rests = [s.prompt_ids[hit.length if hit is not None else 0:] for s, hit in newcomers]
+        output, mask = self._forward(newcomers, rests)
+        sequences = [sequence for sequence, _ in newcomers]
+        self._join(_cache_of(output), mask)
+        self.running.extend(sequences)
+        for sequence in sequences:  # joined: its chunks' keys and values are in the batch's cache now
+            sequence.computed = None
+        return self._sample(output.logits[:, -1, :], sequences)
+
+    def _forward(self, newcomers: list[tuple[Sequence, Hit | None]], rests: list[list[int]]) -> tuple[Any, Any]:
+        """One prefill pass of these tokens after each kept prefix, on a copy of the prefixes' keys
+        and values, each row left-padded: [padding, prefix, padding, rest]. (output, its mask)"""
         torch = self.torch
         kept = [hit.length if hit is not None else 0 for _, hit in newcomers]
-        rests = [s.prompt_ids[length:] for (s, _), length in zip(newcomers, kept, strict=True)]
         before, width = max(kept), max(len(rest) for rest in rests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests], device=self.device)
@@ -194,12 +230,9 @@ class Engine:
         hits = [[(keys.to(self.device), values.to(self.device)) for keys, values in hit.layers()]
                 for _, hit in newcomers if hit is not None]
         past = {self._cache_keyword: kv_cache.past(hits, before)} if hits else {}
-        output = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, before:],
+        output = self.model(input_ids=ids, attention_mask=mask, position_ids=kv_cache.positions(mask)[:, before:],
                             use_cache=True, **past, **self._last_logits_only)
-        sequences = [sequence for sequence, _ in newcomers]
-        self._join(_cache_of(output), mask)
-        self.running.extend(sequences)
-        return self._sample(output.logits[:, -1, :], sequences)
+        return output, mask
 
     def _decode(self) -> list[ipc.Token]:
         torch = self.torch
@@ -232,7 +265,7 @@ class Engine:
             for index, (old, new) in enumerate(layers):
                 self.cache.layers[index] = kv_cache.growing_layer(
                     [old.keys, new.keys], [old.values, new.values], length, self.max_running)
-        self.mask = torch.cat([_left_pad(self.mask, length, dim=1), _left_pad(mask, length, dim=1)])
+        self.mask = torch.cat([kv_cache.left_pad(self.mask, length, dim=1), kv_cache.left_pad(mask, length, dim=1)])
 
     def _sample(self, logits: Any, sequences: list[Sequence]) -> list[ipc.Token]:
         torch = self.torch
@@ -357,16 +390,6 @@ def _cache_of(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
-def _positions(mask: Any) -> Any:
-    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def _left_pad(tensor: Any, length: int, dim: int) -> Any:
-    missing = length - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    import torch  # noqa: PLC0415
-
-    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
+def _rest(sequence: Sequence, hit: Hit | None) -> int:
+    """The prompt tokens a prefill still has to compute after this kept prefix."""
+    return len(sequence.prompt_ids) - (hit.length if hit is not None else 0)

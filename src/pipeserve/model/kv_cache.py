@@ -140,3 +140,19 @@ def past(prefixes: list[list[tuple[Any, Any]]], length: int) -> Any:
 def grow_in_place(cache: Any, max_rows: int) -> None:
     for index, layer in enumerate(cache.layers):
         cache.layers[index] = growing_layer([layer.keys], [layer.values], layer.keys.shape[2], max_rows)
+
+
+def positions(mask: Any) -> Any:
+    """Each real token's position in its left-padded row (padding at 0)."""
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def left_pad(tensor: Any, length: int, dim: int) -> Any:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    import torch  # noqa: PLC0415
+
+    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)

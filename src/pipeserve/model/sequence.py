@@ -24,6 +24,8 @@ class Sequence:
     read_offset: int = 0
     cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
     failed: ipc.Failed | None = None  # why it ends with an error at the end of this step
+    # A prompt too long for one pass: its first tokens' keys and values, from earlier chunks (a Hit).
+    computed: Any = None
 
     @property
     def max_new_tokens(self) -> int:
