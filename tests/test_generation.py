@@ -19,10 +19,10 @@ def gpt2(task_models: dict[str, Path]) -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def _engine(gpt2: tuple[Any, Any], max_running: int = 8) -> Any:
+def _engine(gpt2: tuple[Any, Any], max_running: int = 8, **settings: int) -> Any:
     from pipeserve.model.generation import Engine
 
-    return Engine(*gpt2, max_running=max_running)
+    return Engine(*gpt2, max_running=max_running, **settings)
 
 
 def _alone(gpt2: tuple[Any, Any], prompt: str, new: int) -> list[int]:
@@ -95,20 +95,17 @@ def test_at_most_max_running_sequences_share_a_step(gpt2: tuple[Any, Any]) -> No
 
 
 def test_a_step_prefills_at_most_its_token_budget_a_longer_prompt_in_chunks(
-        gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+        gpt2: tuple[Any, Any]) -> None:
     """Waiting prompts are prefilled in order while rows x the longest stays within
-    PREFILL_TOKENS; one longer than the budget is computed in chunks of it (no pass computes
+    the engine's prefill_tokens (--max-batch-prefill-tokens); one longer than the budget is computed in chunks of it (no pass computes
     more); the tokens are each prompt's own."""
-    from pipeserve.model import generation
-
     model, tokenizer = gpt2
     prompts = {1: "the good movie", 2: "a cat sat", 3: "hello world this is a much longer prompt than the others",
                4: "the cat"}
     lengths = {stream: len(tokenizer(prompt)["input_ids"]) for stream, prompt in prompts.items()}
     budget = 2 * max(lengths[1], lengths[2])
     assert lengths[3] > budget and 2 * lengths[4] <= budget  # 3 over the budget; then 4
-    monkeypatch.setattr(generation, "PREFILL_TOKENS", budget)
-    engine = _engine(gpt2)
+    engine = _engine(gpt2, prefill_tokens=budget)
     for stream, prompt in prompts.items():
         engine.add(ipc.Generate(stream, prompt, GREEDY))
     passes: list[tuple[int, ...]] = []  # every prefill pass's [rows, tokens]
@@ -133,18 +130,15 @@ def test_a_step_prefills_at_most_its_token_budget_a_longer_prompt_in_chunks(
 
 
 def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_with_decoding_steps_between(
-        gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A prompt whose rest is longer than PREFILL_TOKENS is computed that many tokens a step, on
+        gpt2: tuple[Any, Any]) -> None:
+    """A prompt whose rest is longer than the engine's prefill_tokens (--max-batch-prefill-tokens) is computed that many tokens a step, on
     its own keys and values so far, the running streams decoding a token between two chunks (no
     step runs past the budget: the watchdog's --batch-timeout bounds a step); each stream's tokens
     are its own, and chunks do not count as reused prompt tokens."""
-    from pipeserve.model import generation
-
     _, tokenizer = gpt2
-    monkeypatch.setattr(generation, "PREFILL_TOKENS", 8)
     long_prompt = " ".join(["the good movie was long"] * 5)
     assert 24 < len(tokenizer(long_prompt)["input_ids"]) <= 32  # three chunks, then a rest
-    engine = _engine(gpt2)
+    engine = _engine(gpt2, prefill_tokens=8)
     engine.add(ipc.Generate(1, "the cat", {**GREEDY, "max_new_tokens": 12}))
     tokens: dict[int, list[int]] = {}
     ended: dict[int, Any] = {}
@@ -168,13 +162,9 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_with_decoding_st
 
 
 def test_a_long_prompt_that_starts_with_a_kept_prefix_is_chunked_after_it(
-        gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+        gpt2: tuple[Any, Any]) -> None:
     """The first chunk starts where the kept prefix ends; only the prefix counts as reused."""
-    from pipeserve.model import generation
-    from pipeserve.model.generation import Engine
-
-    monkeypatch.setattr(generation, "PREFILL_TOKENS", 8)
-    engine = Engine(*gpt2, max_running=8, prefix_cache_bytes=64 << 20)
+    engine = _engine(gpt2, prefill_tokens=8, prefix_cache_bytes=64 << 20)
     system = " ".join(["the good movie was long and"] * 7)
     assert _run_one(engine, 1, system)[1].cached_tokens == 0
     longer = system + " " + " ".join(["a cat sat on the mat"] * 4)
@@ -191,11 +181,8 @@ def _run_one(engine: Any, stream: int, prompt: str) -> tuple[list[int], Any]:
 
 
 def test_a_prompt_cancelled_between_its_chunks_ends_and_the_others_go_on(
-        gpt2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeserve.model import generation
-
-    monkeypatch.setattr(generation, "PREFILL_TOKENS", 8)
-    engine = _engine(gpt2)
+        gpt2: tuple[Any, Any]) -> None:
+    engine = _engine(gpt2, prefill_tokens=8)
     engine.add(ipc.Generate(1, "the cat", GREEDY))
     first = engine.step()
     engine.add(ipc.Generate(2, " ".join(["the good movie was long"] * 5), GREEDY))
@@ -274,13 +261,10 @@ def sliding(gpt2: tuple[Any, Any]) -> tuple[Any, Any]:
 
 
 def test_a_cache_that_cannot_be_stacked_falls_back_to_static_batches_that_stream(
-        sliding: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeserve.model import generation
-
+        sliding: tuple[Any, Any]) -> None:
     # Below any prompt: once the cache showed it cannot be stacked, a static batch is prefilled
     # whole regardless (a prompt left out would wait for the whole batch, not a step).
-    monkeypatch.setattr(generation, "PREFILL_TOKENS", 1)
-    engine = _engine(sliding)
+    engine = _engine(sliding, prefill_tokens=1)
     prompts = {1: "the good movie", 2: "a", 3: "hello world this is a much longer prompt"}
     engine.add(ipc.Generate(1, prompts[1], GREEDY))
     first = engine.step()

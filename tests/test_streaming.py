@@ -193,6 +193,43 @@ def test_recurrent_state_models_serve_streams_that_end_apart(family: str, task_m
         assert tokens == _alone(model, tokenizer, prompt, lengths[name]), (family, name)
 
 
+def test_a_prompt_longer_than_max_batch_prefill_tokens_is_chunked_beside_a_running_stream(
+        task_models: dict[str, Path], start_server: Any) -> None:
+    """With --max-batch-prefill-tokens 8, a ~30-token prompt that arrives while another stream
+    runs is prefilled 8 tokens a step (steps that send no token), the running stream decoding
+    between: both give the model's own greedy tokens, and the worker is never restarted."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from test_families import _alone
+
+    folder = task_models["text-generation"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    server = start_server("--model", str(folder), "--dtype", "float32", "--max-batch-prefill-tokens", "8")
+    prompts = {"running": "the cat", "long": " ".join(["the good movie was long"] * 5)}
+    lengths = {"running": 40, "long": 6}
+    assert len(tokenizer(prompts["long"])["input_ids"]) > 3 * 8
+    later: list[asyncio.Future[list[dict[str, Any]]]] = []
+
+    async def streams() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        async with aiohttp.ClientSession() as session:
+            def join() -> None:
+                later.append(asyncio.ensure_future(_stream(
+                    session, server.port, prompts["long"], {"max_new_tokens": lengths["long"], "ignore_eos": True})))
+
+            running = await _stream(session, server.port, prompts["running"],
+                                    {"max_new_tokens": lengths["running"], "ignore_eos": True}, at_event=(1, join))
+            return running, await later[0]
+
+    events = dict(zip(("running", "long"), asyncio.run(streams()), strict=True))
+    for name, prompt in prompts.items():
+        tokens = [event["token"]["id"] for event in events[name]]
+        assert tokens == _alone(model, tokenizer, prompt, lengths[name]), (name, events[name][-1])
+    restarts = re.findall(r"^pipeserve_worker_restarts_total\{.*\} (\S+)$",
+                          server.request("GET", "/metrics").body.decode(), re.MULTILINE)
+    assert restarts and all(float(count) == 0 for count in restarts)
+
+
 async def _stream(session: aiohttp.ClientSession, port: int, prompt: str, parameters: dict[str, Any],
                   abandon_after: int | None = None, headers: dict[str, str] | None = None,
                   at_event: tuple[int, Callable[[], None]] | None = None) -> list[dict[str, Any]]:

@@ -141,6 +141,7 @@ class WorkerSpec:
     visible_devices: str | None = None
     max_running_sequences: int = 32  # generated sequences sharing one decoding step
     prefix_cache_bytes: int = 0  # kept keys and values of ended sequences, for prompts that start with them
+    max_batch_prefill_tokens: int = 4096  # prompt tokens one generation step prefills at most
     # The front's pid: a model process whose parent is no longer this is an orphan. Not "PID 1
     # means orphaned": in a container the front itself is PID 1.
     parent_pid: int = 0

@@ -210,7 +210,7 @@ def _resolve_device(device: str, torch: Any) -> str:
 
 def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
     """Answer messages; while sequences are being generated, one decoding step between reads."""
-    engine = call.engine(spec.max_running_sequences, spec.prefix_cache_bytes)
+    engine = call.engine(spec.max_running_sequences, spec.prefix_cache_bytes, spec.max_batch_prefill_tokens)
     return_free_memory = _free_memory_returner(spec.allocator)
     while True:
         try:

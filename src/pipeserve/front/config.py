@@ -186,6 +186,11 @@ class Config:
         32, parsers.positive_int,
         "Generated sequences one model process decodes together (continuous batching); as many "
         "more may wait in it, and beyond that a new stream gets 503 at once.", "N")
+    max_batch_prefill_tokens: int = setting(
+        4096, parsers.positive_int,
+        "Prompt tokens one generation step prefills at most (rows x the longest, as TGI's flag): "
+        "running streams wait for a prefill, so on a CPU a lower value keeps their next token "
+        "sooner; a longer prompt is prefilled this many tokens a step (chunked).", "N")
     prefix_cache_bytes: int = setting(
         512 * 1024 * 1024, parsers.size_or_off,
         "Memory each model process keeps the keys and values of ended sequences in, so that a prompt "

@@ -64,6 +64,7 @@ def worker_spec(config: Config, model: str, index: int, allocator: str = "glibc"
         log_format=config.log_format, worker_index=index,
         worker_name=f"{log_name}/worker[{index}]" if log_name else f"worker[{index}]",
         max_running_sequences=config.max_running_sequences, prefix_cache_bytes=config.prefix_cache_bytes,
+        max_batch_prefill_tokens=config.max_batch_prefill_tokens,
         parent_pid=os.getpid(), max_image_pixels=config.max_image_pixels, allocator=allocator)
 
 

@@ -79,7 +79,7 @@ class BatchCall:
         """Facts of the loaded model that the front's API dialects report (plain JSON values)."""
         return {"has_tokenizer": False}
 
-    def engine(self, max_running: int, prefix_cache_bytes: int = 0) -> Engine | None:
+    def engine(self, max_running: int, prefix_cache_bytes: int, prefill_tokens: int) -> Engine | None:
         """The continuous-batching engine for streamed generation, where the task generates text."""
         return None
 
@@ -237,8 +237,8 @@ class TextGenerationCall(PipelineCall):
                 tokenizer.pad_token = tokenizer.eos_token
             tokenizer.padding_side = "left"
 
-    def engine(self, max_running: int, prefix_cache_bytes: int = 0) -> Engine | None:
-        return Engine(self.pipe.model, self.pipe.tokenizer, max_running, prefix_cache_bytes)
+    def engine(self, max_running: int, prefix_cache_bytes: int, prefill_tokens: int) -> Engine | None:
+        return Engine(self.pipe.model, self.pipe.tokenizer, max_running, prefix_cache_bytes, prefill_tokens)
 
     def agreement_inputs(self, texts: list[str]) -> tuple[list[Any], dict[str, Any]] | None:
         parameters = dict(self.entry.agreement_parameters)

@@ -39,8 +39,8 @@ from pipeserve.model.sequence import Sequence
 
 log = logging.getLogger("pipeserve.worker")
 
-# Prompt tokens (rows x the longest, padding included) one step prefills at most, as TGI's
-# --max-batch-prefill-tokens (4096 by default): running streams wait for a prefill, and a burst
+# Prompt tokens (rows x the longest, padding included) one step prefills at most by default
+# (--max-batch-prefill-tokens, TGI's default): running streams wait for a prefill, and a burst
 # of long prompts in one pass could outlast --batch-timeout, whose watchdog restarts the worker.
 # A longer prompt is prefilled this many tokens a step (chunked), a decoding step between two.
 PREFILL_TOKENS = 4096
@@ -49,13 +49,15 @@ PREFILL_TOKENS = 4096
 class Engine:
     """Runs generated sequences step by step; `step()` returns what the front must be told."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_running: int, prefix_cache_bytes: int = 0) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_running: int, prefix_cache_bytes: int = 0,
+                 prefill_tokens: int = PREFILL_TOKENS) -> None:
         import torch  # noqa: PLC0415 - the model process only
 
         self.torch = torch
         self.model = model
         self.tokenizer = tokenizer
         self.max_running = max_running
+        self.prefill_tokens = prefill_tokens
         self.device = model.device
         self.eos_ids = model_limits.eos_ids(model, tokenizer)
         self._special_ids = frozenset(tokenizer.all_special_ids)
@@ -154,7 +156,7 @@ class Engine:
     def _admissible(self) -> list[tuple[Sequence, Hit | None]]:
         """The waiting sequences, in order, that this step prefills (each with its kept prefix):
         as many as there are free rows, while their padded tokens to compute stay within
-        PREFILL_TOKENS (the first always goes, or the next chunk of it where it is longer)."""
+        its prefill_tokens (the first always goes, or the next chunk of it where it is longer)."""
         if not self.waiting or (self.running and not self.joinable):
             return []
         admitted: list[tuple[Sequence, Hit | None]] = []
@@ -164,10 +166,10 @@ class Engine:
             if hit is None and self.prefixes is not None:
                 hit = self.prefixes.lookup(sequence.prompt_ids)
             rest = _rest(sequence, hit)
-            if rest > PREFILL_TOKENS and self.static is False:
+            if rest > self.prefill_tokens and self.static is False:
                 return admitted or [(sequence, hit)]  # a chunk of it, alone, once those before it went
             widest = max(widest, rest)
-            if admitted and (len(admitted) + 1) * widest > PREFILL_TOKENS and not self.static:
+            if admitted and (len(admitted) + 1) * widest > self.prefill_tokens and not self.static:
                 break
             admitted.append((sequence, hit))
         return admitted
@@ -180,7 +182,7 @@ class Engine:
         for sequence, hit in sequences:
             if sequence.computed is None:  # only the kept prefix counts as reused, not earlier chunks
                 sequence.cached_tokens = hit.length if hit is not None else 0
-        if len(sequences) == 1 and self.static is False and _rest(*sequences[0]) > PREFILL_TOKENS:
+        if len(sequences) == 1 and self.static is False and _rest(*sequences[0]) > self.prefill_tokens:
             return self._prefill_chunk(*sequences[0])
         fresh: list[tuple[Sequence, Hit | None]] = [(sequence, None) for sequence, hit in sequences if hit is None]
         groups = [list(range(len(fresh)))] if self.static is not False else prefill_groups.by_length(
@@ -195,10 +197,10 @@ class Engine:
         return tokens
 
     def _prefill_chunk(self, sequence: Sequence, hit: Hit | None) -> list[ipc.Token]:
-        """Compute the next PREFILL_TOKENS of a prompt too long for one pass, on its keys and values
+        """Compute the next prefill_tokens of a prompt too long for one pass, on its keys and values
         so far; it stays waiting, and the running streams get a decoding step before its next."""
         done = hit.length if hit is not None else 0
-        end = done + PREFILL_TOKENS
+        end = done + self.prefill_tokens
         output, _ = self._forward([(sequence, hit)], [sequence.prompt_ids[done:end]])
         layers = [(layer.keys[:, :, :end].clone(), layer.values[:, :, :end].clone())
                   for layer in _cache_of(output).layers]
