@@ -153,12 +153,51 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_with_decoding_st
         for token in step.tokens:
             tokens.setdefault(token.stream_id, []).append(token.id)
         ended.update({end.stream_id: end for end in step.ended})
-    # 1's prefill; then three chunks of 2's prompt (no token), each followed by 1's decoding step;
-    # then 2's last rest joins (its first token) and both decode.
-    assert steps[:9] == [[1], [], [1], [], [1], [], [1], [2], [1, 2]]
+    # 1's prefill; then three chunks of 2's prompt (no token), the first two followed by 1's
+    # decoding step; after the third, 2's last rest fits: it joins (its first token), then both
+    # decode in that step.
+    assert steps[:8] == [[1], [], [1], [], [1], [], [1, 2, 2], [1, 2]]
     assert tokens[1] == _alone(gpt2, "the cat", 12) and tokens[2] == _alone(gpt2, long_prompt, GREEDY["max_new_tokens"])
     assert ended[2].cached_tokens == 0 and ended[2].finish_reason == "length"
     assert not engine.running and not engine.waiting
+
+
+def test_prompts_behind_a_chunked_one_are_prefilled_between_its_chunks(gpt2: tuple[Any, Any]) -> None:
+    """Between two chunks, the prompts behind the long one that fit are prefilled and every
+    running stream (they too) decodes a token: they do not wait for all its chunks."""
+    engine = _engine(gpt2, prefill_tokens=8)
+    engine.add(ipc.Generate(1, "the cat", {**GREEDY, "max_new_tokens": 12}))
+    tokens: dict[int, list[int]] = {}
+    steps: list[list[int]] = []
+
+    def step() -> None:
+        result = engine.step()
+        steps.append(sorted(token.stream_id for token in result.tokens))
+        for token in result.tokens:
+            tokens.setdefault(token.stream_id, []).append(token.id)
+
+    step()
+    long_prompt = " ".join(["the good movie was long"] * 5)
+    engine.add(ipc.Generate(2, long_prompt, GREEDY))
+    engine.add(ipc.Generate(3, "a cat sat", GREEDY))
+    step()  # the first chunk of 2, alone
+    step()  # 3's prefill (its first token), then 1 and 3 decode
+    assert steps == [[1], [], [1, 3, 3]]
+    while engine.active:
+        step()
+    assert tokens[1] == _alone(gpt2, "the cat", 12)
+    assert tokens[2] == _alone(gpt2, long_prompt, GREEDY["max_new_tokens"])
+    assert tokens[3] == _alone(gpt2, "a cat sat", GREEDY["max_new_tokens"])
+
+
+def test_a_first_prompt_too_long_for_one_pass_is_chunked_once_a_probe_shows_caches_stack(
+        gpt2: tuple[Any, Any]) -> None:
+    engine = _engine(gpt2, prefill_tokens=8)
+    long_prompt = " ".join(["the good movie was long"] * 5)
+    engine.add(ipc.Generate(1, long_prompt, GREEDY))
+    assert engine.step().tokens == [] and engine.static is False  # a chunk, no token yet
+    tokens, _ = _run(engine)
+    assert tokens[1] == _alone(gpt2, long_prompt, GREEDY["max_new_tokens"])
 
 
 def test_a_long_prompt_that_starts_with_a_kept_prefix_is_chunked_after_it(
@@ -303,6 +342,17 @@ def test_the_first_wave_of_a_model_whose_cache_cannot_be_stacked_is_one_pass(sli
     for stream, prompt in prompts.items():
         assert [token.id for token in first.tokens if token.stream_id == stream] + tokens[stream] == _alone(
             sliding, prompt, GREEDY["max_new_tokens"]), stream
+
+
+def test_a_first_prompt_too_long_for_one_pass_goes_whole_where_caches_cannot_be_stacked(
+        sliding: tuple[Any, Any]) -> None:
+    engine = _engine(sliding, prefill_tokens=4)
+    prompt = "hello world this is a much longer prompt"
+    engine.add(ipc.Generate(1, prompt, GREEDY))
+    first = engine.step()
+    assert [token.stream_id for token in first.tokens] == [1] and engine.static is True
+    tokens, _ = _run(engine)
+    assert [token.id for token in first.tokens] + tokens[1] == _alone(sliding, prompt, GREEDY["max_new_tokens"])
 
 
 def test_rows_leave_in_place_and_many_unneeded_columns_are_dropped(gpt2: tuple[Any, Any]) -> None:

@@ -11,8 +11,9 @@ A prompt that starts with the tokens of a sequence that ended earlier (a chat's 
 and earlier turns) prefills only the rest, on that sequence's kept keys and values
 (prefix_cache.py).
 
-A prompt longer than one step's budget is prefilled in chunks (one a step, a decoding step for
-the running ones between two), each on the keys and values of the chunks before it.
+A prompt longer than one step's budget is prefilled in chunks, one a step, each on the keys and
+values of the chunks before it; between two, the prompts behind it that fit are prefilled and
+the running sequences decode.
 
 Models whose cache is not a plain DynamicCache (sliding windows, hybrid or recurrent layers)
 still stream, but without joining, prefix reuse or chunks: a new sequence waits until the
@@ -42,7 +43,7 @@ log = logging.getLogger("pipeserve.worker")
 # Prompt tokens (rows x the longest, padding included) one step prefills at most by default
 # (--max-batch-prefill-tokens, TGI's default): running streams wait for a prefill, and a burst
 # of long prompts in one pass could outlast --batch-timeout, whose watchdog restarts the worker.
-# A longer prompt is prefilled this many tokens a step (chunked), a decoding step between two.
+# A longer prompt is prefilled this many tokens a step (chunked).
 PREFILL_TOKENS = 4096
 
 
@@ -139,24 +140,24 @@ class Engine:
     # --- one step ---------------------------------------------------------------------------
 
     def step(self) -> ipc.Step:
-        """Prefill the waiting sequences that fit, or else decode one token for every running one."""
+        """Prefill the waiting sequences that fit, or else decode one token for every running one;
+        between two chunks of a long prompt, prefill the others that fit and decode."""
         with self.torch.inference_mode():  # rows leave in place: the cache's tensors are inference tensors
             ended = self._drop_cancelled()
-            admit = [] if self._decode_next and self.running else self._admissible()
-            self._decode_next = False
-            if admit:
-                tokens = self._prefill(admit)
-            elif self.running:
-                tokens = self._decode()
-            else:
-                tokens = []
+            between_chunks, self._decode_next = self._decode_next, False
+            admit = self._admissible(between_chunks)
+            tokens = self._prefill(admit) if admit else []
+            if self.running and (between_chunks or not admit):
+                ended += self._drop_finished()  # one that ends at its first token decodes no more
+                tokens += self._decode() if self.running else []
             ended += self._drop_finished()
         return ipc.Step(tokens, ended)
 
-    def _admissible(self) -> list[tuple[Sequence, Hit | None]]:
+    def _admissible(self, between_chunks: bool = False) -> list[tuple[Sequence, Hit | None]]:
         """The waiting sequences, in order, that this step prefills (each with its kept prefix):
         as many as there are free rows, while their padded tokens to compute stay within
-        its prefill_tokens (the first always goes, or the next chunk of it where it is longer)."""
+        prefill_tokens (the first always goes, or the next chunk of it where it is longer: not
+        between two chunks, when the others that fit go instead)."""
         if not self.waiting or (self.running and not self.joinable):
             return []
         admitted: list[tuple[Sequence, Hit | None]] = []
@@ -166,7 +167,11 @@ class Engine:
             if hit is None and self.prefixes is not None:
                 hit = self.prefixes.lookup(sequence.prompt_ids)
             rest = _rest(sequence, hit)
+            if rest > self.prefill_tokens and self.static is None:  # learn it now: one pass could be too long
+                self.static = not kv_cache.stacks(self.model, sequence.prompt_ids[:1], self.device)
             if rest > self.prefill_tokens and self.static is False:
+                if between_chunks:
+                    continue
                 return admitted or [(sequence, hit)]  # a chunk of it, alone, once those before it went
             widest = max(widest, rest)
             if admitted and (len(admitted) + 1) * widest > self.prefill_tokens and not self.static:
@@ -203,7 +208,7 @@ class Engine:
         end = done + self.prefill_tokens
         output, _ = self._forward([(sequence, hit)], [sequence.prompt_ids[done:end]])
         layers = [(layer.keys[:, :, :end].clone(), layer.values[:, :, :end].clone())
-                  for layer in _cache_of(output).layers]
+                  for layer in kv_cache.cache_of(output).layers]
         sequence.computed = Hit(Entry(sequence.prompt_ids[:end], layers, 0), end)
         self._decode_next = True
         return []
@@ -213,7 +218,7 @@ class Engine:
         rests = [s.prompt_ids[hit.length if hit is not None else 0:] for s, hit in newcomers]
         output, mask = self._forward(newcomers, rests)
         sequences = [sequence for sequence, _ in newcomers]
-        self._join(_cache_of(output), mask)
+        self._join(kv_cache.cache_of(output), mask)
         self.running.extend(sequences)
         for sequence in sequences:  # joined: its chunks' keys and values are in the batch's cache now
             sequence.computed = None
@@ -245,7 +250,7 @@ class Engine:
         mask = None if kv_cache.attention_free(self.cache) else self.mask
         output = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self._cache_keyword: self.cache})
-        self.cache = _cache_of(output)
+        self.cache = kv_cache.cache_of(output)
         return self._sample(output.logits[:, -1, :], self.running)
 
     def _join(self, cache: Any, mask: Any) -> None:
@@ -381,15 +386,10 @@ class Engine:
         ended = [ipc.StreamEnd(s.stream_id, "error", len(s.generated), len(s.prompt_ids), s.seed, error)
                  for s in every.values()]
         self.waiting.clear()
-        self.running, self.cache, self.mask, self.joinable = [], None, None, True
+        self.running, self.cache, self.mask, self.joinable, self._decode_next = [], None, None, True, False
         if self.prefixes is not None:
             self.prefixes.clear()
         return ended
-
-
-def _cache_of(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 def _rest(sequence: Sequence, hit: Hit | None) -> int:

@@ -113,7 +113,7 @@ def _timed(call: PipelineCall, device: str, torch: Any, max_running: int, dtype:
             for stream in range(rows):
                 engine.add(ipc.Generate(stream, _TIMING_PROMPT, {"max_new_tokens": DECODE_STEPS + 2,
                                                                   "ignore_eos": True}))
-            while engine.waiting:  # the prefill (in several steps past generation.PREFILL_TOKENS)
+            while engine.waiting:  # the prefill (several steps past the engine's prefill_tokens)
                 engine.step()
             steps = []
             for _ in range(DECODE_STEPS):

@@ -17,6 +17,20 @@ def stackable(cache: Any) -> bool:
     return bool(kinds) and kinds <= {"DynamicLayer", "GrowingLayer"}
 
 
+def stacks(model: Any, first_token: list[int], device: Any) -> bool:
+    """Whether the model's caches can be stacked, from a one-token pass (before a first prompt
+    too long for one pass, which can be chunked only if they can)."""
+    import torch  # noqa: PLC0415
+
+    return stackable(cache_of(model(input_ids=torch.tensor([first_token], device=device), use_cache=True)))
+
+
+def cache_of(output: Any) -> Any:
+    """A forward's cache (transformers 5 renamed past_key_values to cache)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def attention_free(cache: Any) -> bool:
     """Only recurrent states (Mamba's): no layer attends, so a decoding step's attention mask is
     of no use to the model, and Mamba-style mixers would multiply their one new position by it
