@@ -96,9 +96,10 @@ def test_at_most_max_running_sequences_share_a_step(gpt2: tuple[Any, Any]) -> No
 
 def test_a_step_prefills_at_most_its_token_budget_a_longer_prompt_in_chunks(
         gpt2: tuple[Any, Any]) -> None:
-    """Waiting prompts are prefilled in order while rows x the longest stays within
-    the engine's prefill_tokens (--max-batch-prefill-tokens); one longer than the budget is computed in chunks of it (no pass computes
-    more); the tokens are each prompt's own."""
+    """Waiting prompts are prefilled in order while rows x the longest stays within the
+    engine's prefill_tokens (--max-batch-prefill-tokens); one longer than the budget is computed
+    in chunks of it (no pass computes more), those behind it that fit going between its chunks;
+    the tokens are each prompt's own."""
     model, tokenizer = gpt2
     prompts = {1: "the good movie", 2: "a cat sat", 3: "hello world this is a much longer prompt than the others",
                4: "the cat"}
@@ -116,13 +117,13 @@ def test_a_step_prefills_at_most_its_token_budget_a_longer_prompt_in_chunks(
     try:
         while engine.active:
             step = engine.step()
-            prefilled.append(sorted(token.stream_id for token in step.tokens if token.stream_id not in tokens))
+            prefilled.append(sorted({token.stream_id for token in step.tokens if token.stream_id not in tokens}))
             for token in step.tokens:
                 tokens.setdefault(token.stream_id, []).append(token.id)
     finally:
         hook.remove()
     firsts = [streams for streams in prefilled if streams]
-    assert firsts[0] == [1, 2] and firsts[1][0] == 3 and [4] in (firsts[1][1:], firsts[2])  # in order
+    assert firsts[:3] == [[1, 2], [4], [3]]  # 4 fits between 3's chunks; 3 after its last
     assert prefilled[1] == []  # 3's first chunk: no token yet
     assert all(rows * width <= budget for rows, width in passes if width > 1)
     for stream, prompt in prompts.items():
@@ -131,10 +132,11 @@ def test_a_step_prefills_at_most_its_token_budget_a_longer_prompt_in_chunks(
 
 def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_with_decoding_steps_between(
         gpt2: tuple[Any, Any]) -> None:
-    """A prompt whose rest is longer than the engine's prefill_tokens (--max-batch-prefill-tokens) is computed that many tokens a step, on
-    its own keys and values so far, the running streams decoding a token between two chunks (no
-    step runs past the budget: the watchdog's --batch-timeout bounds a step); each stream's tokens
-    are its own, and chunks do not count as reused prompt tokens."""
+    """A prompt whose rest is longer than the engine's prefill_tokens (--max-batch-prefill-tokens)
+    is computed that many tokens a step, on its own keys and values so far, the running streams
+    decoding a token between two chunks and before its last rest (no step runs past the budget:
+    the watchdog's --batch-timeout bounds a step); each stream's tokens are its own, and chunks
+    do not count as reused prompt tokens."""
     _, tokenizer = gpt2
     long_prompt = " ".join(["the good movie was long"] * 5)
     assert 24 < len(tokenizer(long_prompt)["input_ids"]) <= 32  # three chunks, then a rest
@@ -153,10 +155,9 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_with_decoding_st
         for token in step.tokens:
             tokens.setdefault(token.stream_id, []).append(token.id)
         ended.update({end.stream_id: end for end in step.ended})
-    # 1's prefill; then three chunks of 2's prompt (no token), the first two followed by 1's
-    # decoding step; after the third, 2's last rest fits: it joins (its first token), then both
-    # decode in that step.
-    assert steps[:8] == [[1], [], [1], [], [1], [], [1, 2, 2], [1, 2]]
+    # 1's prefill; then three chunks of 2's prompt (no token), each followed by 1's decoding
+    # step; then 2's last rest joins (its first token), and both decode.
+    assert steps[:9] == [[1], [], [1], [], [1], [], [1], [2], [1, 2]]
     assert tokens[1] == _alone(gpt2, "the cat", 12) and tokens[2] == _alone(gpt2, long_prompt, GREEDY["max_new_tokens"])
     assert ended[2].cached_tokens == 0 and ended[2].finish_reason == "length"
     assert not engine.running and not engine.waiting

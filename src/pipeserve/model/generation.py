@@ -12,7 +12,7 @@ and earlier turns) prefills only the rest, on that sequence's kept keys and valu
 (prefix_cache.py).
 
 A prompt longer than one step's budget is prefilled in chunks, one a step, each on the keys and
-values of the chunks before it; between two, the prompts behind it that fit are prefilled and
+values of the chunks before it; after each, the prompts behind it that fit are prefilled and
 the running sequences decode.
 
 Models whose cache is not a plain DynamicCache (sliding windows, hybrid or recurrent layers)
@@ -141,7 +141,7 @@ class Engine:
 
     def step(self) -> ipc.Step:
         """Prefill the waiting sequences that fit, or else decode one token for every running one;
-        between two chunks of a long prompt, prefill the others that fit and decode."""
+        after a chunk of a long prompt, prefill the others that fit and decode."""
         with self.torch.inference_mode():  # rows leave in place: the cache's tensors are inference tensors
             ended = self._drop_cancelled()
             between_chunks, self._decode_next = self._decode_next, False
@@ -169,9 +169,9 @@ class Engine:
             rest = _rest(sequence, hit)
             if rest > self.prefill_tokens and self.static is None:  # learn it now: one pass could be too long
                 self.static = not kv_cache.stacks(self.model, sequence.prompt_ids[:1], self.device)
+            if between_chunks and sequence.computed is not None:
+                continue  # its next chunk (or its last rest) after this step's decoding
             if rest > self.prefill_tokens and self.static is False:
-                if between_chunks:
-                    continue
                 return admitted or [(sequence, hit)]  # a chunk of it, alone, once those before it went
             widest = max(widest, rest)
             if admitted and (len(admitted) + 1) * widest > self.prefill_tokens and not self.static:
