@@ -196,9 +196,14 @@ def test_a_first_prompt_too_long_for_one_pass_is_chunked_once_a_probe_shows_cach
     engine = _engine(gpt2, prefill_tokens=8)
     long_prompt = " ".join(["the good movie was long"] * 5)
     engine.add(ipc.Generate(1, long_prompt, GREEDY))
-    assert engine.step().tokens == [] and engine.static is False  # a chunk, no token yet
+    steps = [engine.step()]
+    assert steps[0].tokens == [] and engine.static is False  # a chunk, no token yet
+    while not steps[-1].tokens:
+        steps.append(engine.step())
+    chunks = (len(gpt2[1](long_prompt)["input_ids"]) - 1) // 8  # then the last rest, with a token
+    assert len(steps) == chunks + 1  # nothing else to run: no idle step between chunks
     tokens, _ = _run(engine)
-    assert tokens[1] == _alone(gpt2, long_prompt, GREEDY["max_new_tokens"])
+    assert [token.id for token in steps[-1].tokens] + tokens[1] == _alone(gpt2, long_prompt, GREEDY["max_new_tokens"])
 
 
 def test_a_long_prompt_that_starts_with_a_kept_prefix_is_chunked_after_it(

@@ -210,7 +210,7 @@ class Engine:
         layers = [(layer.keys[:, :, :end].clone(), layer.values[:, :, :end].clone())
                   for layer in kv_cache.cache_of(output).layers]
         sequence.computed = Hit(Entry(sequence.prompt_ids[:end], layers, 0), end)
-        self._decode_next = True
+        self._decode_next = bool(self.running) or len(self.waiting) > 1  # else: the next chunk at once
         return []
 
     def _prefill_on(self, newcomers: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
