@@ -16,9 +16,7 @@ decoding attention leaves float32 alone).
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -98,21 +96,12 @@ def main() -> None:
         rows.append(f"| {dtype} | {attention} | {len(differing)} of {PROMPTS} | "
                     f"{', '.join(map(str, differing)) or '-'} |")
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH,
-                            check=False).stdout.strip()
-    (BENCH / "BATCH_INVARIANCE.md").write_text("\n".join([
-        "# Streams decoded together against alone (greedy)",
-        "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit}, torch "
-        f"{torch.__version__}, 2 threads, with `.venv/bin/python bench/batch_invariance.py`.",
-        "",
-        (__doc__ or "").split("\n\n", 2)[2].strip(),
-        "",
+    bench_model.write_report("BATCH_INVARIANCE.md", "Streams decoded together against alone (greedy)",
+                             "batch_invariance.py", __doc__, [
         "| dtype | attention | prompts whose tokens differ | first differing step of each |",
         "|---|---|---|---|",
         *rows,
-        "",
-    ]))
+    ])
 
 
 if __name__ == "__main__":

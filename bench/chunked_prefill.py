@@ -16,7 +16,6 @@ prompt's length is the one pass of before chunking.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,22 +83,13 @@ def main() -> None:
         rows.append(f"| {label} | {result['ttft']:.1f} | {result['gap']:.1f} | {result['step']:.1f} | "
                     f"{result['steps']} | {result['buffers'] / 1e9:.1f} |")
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH,
-                            check=False).stdout.strip()
-    (BENCH / "CHUNKED_PREFILL.md").write_text("\n".join([
-        "# A long prompt beside running streams: chunked prefill",
-        "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit}, torch "
-        f"{torch.__version__}, 2 threads, with `.venv/bin/python bench/chunked_prefill.py`.",
-        "",
-        (__doc__ or "").split("\n\n", 2)[2].strip(),
-        "",
+    bench_model.write_report("CHUNKED_PREFILL.md", "A long prompt beside running streams: chunked prefill",
+                             "chunked_prefill.py", __doc__, [
         "| budget (tokens) | long prompt's first token s | running streams' longest gap s | longest step s | "
         "steps to its first token | key/value buffers after it joined GB |",
         "|---|---|---|---|---|---|",
         *rows,
-        "",
-    ]))
+    ])
 
 
 if __name__ == "__main__":

@@ -154,6 +154,28 @@ def build_model() -> Path:
     return MODEL
 
 
+def write_report(name: str, title: str, script: str, doc: str | None, table: list[str]) -> None:
+    """Write bench/NAME for an in-process bench on this model: the title, when, at which commit
+    and with which torch, the script's docstring after its command block, then the table."""
+    import time
+
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH,
+                            check=False).stdout.strip()
+    (BENCH / name).write_text("\n".join([
+        f"# {title}",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit}, torch "
+        f"{torch.__version__}, 2 threads, with `.venv/bin/python bench/{script}`.",
+        "",
+        (doc or "").split("\n\n", 2)[2].strip(),
+        "",
+        *table,
+        "",
+    ]))
+
+
 def convert() -> dict[str, Path]:
     """The GGUF files, converted by the llama.cpp tree's convert_hf_to_gguf.py where missing."""
     if not (TREE / "convert_hf_to_gguf.py").exists() or not CONVERT_PY.exists():
