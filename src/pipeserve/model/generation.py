@@ -33,7 +33,7 @@ from typing import Any
 from pipeserve import ipc
 from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
 from pipeserve.model import attention, kv_cache, model_limits, prefill_groups
-from pipeserve.model.prefix_cache import Entry, Hit, PrefixCache
+from pipeserve.model.prefix_cache import Entry, Hit, PrefixCache, kept
 from pipeserve.model.prompts import tail_ids
 from pipeserve.model.sampling import sample_one, samples
 from pipeserve.model.sequence import Sequence
@@ -166,12 +166,12 @@ class Engine:
             hit = sequence.computed
             if hit is None and self.prefixes is not None:
                 hit = self.prefixes.lookup(sequence.prompt_ids)
-            rest = _rest(sequence, hit)
+            rest = len(sequence.prompt_ids) - kept(hit)
             if rest > self.prefill_tokens and self.static is None:  # learn it now: one pass could be too long
                 self.static = not kv_cache.stacks(self.model, sequence.prompt_ids[:1], self.device)
             if between_chunks and sequence.computed is not None:
                 continue  # its next chunk (or its last rest) after this step's decoding
-            if rest > self.prefill_tokens and self.static is False:
+            if self._chunked(sequence, hit):
                 return admitted or [(sequence, hit)]  # a chunk of it, alone, once those before it went
             widest = max(widest, rest)
             if admitted and (len(admitted) + 1) * widest > self.prefill_tokens and not self.static:
@@ -186,8 +186,8 @@ class Engine:
         every short rest to its length). Each leaves `waiting` when its pass is done."""
         for sequence, hit in sequences:
             if sequence.computed is None:  # only the kept prefix counts as reused, not earlier chunks
-                sequence.cached_tokens = hit.length if hit is not None else 0
-        if len(sequences) == 1 and self.static is False and _rest(*sequences[0]) > self.prefill_tokens:
+                sequence.cached_tokens = kept(hit)
+        if len(sequences) == 1 and self._chunked(*sequences[0]):
             return self._prefill_chunk(*sequences[0])
         fresh: list[tuple[Sequence, Hit | None]] = [(sequence, None) for sequence, hit in sequences if hit is None]
         groups = [list(range(len(fresh)))] if self.static is not False else prefill_groups.by_length(
@@ -201,10 +201,14 @@ class Engine:
             self.waiting = deque(sequence for sequence in self.waiting if id(sequence) not in done)
         return tokens
 
+    def _chunked(self, sequence: Sequence, hit: Hit | None) -> bool:
+        """Whether the prompt's rest after this kept prefix is prefilled in chunks (one pass too long)."""
+        return self.static is False and len(sequence.prompt_ids) - kept(hit) > self.prefill_tokens
+
     def _prefill_chunk(self, sequence: Sequence, hit: Hit | None) -> list[ipc.Token]:
         """Compute the next prefill_tokens of a prompt too long for one pass, on its keys and values
         so far; it stays waiting, and the running streams get a decoding step before its next."""
-        done = hit.length if hit is not None else 0
+        done = kept(hit)
         end = done + self.prefill_tokens
         output, _ = self._forward([(sequence, hit)], [sequence.prompt_ids[done:end]])
         layers = [(layer.keys[:, :, :end].clone(), layer.values[:, :, :end].clone())
@@ -215,7 +219,7 @@ class Engine:
 
     def _prefill_on(self, newcomers: list[tuple[Sequence, Hit | None]]) -> list[ipc.Token]:
         """Prefill each prompt's tokens after its kept prefix (if any) and join the running batch."""
-        rests = [s.prompt_ids[hit.length if hit is not None else 0:] for s, hit in newcomers]
+        rests = [s.prompt_ids[kept(hit):] for s, hit in newcomers]
         output, mask = self._forward(newcomers, rests)
         sequences = [sequence for sequence, _ in newcomers]
         self._join(kv_cache.cache_of(output), mask)
@@ -228,12 +232,12 @@ class Engine:
         """One prefill pass of these tokens after each kept prefix, on a copy of the prefixes' keys
         and values, each row left-padded: [padding, prefix, padding, rest]. (output, its mask)"""
         torch = self.torch
-        kept = [hit.length if hit is not None else 0 for _, hit in newcomers]
-        before, width = max(kept), max(len(rest) for rest in rests)
+        lengths = [kept(hit) for _, hit in newcomers]
+        before, width = max(lengths), max(len(rest) for rest in rests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         ids = torch.tensor([[pad] * (width - len(rest)) + rest for rest in rests], device=self.device)
         mask = torch.tensor([[0] * (before - length) + [1] * length + [0] * (width - len(rest)) + [1] * len(rest)
-                             for length, rest in zip(kept, rests, strict=True)], device=self.device)
+                             for length, rest in zip(lengths, rests, strict=True)], device=self.device)
         hits = [[(keys.to(self.device), values.to(self.device)) for keys, values in hit.layers()]
                 for _, hit in newcomers if hit is not None]
         past = {self._cache_keyword: kv_cache.past(hits, before)} if hits else {}
@@ -390,8 +394,3 @@ class Engine:
         if self.prefixes is not None:
             self.prefixes.clear()
         return ended
-
-
-def _rest(sequence: Sequence, hit: Hit | None) -> int:
-    """The prompt tokens a prefill still has to compute after this kept prefix."""
-    return len(sequence.prompt_ids) - (hit.length if hit is not None else 0)

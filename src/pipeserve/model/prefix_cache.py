@@ -47,6 +47,11 @@ class Hit:
         return [(keys[:, :, :self.length], values[:, :, :self.length]) for keys, values in self.entry.layers]
 
 
+def kept(hit: Hit | None) -> int:
+    """The prompt tokens a hit serves (none without one)."""
+    return hit.length if hit is not None else 0
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
