@@ -148,7 +148,8 @@ class Engine:
             admit = self._admissible(between_chunks)
             tokens = self._prefill(admit) if admit else []
             if self.running and (between_chunks or not admit):
-                ended += self._drop_finished()  # one that ends at its first token decodes no more
+                if admit:  # one that ends at its first token decodes no more
+                    ended += self._drop_finished()
                 tokens += self._decode() if self.running else []
             ended += self._drop_finished()
         return ipc.Step(tokens, ended)
