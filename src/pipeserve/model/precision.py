@@ -64,6 +64,12 @@ def native_reduced_dtype(device: str, torch: Any, cpuinfo: Path = CPUINFO) -> st
     return None
 
 
+def has_vnni(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU sums u8 x s8 products into int32 (VNNI): without it, fbgemm's pair sums
+    saturate int16 at 8-bit activations."""
+    return bool(cpu_flags(cpuinfo) & _VNNI_CPU_FLAGS)
+
+
 def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
     try:
         for line in cpuinfo.read_text().splitlines():
@@ -138,7 +144,7 @@ def quantize_int8(call: BatchCall, device: str, torch: Any, cpuinfo: Path = CPUI
     """
     if device != "cpu":
         raise ValueError("--dtype int8 runs on the CPU only; on a GPU use float16 or bfloat16")
-    if not cpu_flags(cpuinfo) & _VNNI_CPU_FLAGS:
+    if not has_vnni(cpuinfo):
         raise ValueError("--dtype int8 needs a CPU with VNNI (avx512_vnni or avx_vnni); use --dtype auto")
     pipe = getattr(call, "pipe", None)
     check = call.agreement_inputs(list(CHECK_TEXTS))

@@ -1,14 +1,21 @@
-"""Weight-only int8 for text generation (`--dtype int8` on a generator), in the model process.
+"""int8 weights for text generation (`--dtype int8` on a generator), in the model process.
 
 Decoding one stream is bound by reading the weights: every step reads each matrix once for a
 handful of rows. Stored as int8 with one scale per output channel (symmetric, round to nearest:
 the scheme of llama.cpp's q8_0, per row instead of per 32 values), a matrix is half the bytes of
-bfloat16's; activations stay in bfloat16. Measured on this project's 2-core bench machine
-(AMD EPYC, avx512_bf16), one 768 x 3072 product: 1 row 74 us against bfloat16's 182, 4 rows 138
-against 202; the 16384-wide output layer 361 against 1,663 us. torch's int8 kernel costs in
-proportion to the rows from 4 on, so a call of more than DIRECT_ROWS rows (a prefill, a wide
-decoding step) multiplies by the int8 weights converted to bfloat16 for that call (exact: every
-int8 is a bfloat16) and scales the product's output channels after, as the kernel does.
+bfloat16's.
+
+How a layer multiplies depends on the CPU:
+- With VNNI (int32 sums of u8 x s8 products), each call's activations are quantised to 8 bits
+  per row too, as q8_0 quantises them per 32 values, and fbgemm multiplies int8 by int8
+  (torch.ops.quantized.linear_dynamic). Measured on this project's 2-core bench machine (AMD
+  EPYC), the 84 matrices of bench/LLAMACPP.md's model with the weights streaming from memory:
+  1 row 5.5 ms against 7.8 for the weight-only kernel below, 16 rows 17.5 against 28.8, 32 rows
+  27.8 against 37.1. fbgemm quantises a call with one range; see Int8x8Linear for how each row
+  still gets its own.
+- Without it, activations stay bfloat16 (weight-only): up to DIRECT_ROWS rows torch's
+  int8 x bfloat16 kernel, more rows a bfloat16 product of the int8 weights converted for the call
+  (exact: every int8 is a bfloat16) with the output channels scaled after, as the kernel does.
 
 Every Linear layer of the model is quantized (GPT-2's Conv1D too), the output layer included, as
 q8_0 does; the input embeddings, norms and attention stay bfloat16. A weight the output layer
@@ -18,6 +25,7 @@ shares with the input embeddings is quantized as a copy.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from pipeserve import ipc
@@ -26,20 +34,25 @@ from pipeserve.model.adapters import PipelineCall
 
 log = logging.getLogger("pipeserve.model")
 
-# Rows up to this go through torch's int8 x bfloat16 kernel; more through a bfloat16 product of
+# Weight-only: rows up to this go through torch's int8 x bfloat16 kernel; more through a bfloat16 product of
 # the converted weights. Measured 2026-12-06 (bench/LLAMACPP.md's box, warm weights), 16 rows:
 # 3072 x 768 519 us against 445, the 16384-wide output layer 3,202 against 3,138; 8 rows 260
 # against 384. Scaling the weights before the product instead (W * s in bfloat16) cost 21.6 ms
 # on that output layer at any row count, and rounded each weight.
 DIRECT_ROWS = 8
 
-_CLASS: Any = None
+_CLASSES: dict[bool, Any] = {}
+# What /info's precision note says of the activations, by whether they are quantised.
+ACTIVATIONS = {True: "activations quantised to 8 bits per row (VNNI)", False: "bfloat16 activations (weight-only)"}
 
 
-def quantize(model: Any, torch: Any) -> list[tuple[Any, str, Any]]:
+def quantize(model: Any, torch: Any, activations: bool | None = None) -> list[tuple[Any, str, Any]]:
     """Replace the model's Linear layers with int8 ones, then cast the rest to bfloat16: (parent,
-    name, replaced layer) for each, to put back (`prepack.restore`): the replaced layers are untouched."""
-    swapped = prepack.swap(model, torch, _layer_class(torch))
+    name, replaced layer) for each, to put back (`prepack.restore`): the replaced layers are untouched.
+    `activations`: quantise each call's activations too; by default where the CPU has VNNI."""
+    if activations is None:
+        activations = quantizes_activations(torch)
+    swapped = prepack.swap(model, torch, _layer_class(torch, activations))
     try:
         precision.cast(model, torch.bfloat16)
     except BaseException:
@@ -48,24 +61,42 @@ def quantize(model: Any, torch: Any) -> list[tuple[Any, str, Any]]:
     return swapped
 
 
-def _layer_class(torch: Any) -> Any:
-    global _CLASS  # noqa: PLW0603 - made once, when torch is importable
-    if _CLASS is not None:
-        return _CLASS
+def quantizes_activations(torch: Any) -> bool:
+    """Where the CPU has VNNI and this torch still ships fbgemm's dynamic int8 product (torch's
+    quantised tensors are deprecated in favour of torchao)."""
+    return (precision.has_vnni() and "fbgemm" in torch.backends.quantized.supported_engines
+            and hasattr(torch.ops.quantized, "linear_dynamic"))
 
+
+def _int8_rows(weight: Any, torch: Any) -> tuple[Any, Any]:
+    """The weight [out, in] as int8 and a float32 scale per output channel (row)."""
+    scales = (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return _rounded(weight, scales, torch), scales
+
+
+def _rounded(weight: Any, scales: Any, torch: Any) -> Any:
+    return torch.round(weight.detach().float() / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+
+
+def _layer_class(torch: Any, activations: bool) -> Any:
+    if activations not in _CLASSES:
+        _CLASSES[activations] = _int8x8_class(torch) if activations else _weight_only_class(torch)
+    return _CLASSES[activations]
+
+
+def _weight_only_class(torch: Any) -> Any:
     class Int8Linear(torch.nn.Module):  # type: ignore[misc]
         """y = x W^T + b with W as int8 and a bfloat16 scale per output channel."""
 
         def __init__(self, weight: Any, bias: Any) -> None:  # weight: [out_features, in_features]
             super().__init__()
             self.out_features, self.in_features = weight.shape
-            wide = weight.detach().float()
             # The scales are kept in bfloat16 (the kernel's), so the weights are rounded by those.
-            scales = (wide.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+            scales = _int8_rows(weight, torch)[1].to(torch.bfloat16)
+            qweight = _rounded(weight, scales.float(), torch)
             # Not named `weight`: code that reads a layer's weight dtype to cast its input (Mamba's
             # head does) must fail, not cast activations to int8.
-            self.register_buffer("qweight", torch.round(wide / scales.float()[:, None]).clamp(-127, 127)
-                                 .to(torch.int8).contiguous())
+            self.register_buffer("qweight", qweight)
             self.register_buffer("scales", scales)
             self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
@@ -79,8 +110,51 @@ def _layer_class(torch: Any) -> Any:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    _CLASS = Int8Linear
-    return _CLASS
+    return Int8Linear
+
+
+def _int8x8_class(torch: Any) -> Any:
+    linear_dynamic = torch.ops.quantized.linear_dynamic
+
+    class Int8x8Linear(torch.nn.Module):  # type: ignore[misc]
+        """y = x W^T + b with W as int8 (a scale per output channel) and x quantised to 8 bits
+        per row for the call; fbgemm sums the int8 products in int32.
+
+        fbgemm quantises a whole call with one range, its minimum to its maximum. One row is its
+        own range. For more, each row is divided by its largest magnitude and a row holding 1
+        and -1 is added: the range is then [-1, 1] whatever the other rows hold, so a row's
+        integers, their exact int32 sums and its outputs do not depend on the rows beside it."""
+
+        def __init__(self, weight: Any, bias: Any) -> None:  # weight: [out_features, in_features]
+            super().__init__()
+            self.out_features, self.in_features = weight.shape
+            qweight, scales = _int8_rows(weight, torch)
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            # torch's quantised tensors announce their move to torchao (a separate package); they
+            # still ship, and work, in the torch this project pins.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                quantized = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zero_points, 0)
+            # A TorchScript object, not a tensor: the int8 weights in fbgemm's blocked layout.
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+            anchor = torch.zeros(1, self.in_features)
+            anchor[0, :2] = torch.tensor([1.0, -1.0])
+            # Not persistent: precision.cast leaves such buffers in float32, where the products are.
+            self.register_buffer("anchor", anchor, persistent=False)
+            self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+
+        def forward(self, x: Any) -> Any:
+            rows = x.reshape(-1, self.in_features)
+            if rows.shape[0] == 1:  # with its negation: the row's range made symmetric, as below
+                y = linear_dynamic(torch.cat([rows, rows.neg()]).float(), self.packed, False)[:1]
+            else:
+                peak = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-30)  # 0 for a padding row
+                y = linear_dynamic(torch.cat([rows / peak, self.anchor]), self.packed, False)[:-1] * peak
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    return Int8x8Linear
 
 
 def apply(call: PipelineCall, device: str, torch: Any) -> ipc.Precision:
@@ -93,9 +167,10 @@ def apply(call: PipelineCall, device: str, torch: Any) -> ipc.Precision:
         raise ValueError(f"--dtype int8 is not available for {call.task}")
     inputs, parameters = check
     reference = call(inputs, parameters)
-    swapped = len(quantize(call.pipe.model, torch))
+    activations = quantizes_activations(torch)
+    swapped = len(quantize(call.pipe.model, torch, activations))
     agreement = precision.compare(reference, call(inputs, parameters))
-    note = f"weight-only int8 in {swapped} layers, bfloat16 activations"
+    note = f"int8 weights in {swapped} layers, {ACTIVATIONS[activations]}"
     if not agreement.same_answers:
         log.warning("--dtype int8: greedy answers differ from float32's (%s)", precision.describe(agreement))
     return ipc.Precision("int8", "int8", candidate="int8", agreement=agreement, note=note)
