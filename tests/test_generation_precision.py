@@ -17,7 +17,7 @@ def _relative_error(got: Any, expected: Any) -> float:
     return float((got.float() - expected).abs().max() / expected.abs().max())
 
 
-_VNNI = pytest.mark.skipif(not precision.has_vnni(), reason="8-bit activations need VNNI")
+_VNNI = pytest.mark.skipif(not precision.has_vnni(), reason="8-bit activations need AVX-512 VNNI")
 
 
 @pytest.mark.parametrize("activations", [pytest.param(True, marks=_VNNI), False], ids=["int8x8", "weight-only"])
@@ -46,7 +46,8 @@ def test_an_int8_layer_computes_the_float_product_within_int8_rounding(rows: int
 def test_int8_activations_give_each_row_the_same_outputs_whatever_rows_are_beside_it() -> None:
     """fbgemm quantises a call's activations with one range; the layer scales each row to its
     own, so a row's outputs are bit-identical in any company of two rows or more (here beside a
-    row 1,000 times larger and a row of zeros), and one row alone is within an 8-bit step."""
+    row 1,000 times larger and a row of zeros). One row alone has a range of its own: within
+    8-bit rounding of the same."""
     import torch
 
     from pipeserve.model import weight_int8
@@ -64,10 +65,53 @@ def test_int8_activations_give_each_row_the_same_outputs_whatever_rows_are_besid
         alone = torch.cat([layer(row[None]) for row in rows])
     assert together.dtype == torch.bfloat16 and together.shape == (12, 384)
     assert torch.equal(together, pairs) and torch.equal(together, with_the_large_one)
-    assert torch.isfinite(together).all() and torch.equal(together[5], layer.bias.to(torch.bfloat16))
+    assert torch.equal(together[5], layer.bias.to(torch.bfloat16))  # a padding row: the bias alone
     expected = linear(rows.float()).detach()
     for got in (together, alone):
         assert float(((got.float() - expected).norm(dim=1) / expected.norm(dim=1)).max()) < 0.02
+
+
+@_VNNI
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_row_spoils_only_itself(bad: float) -> None:
+    """A NaN or inf in one row (a diverging stream) gives that row non-finite outputs, which end
+    that stream alone (the engine checks each row's logits), and leaves the others' untouched:
+    fbgemm's range over the call must not see it, or the whole step would fail."""
+    import torch
+
+    from pipeserve.model import weight_int8
+
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 32)
+    layer = weight_int8._layer_class(torch, True)(linear.weight.detach(), linear.bias)
+    rows = torch.randn(4, 64)
+    spoiled = rows.clone()
+    spoiled[0, 0] = bad  # the first value fbgemm's range search reads
+    spoiled[2, 7] = bad
+    with torch.inference_mode():
+        got = layer(spoiled)
+        clean = layer(rows[[1, 3]])
+    assert not torch.isfinite(got[0]).all() and not torch.isfinite(got[2]).all()
+    assert torch.equal(got[[1, 3]], clean)
+    with torch.inference_mode():
+        assert not torch.isfinite(layer(spoiled[:1])).all()  # alone too
+
+
+@pytest.mark.parametrize("activations", [pytest.param(True, marks=_VNNI), False], ids=["int8x8", "weight-only"])
+@pytest.mark.parametrize("features", [1, 3, 24])
+def test_an_int8_layer_with_few_or_odd_input_features(activations: bool, features: int) -> None:
+    """torch's weight-only kernel crashed the process (SIGSEGV) on rows not a multiple of 16 long."""
+    import torch
+
+    from pipeserve.model import weight_int8
+
+    torch.manual_seed(features)
+    linear = torch.nn.Linear(features, 8)
+    layer = weight_int8._layer_class(torch, activations)(linear.weight.detach(), linear.bias)
+    x = torch.randn(3, features)
+    with torch.inference_mode():
+        for rows in (x[:1], x):
+            assert _relative_error(layer(rows), linear(rows).detach()) < 0.03
 
 
 def test_an_int8_layers_wide_product_gives_each_row_the_int8_kernels_answer() -> None:

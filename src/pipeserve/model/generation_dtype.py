@@ -2,14 +2,15 @@
 float32's, timed at warm-up.
 
 Which precision decodes fastest depends on the machine and on how many streams share a step:
-on this project's 2-core bench machine, int8 weights beat bfloat16 for one stream and lose to it
-at 32 (model/weight_int8.py), and bfloat16 is emulated, and slow, on CPUs without avx512_bf16. So
-nothing is chosen by rule. The model loads in float32 and answers the check inputs; then each
-candidate (bfloat16 where the device runs it natively, int8 weights on a CPU with torch's int8
-kernel) is put in place, answers them too, and, where every greedy token is the same, is timed:
-DECODE_STEPS decoding steps of the engine for one stream and as many for
---max-running-sequences streams, with the layers packed as they would be served. The fastest
-of those, float32 included, is kept; the log and /info say every time and agreement.
+on this project's 2-core bench machine, weight-only int8 beat bfloat16 for one stream and lost to
+it at 32, int8 with 8-bit activations (AVX-512 VNNI) beat it at 1 to 32 (model/weight_int8.py),
+and bfloat16 is emulated, and slow, on CPUs without avx512_bf16. So nothing is chosen by rule.
+The model loads in float32 and answers the check inputs; then each candidate (bfloat16 where
+the device runs it natively, int8 weights on a CPU with torch's int8 kernel) is put in place,
+answers them too, and, where every greedy token is the same, is timed: DECODE_STEPS decoding
+steps of the engine for one stream and as many for --max-running-sequences streams, with the
+layers packed as they would be served. The fastest of those, float32 included, is kept; the log
+and /info say every time and agreement.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def _load_in_precision(spec: ipc.WorkerSpec, device: str, torch: Any
         return load_custom(spec), ipc.Precision(spec.dtype, spec.dtype, note=note)
     if spec.dtype == "int8":
         call = load_transformers(spec, device, torch, "float32")
-        if call.task == GENERATION_TASK:  # weight-only: decoding reads the weights, not the activations
+        if call.task == GENERATION_TASK:  # no floor: served either way (model/weight_int8.py)
             return call, weight_int8.apply(call, device, torch)
         return call, precision.quantize_int8(call, device, torch)
     if spec.dtype != "auto":

@@ -37,7 +37,10 @@ MIN_COSINE = 0.999
 # 8-bit activations measured mean 0.991, min 0.973 on 512 bench texts).
 INT8_MEAN_COSINE = 0.99
 INT8_MIN_COSINE = 0.97
-_VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+# fbgemm's int8 kernels sum u8 x s8 products in int32 only with AVX-512 VNNI (AMX CPUs have it
+# too); on others, AVX-VNNI alone (Alder Lake, Sierra Forest) included, they add pairs in int16,
+# which 8-bit activations saturate.
+_VNNI_CPU_FLAGS = frozenset({"avx512_vnni"})
 # Short and long, plain and odd: where rounding shows first. The long one reaches a few hundred
 # tokens, where errors accumulate over positions.
 CHECK_TEXTS = (
@@ -65,8 +68,7 @@ def native_reduced_dtype(device: str, torch: Any, cpuinfo: Path = CPUINFO) -> st
 
 
 def has_vnni(cpuinfo: Path = CPUINFO) -> bool:
-    """Whether the CPU sums u8 x s8 products into int32 (VNNI): without it, fbgemm's pair sums
-    saturate int16 at 8-bit activations."""
+    """Whether fbgemm sums u8 x s8 products into int32 here (AVX-512 VNNI)."""
     return bool(cpu_flags(cpuinfo) & _VNNI_CPU_FLAGS)
 
 
@@ -138,14 +140,14 @@ def quantize_int8(call: BatchCall, device: str, torch: Any, cpuinfo: Path = CPUI
     """--dtype int8: dynamic int8 Linear layers (a weight scale per output channel, activations
     quantised to 8 bits per call), kept only where the answers hold the int8 floor against float32.
 
-    Eight-bit activations (torch's own default is 7) need VNNI's int32 sums: without them the
+    Eight-bit activations (torch's own default is 7) need AVX-512 VNNI's int32 sums: without them the
     u8 x s8 pair sums saturate int16. Per-tensor weight scales or 7-bit activations fell far
     below the floor on all-MiniLM-L6-v2 (mean 0.93-0.97, bench/QUANTIZATION.md).
     """
     if device != "cpu":
         raise ValueError("--dtype int8 runs on the CPU only; on a GPU use float16 or bfloat16")
     if not has_vnni(cpuinfo):
-        raise ValueError("--dtype int8 needs a CPU with VNNI (avx512_vnni or avx_vnni); use --dtype auto")
+        raise ValueError("--dtype int8 needs a CPU with AVX-512 VNNI (avx512_vnni); use --dtype auto")
     pipe = getattr(call, "pipe", None)
     check = call.agreement_inputs(list(CHECK_TEXTS))
     if pipe is None or check is None:

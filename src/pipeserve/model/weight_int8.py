@@ -62,16 +62,20 @@ def quantize(model: Any, torch: Any, activations: bool | None = None) -> list[tu
 
 
 def quantizes_activations(torch: Any) -> bool:
-    """Where the CPU has VNNI and this torch still ships fbgemm's dynamic int8 product (torch's
-    quantised tensors are deprecated in favour of torchao)."""
-    return (precision.has_vnni() and "fbgemm" in torch.backends.quantized.supported_engines
+    """Where the CPU has AVX-512 VNNI and this torch packs for fbgemm (its x86 engine) and still
+    ships fbgemm's dynamic int8 product (torch's quantised tensors are deprecated for torchao)."""
+    return (precision.has_vnni() and torch.backends.quantized.engine in ("x86", "fbgemm")
             and hasattr(torch.ops.quantized, "linear_dynamic"))
 
 
 def _int8_rows(weight: Any, torch: Any) -> tuple[Any, Any]:
     """The weight [out, in] as int8 and a float32 scale per output channel (row)."""
-    scales = (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)
+    scales = _scales(weight)
     return _rounded(weight, scales, torch), scales
+
+
+def _scales(weight: Any) -> Any:
+    return (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)
 
 
 def _rounded(weight: Any, scales: Any, torch: Any) -> Any:
@@ -92,17 +96,20 @@ def _weight_only_class(torch: Any) -> Any:
             super().__init__()
             self.out_features, self.in_features = weight.shape
             # The scales are kept in bfloat16 (the kernel's), so the weights are rounded by those.
-            scales = _int8_rows(weight, torch)[1].to(torch.bfloat16)
+            scales = _scales(weight).to(torch.bfloat16)
             qweight = _rounded(weight, scales.float(), torch)
             # Not named `weight`: code that reads a layer's weight dtype to cast its input (Mamba's
             # head does) must fail, not cast activations to int8.
             self.register_buffer("qweight", qweight)
             self.register_buffer("scales", scales)
             self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+            # torch 2.13's kernel reads past the end of rows whose length is not a multiple of
+            # 16 (a segmentation fault for 1, 2, 3, 4, 8, 12, 24 or 33 input features).
+            self.direct = self.in_features % 16 == 0
 
         def forward(self, x: Any) -> Any:
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            if rows.shape[0] <= DIRECT_ROWS:
+            if rows.shape[0] <= DIRECT_ROWS and self.direct:
                 y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
             else:
                 y = torch.nn.functional.linear(rows, self.qweight.to(torch.bfloat16)) * self.scales
@@ -120,10 +127,14 @@ def _int8x8_class(torch: Any) -> Any:
         """y = x W^T + b with W as int8 (a scale per output channel) and x quantised to 8 bits
         per row for the call; fbgemm sums the int8 products in int32.
 
-        fbgemm quantises a whole call with one range, its minimum to its maximum. One row is its
-        own range. For more, each row is divided by its largest magnitude and a row holding 1
-        and -1 is added: the range is then [-1, 1] whatever the other rows hold, so a row's
-        integers, their exact int32 sums and its outputs do not depend on the rows beside it."""
+        fbgemm quantises a whole call with one range, its minimum to its maximum. For two rows
+        or more, each row is divided by its largest magnitude and two rows holding 1 and -1 are
+        added: the range is then [-1, 1] whatever the rows hold, so a row's integers, their exact
+        int32 sums and its outputs are the same beside any other rows. One row alone (a lone
+        stream's decoding step) goes in with its negation instead, a symmetric range of its own
+        without the scaling's five small operations (1.3-1.7 ms of a 12.5 ms step on
+        bench/LLAMACPP.md's model); fbgemm rounds that range's zero point to 127 or 128, so some
+        of its outputs differ from the same row's among others by an 8-bit step."""
 
         def __init__(self, weight: Any, bias: Any) -> None:  # weight: [out_features, in_features]
             super().__init__()
@@ -135,24 +146,37 @@ def _int8x8_class(torch: Any) -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 quantized = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zero_points, 0)
-            # A TorchScript object, not a tensor: the int8 weights in fbgemm's blocked layout.
+            # A TorchScript object, not a tensor (so not in state_dict): the int8 weights in
+            # fbgemm's blocked layout.
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-            anchor = torch.zeros(1, self.in_features)
-            anchor[0, :2] = torch.tensor([1.0, -1.0])
+            anchor = torch.zeros(2, self.in_features)
+            anchor[:, 0] = torch.tensor([1.0, -1.0])
             # Not persistent: precision.cast leaves such buffers in float32, where the products are.
             self.register_buffer("anchor", anchor, persistent=False)
             self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
 
         def forward(self, x: Any) -> Any:
             rows = x.reshape(-1, self.in_features)
-            if rows.shape[0] == 1:  # with its negation: the row's range made symmetric, as below
-                y = linear_dynamic(torch.cat([rows, rows.neg()]).float(), self.packed, False)[:1]
-            else:
-                peak = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-30)  # 0 for a padding row
-                y = linear_dynamic(torch.cat([rows / peak, self.anchor]), self.packed, False)[:-1] * peak
+            y = self._alone(rows) if rows.shape[0] == 1 else self._scaled(rows)
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+        def _scaled(self, rows: Any) -> Any:
+            peak = rows.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-30)  # 0 for a padding row
+            # A NaN or inf (a diverging stream) would make fbgemm's range NaN and fail the whole
+            # call: its row goes in as zeros and comes out non-finite (times its peak), which
+            # ends that stream alone.
+            scaled = torch.div(rows, peak).nan_to_num_(0.0, 0.0, 0.0)
+            return linear_dynamic(torch.cat([scaled, self.anchor]), self.packed, False)[:-2] * peak
+
+        def _alone(self, rows: Any) -> Any:
+            try:
+                return linear_dynamic(torch.cat([rows, rows.neg()]).float(), self.packed, False)[:1]
+            except RuntimeError:  # fbgemm refuses a NaN range: the row's outputs are not numbers
+                if bool(torch.isfinite(rows).all()):
+                    raise
+                return torch.full((1, self.out_features), float("nan"))
 
     return Int8x8Linear
 
