@@ -321,3 +321,36 @@ def test_one_default_number_of_new_tokens_on_every_route(generator: Server) -> N
     counts = {tgi.json()["details"]["generated_tokens"], completion.json()["usage"]["completion_tokens"],
               chat.json()["usage"]["completion_tokens"]}
     assert counts == {64}, counts
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+
+def test_a_generator_over_max_worker_memory_finishes_its_streams_then_restarts(chat_model: Path) -> None:  # noqa: F811
+    """Past --max-worker-memory (here below any model's size, so the first step passes it) the
+    worker takes no new stream, runs the one it holds to its last token, then exits and is
+    restarted at once; a batch-only limit would have let it grow while it streamed."""
+    server = Server(["--model", str(chat_model), "--max-worker-memory", "1M"]).wait_ready()
+    try:
+        old = server.worker_pid()
+        sock = _send(server.port, "/generate_stream", _long())
+        received = _read_until(sock, b"data:")  # the first token: the step that brought it said "draining"
+        refused = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                                 {"Content-Type": "application/json"})
+        assert refused.status == 503, refused.body
+        assert int(refused.headers["retry-after"]) >= 1, (refused.headers, refused.body)
+        received += _read_until(sock, b"\r\n0\r\n\r\n")  # the end of the chunked body
+        sock.close()
+        events = [json.loads(line[5:]) for line in received.decode().splitlines() if line.startswith("data:")]
+        assert len(events) == 400 and events[-1]["details"]["finish_reason"] == "length"
+        assert not [event for event in events if "error" in event]
+        server.wait_log("nothing left to generate; exiting for a clean restart")
+        wait_until(lambda: server.info()["workers"][0]["restarts"] == 1 and server.request("GET", "/ready").status == 200,
+                   60, message="the worker restarted")
+        assert server.worker_pid() != old
+        assert "max-worker-memory" in server.info()["workers"][0]["last_exit"]
+        reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                               {"Content-Type": "application/json"})
+        assert reply.status == 200, reply.body
+    finally:
+        server.stop()

@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 # The model process the front starts, named (as gunicorn names a worker class) so that the
 # front never imports model code; tests name torch-free children the same way.
 MODEL_ENTRY_POINT = "pipeserve.model_proc:main"
@@ -285,6 +285,9 @@ class Step:
 
     tokens: list[Token]
     ended: list[StreamEnd] = field(default_factory=list)
+    # The process has grown past --max-worker-memory: it takes no new sequences, and exits for
+    # a restart once those it holds have ended.
+    draining: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ an error; an out-of-memory batch is halved and the largest size that ran is repo
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -209,14 +210,27 @@ def _resolve_device(device: str, torch: Any) -> str:
 
 
 def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
-    """Answer messages; while sequences are being generated, one decoding step between reads."""
+    """Answer messages; while sequences are being generated, one decoding step between reads.
+
+    Past --max-worker-memory the process exits for a clean restart: after the batch that took it
+    there, or, while it generates, once its sequences have ended (draining: each step says so,
+    and the front sends it no new ones), so that no stream is cut short."""
     engine = call.engine(spec.max_running_sequences, spec.prefix_cache_bytes, spec.max_batch_prefill_tokens)
     return_free_memory = _free_memory_returner(spec.allocator)
+    draining = False
     while True:
+        generating = engine is not None and engine.active
+        if draining and not generating and not _pending(conn):  # a stream sent before the front knew
+            log.warning("nothing left to generate; exiting for a clean restart (--max-worker-memory)")
+            return ExitCode.MEMORY_LIMIT
         try:
             # Block for the next message only when no sequence waits for its next step.
-            if engine is not None and engine.active and not conn.poll(0):
-                _send(conn, _step(engine))
+            if generating and not conn.poll(0):
+                assert engine is not None
+                step = _step(engine)
+                if spec.max_worker_memory and not draining:
+                    draining = _over_memory(spec, rss_bytes(), "while generating")
+                _send(conn, dataclasses.replace(step, draining=True) if draining else step)
                 continue
             message = ipc.decode(conn.recv_bytes())
         except (EOFError, OSError):
@@ -239,10 +253,23 @@ def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
         except (BrokenPipeError, OSError):
             return ExitCode.PIPE_CLOSED
         return_free_memory()  # after the answer is on its way: off the request's latency
-        if spec.max_worker_memory and result.rss_bytes > spec.max_worker_memory:
-            log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB; exiting for a clean restart",
-                        result.rss_bytes >> 20, spec.max_worker_memory >> 20)
-            return ExitCode.MEMORY_LIMIT
+        # Measured as the batch ended, before the allocator returned its free memory.
+        draining = draining or _over_memory(spec, result.rss_bytes, "after a batch")  # exits above unless generating
+
+
+def _pending(conn: Any) -> bool:
+    try:
+        return bool(conn.poll(0))
+    except (EOFError, OSError):
+        return False
+
+
+def _over_memory(spec: ipc.WorkerSpec, rss: int, when: str) -> bool:
+    if not spec.max_worker_memory or rss <= spec.max_worker_memory:
+        return False
+    log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB %s; exiting for a clean restart "
+                "once no sequence is being generated", rss >> 20, spec.max_worker_memory >> 20, when)
+    return True
 
 
 def _stream_message(engine: Engine | None, message: ipc.Generate | ipc.Cancel) -> ipc.StreamEnd | None:

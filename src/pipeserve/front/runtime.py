@@ -264,7 +264,8 @@ class Runtime:
     # --- state for the HTTP layer -------------------------------------------------------------
 
     def _serving_workers(self) -> list[Any]:
-        return [s.worker for s in self.supervisors if s.serving and s.worker is not None]
+        """Workers that take new streams: ready, and not draining to return memory."""
+        return [s.worker for s in self.supervisors if s.serving and s.worker is not None and not s.worker.draining]
 
     def _serving(self, excluding: int | None = None) -> bool:
         return any(s.serving for s in self.supervisors if s.index != excluding)

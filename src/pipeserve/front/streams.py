@@ -85,8 +85,8 @@ class Streams:
         if self._closed_reason is not None:
             raise errors.Unavailable(self._closed_reason, retry_after=1)
         workers = self._serving_workers()
-        if not workers:
-            raise errors.Unavailable("the model is not available")
+        if not workers:  # loading, restarting, or draining past --max-worker-memory
+            raise errors.Unavailable("no model process is taking new streams right now", retry_after=1)
         load = {id(worker): 0 for worker in workers}
         for stream in self.open.values():
             if id(stream.worker) in load:

@@ -96,6 +96,7 @@ class WorkerProcess:
         self.started_at = 0.0
         self.ready_at: float | None = None
         self.last_heard_at = 0.0  # when the process last sent anything: streams.py watches it
+        self.draining = False  # over --max-worker-memory: it finishes its streams, then exits
         self.killed_for: str | None = None  # why the front killed it: its death is no mystery
 
     @property
@@ -229,6 +230,7 @@ class WorkerProcess:
             if not self._ready.done():
                 self._ready.set_exception(LoadFailed(message.reason, message.detail))
         elif isinstance(message, ipc.Step):
+            self.draining = self.draining or message.draining
             if self._streams is not None:
                 self._streams.deliver(message)
         elif isinstance(message, ipc.BatchResult):
