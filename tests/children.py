@@ -114,3 +114,31 @@ def ignore_shutdown(conn: Any, spec: ipc.WorkerSpec) -> None:
         if isinstance(message, ipc.Batch):
             outcomes = [ipc.Ok(text) for text in message.inputs]
             _send(conn, ipc.BatchResult(message.batch_id, outcomes, 0.001, 1))
+
+
+def model_past_its_memory_limit_once_serving(conn: Any, spec: ipc.WorkerSpec) -> None:
+    """The real model process (pipeserve.model_proc.main, a real model) whose memory reads as
+    past any --max-worker-memory once it has loaded: the drain and the restart, without growing
+    a process by gigabytes. Started through FRONT_WITH_ENTRY_POINT."""
+    from pipeserve import model_proc
+    from pipeserve.model import memory
+
+    serve = model_proc._serve
+
+    def serve_past_the_limit(conn: Any, call: Any, spec: ipc.WorkerSpec) -> int:
+        memory.rss_bytes = lambda: 1 << 50  # type: ignore[assignment]
+        return serve(conn, call, spec)
+
+    model_proc._serve = serve_past_the_limit  # type: ignore[assignment]
+    model_proc.main(conn, spec)
+
+
+def front_with_entry_point(name: str) -> list[str]:
+    """A command that runs `python -m pipeserve` with the model process `children:<name>` (run
+    with this directory on PYTHONPATH, so that the spawned process can import it)."""
+    import sys
+
+    code = ("from pipeserve import ipc; ipc.MODEL_ENTRY_POINT = " + repr(f"children:{name}") + "; "
+            "from pipeserve.front import early; early.install(); "
+            "from pipeserve.front.cli import main; raise SystemExit(main())")
+    return [sys.executable, "-c", code, "--host", "127.0.0.1", "--port", "0"]

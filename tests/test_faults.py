@@ -230,6 +230,41 @@ def test_worker_over_its_memory_limit_is_restarted_cleanly(start_server: Any) ->
     server.wait_log("restart #1 in 0.0s")
 
 
+def test_jobs_queued_behind_a_batch_past_max_worker_memory_wait_for_the_restart(start_server: Any,
+                                                                                tmp_path: Path) -> None:
+    """Past the limit the front sends the worker no further batch and retires it once its batch
+    is answered: the jobs queued behind are served by the restarted worker, none lost to the exit
+    or failed as if it had crashed."""
+    server = start_server(*ECHO, "--max-worker-memory", "700M", "--max-batch-size", "1")
+    old = server.worker_pid()
+
+    async def scenario() -> tuple[Any, Any, list[Any]]:
+        async with client_session() as session:
+            async with held_batch(session, server, tmp_path / "gate") as held:
+                over = asyncio.ensure_future(post(session, server, {"inputs": "ALLOC:800"}))
+                await eventually(lambda: counters(server)["queue_depth"] == 1, message="the allocation queued")
+                after = [asyncio.ensure_future(post(session, server, {"inputs": f"after{i}"})) for i in range(3)]
+                await eventually(lambda: counters(server)["queue_depth"] == 4, message="4 jobs queued")
+            return held.answer, await over, list(await asyncio.gather(*after))
+
+    held, over, after = asyncio.run(scenario())
+    assert held.status == 200 and over.status == 200, (held, over)
+    assert over.body["pid"] == old
+    for answer in after:
+        assert answer.status == 200, answer
+        assert answer.body["pid"] != old  # the restarted worker's
+    server.wait_log("retired by the front past --max-worker-memory")
+    server.wait_log("restart #1 in 0.0s")
+    assert server.info()["workers"][0]["restarts"] == 1
+
+
+def test_a_model_already_past_max_worker_memory_when_loaded_does_not_start(start_server: Any) -> None:
+    """Each restart would load it again and pass the limit again: it is refused with one line."""
+    server = start_server(*ECHO, "--max-worker-memory", "1M", ready=False)
+    assert server.wait_exit(60) == 3
+    assert "over --max-worker-memory 1 MiB; raise the limit" in server.log
+
+
 def test_hung_batch_is_killed_at_its_deadline_with_504(start_server: Any) -> None:
     server = start_server(*ECHO, "--batch-timeout", "1")
     old_worker = server.worker_pid()

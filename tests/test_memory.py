@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.timeout(60),
 # top, so glibc cannot shrink it on its own), then report RSS before and after the worker's trim.
 _PROBE = """
 import ctypes, os
-from pipeserve import model_proc
+from pipeserve.model import memory
 
 def rss_mib():
     with open("/proc/self/statm") as handle:
@@ -44,7 +44,7 @@ for _ in range(3000):
 for block in blocks[:-1]:
     libc.free(block)
 before = rss_mib()
-model_proc._free_memory_returner()()
+memory.free_memory_returner()()
 print(before, rss_mib())
 """
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from children import front_with_entry_point
 from conftest import Server, save_gpt2, wait_until
 from test_streaming import chat_model  # noqa: F401 - the fixture, shared
 
@@ -326,29 +327,40 @@ def test_one_default_number_of_new_tokens_on_every_route(generator: Server) -> N
 # --- memory ----------------------------------------------------------------------------------------
 
 
-def test_a_generator_over_max_worker_memory_finishes_its_streams_then_restarts(chat_model: Path) -> None:  # noqa: F811
-    """Past --max-worker-memory (here below any model's size, so the first step passes it) the
-    worker takes no new stream, runs the one it holds to its last token, then exits and is
-    restarted at once; a batch-only limit would have let it grow while it streamed."""
-    server = Server(["--model", str(chat_model), "--max-worker-memory", "1M"]).wait_ready()
+def test_a_generator_past_max_worker_memory_finishes_its_streams_then_restarts(chat_model: Path) -> None:  # noqa: F811
+    """Past --max-worker-memory while it generates (checked after every step; a batch-only check
+    let a generator grow unchecked) the worker takes no new stream, runs the one it holds to its
+    last token, and is then retired by the front and restarted at once. Its memory is read as past
+    the limit by the test's entry point around the real model process."""
+    tests = str(Path(__file__).parent)
+    server = Server(["--model", str(chat_model), "--max-worker-memory", "64G"],
+                    env={"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
+                    command=front_with_entry_point("model_past_its_memory_limit_once_serving")).wait_ready()
     try:
         old = server.worker_pid()
         sock = _send(server.port, "/generate_stream", _long())
         received = _read_until(sock, b"data:")  # the first token: the step that brought it said "draining"
+        assert server.info()["workers"][0]["draining"] is True
         refused = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
                                  {"Content-Type": "application/json"})
         assert refused.status == 503, refused.body
-        assert int(refused.headers["retry-after"]) >= 1, (refused.headers, refused.body)
-        received += _read_until(sock, b"\r\n0\r\n\r\n")  # the end of the chunked body
+        assert "no model process is taking new streams" in refused.json()["error"]
+        assert int(refused.headers["retry-after"]) >= 1
+        while b"\r\n0\r\n\r\n" not in received:  # to the end of the chunked body
+            chunk = sock.recv(65536)
+            assert chunk, received[-300:]
+            received += chunk
         sock.close()
         events = [json.loads(line[5:]) for line in received.decode().splitlines() if line.startswith("data:")]
         assert len(events) == 400 and events[-1]["details"]["finish_reason"] == "length"
         assert not [event for event in events if "error" in event]
-        server.wait_log("nothing left to generate; exiting for a clean restart")
+        server.wait_log("retired by the front past --max-worker-memory")
+        server.wait_log("restart #1 in 0.0s")
         wait_until(lambda: server.info()["workers"][0]["restarts"] == 1 and server.request("GET", "/ready").status == 200,
                    60, message="the worker restarted")
-        assert server.worker_pid() != old
-        assert "max-worker-memory" in server.info()["workers"][0]["last_exit"]
+        worker = server.info()["workers"][0]
+        assert worker["pid"] != old and worker["draining"] is False
+        assert "max-worker-memory" in worker["last_exit"]
         reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
                                {"Content-Type": "application/json"})
         assert reply.status == 200, reply.body

@@ -4,12 +4,12 @@ This is the only pipeserve module that both processes import (besides the stdlib
 and it imports nothing of either side: the front can read it without loading model code, and
 the model process without loading aiohttp.
 
-Messages form a closed set: the front sends `Batch`, `Generate`, `Cancel` and `Shutdown`; the
-model process sends `Ready` (after loading and warming up), `BatchResult` (one per `Batch`),
-`Step` (one per decoding step while sequences are generated: their new tokens and ends) and
-`Fatal` (when it cannot load). Errors cross as data (an `ErrorKind` and a safe message), never as pickled
-exceptions; outputs cross as plain Python and numpy values, so unpickling them in the front
-never imports torch.
+Messages form a closed set: the front sends `Batch`, `Generate`, `Cancel`, `Shutdown` and
+`Retire` (past --max-worker-memory); the model process sends `Ready` (after loading and warming
+up), `BatchResult` (one per `Batch`), `Step` (one per decoding step while sequences are
+generated: their new tokens and ends) and `Fatal` (when it cannot load). Errors cross as data
+(an `ErrorKind` and a safe message), never as pickled exceptions; outputs cross as plain Python
+and numpy values, so unpickling them in the front never imports torch.
 
 Frames use the wire format of `multiprocess.connection.Connection.send_bytes` (a 4-byte
 big-endian signed length, or -1 and an 8-byte length for frames over 2 GiB): the model process
@@ -285,14 +285,21 @@ class Step:
 
     tokens: list[Token]
     ended: list[StreamEnd] = field(default_factory=list)
-    # The process has grown past --max-worker-memory: it takes no new sequences, and exits for
-    # a restart once those it holds have ended.
+    # The process has grown past --max-worker-memory: the front sends it no new sequence, and
+    # `Retire` once it holds none.
     draining: bool = False
 
 
 @dataclass(frozen=True)
 class Shutdown:
     """Finish nothing more and exit 0."""
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Exit with MEMORY_LIMIT, for a restart, once no sequence is being generated. The front
+    sends it to a process past --max-worker-memory when that process holds no stream and no
+    batch of its: the pipe is ordered, so everything sent before it is served first."""
 
 
 @dataclass(frozen=True)
@@ -303,9 +310,9 @@ class Fatal:
     detail: str = field(default="", repr=False)  # the traceback, for --log-level debug
 
 
-ToWorker = Batch | Generate | Cancel | Shutdown
+ToWorker = Batch | Generate | Cancel | Shutdown | Retire
 FromWorker = Ready | BatchResult | Step | Fatal
-_MESSAGE_TYPES = (Ready, Batch, BatchResult, Generate, Cancel, Step, Shutdown, Fatal)
+_MESSAGE_TYPES = (Ready, Batch, BatchResult, Generate, Cancel, Step, Shutdown, Retire, Fatal)
 
 
 class ProtocolError(Exception):

@@ -16,12 +16,12 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from pipeserve import ipc, logs
 from pipeserve.ipc import ErrorKind, ExitCode
-from pipeserve.model import loading, media, precision
+from pipeserve.model import loading, media, memory, precision
 from pipeserve.model.adapters import BatchCall
 from pipeserve.model.generation import Engine
 
@@ -95,31 +95,6 @@ def _bound_shape_caches(environ: MutableMapping[str, str]) -> None:
         environ.setdefault(name, value)
 
 
-def _free_memory_returner(allocator: str = "glibc") -> Callable[[], None]:
-    """glibc's malloc_trim: give the heap's free pages back to the kernel after each batch.
-
-    Activations and outputs change size with every batch's shape; freed, they leave holes in
-    glibc's heap that RSS keeps (its mmap threshold also climbs as big blocks are freed, so ever
-    more of them land there): RSS climbed 477 -> 968 MiB over 154 batches here. Trimming keeps
-    it flat, at a price: the next batch faults the pages back in (~6 % of bf16 batch throughput
-    against the same caches untrimmed; trimming only once over 64 MiB lay free cost as much, over
-    256 MiB ~1 % less but RSS swung by 250 MiB). A fixed mmap threshold cost up to 20 %.
-    tcmalloc, which the front preloads where installed, needs none of this (bench/MEMORY.md).
-    """
-    if allocator != "glibc":
-        return lambda: None
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators behave otherwise
-        return lambda: None
-    trim.argtypes = [ctypes.c_size_t]
-
-    def return_free_memory() -> None:
-        trim(0)
-
-    return return_free_memory
-
-
 def _volunteer_for_oom_killer() -> None:
     """Raise our oom_score_adj so the kernel's OOM killer picks the model process, not the front."""
     try:
@@ -141,12 +116,7 @@ def _yield_cpu_to_the_front() -> None:
         log.debug("could not lower the worker's CPU priority")
 
 
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+
 
 
 def _send(conn: Any, message: ipc.FromWorker) -> None:
@@ -189,6 +159,7 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
     )
     log.info("loaded %s (%s) on %s in %s in %.1fs%s; allocator %s", spec.model or spec.pipeline, call.task,
              device, chosen.dtype, ready.load_seconds, _precision_note(chosen), spec.allocator)
+    memory.fits_limit(spec)
     return call, ready
 
 
@@ -212,16 +183,17 @@ def _resolve_device(device: str, torch: Any) -> str:
 def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
     """Answer messages; while sequences are being generated, one decoding step between reads.
 
-    Past --max-worker-memory the process exits for a clean restart: after the batch that took it
-    there, or, while it generates, once its sequences have ended (draining: each step says so,
-    and the front sends it no new ones), so that no stream is cut short."""
+    Past --max-worker-memory (measured after each batch and each decoding step) the process
+    drains: its steps say so, the front sends it no new work, and once it holds none the front
+    sends `Retire`; it exits for a clean restart when nothing is left to generate. The front
+    decides when: a stream or batch it sent before it knew is served, not lost to the exit."""
     engine = call.engine(spec.max_running_sequences, spec.prefix_cache_bytes, spec.max_batch_prefill_tokens)
-    return_free_memory = _free_memory_returner(spec.allocator)
-    draining = False
+    return_free_memory = memory.free_memory_returner(spec.allocator)
+    draining = retiring = False
     while True:
         generating = engine is not None and engine.active
-        if draining and not generating and not _pending(conn):  # a stream sent before the front knew
-            log.warning("nothing left to generate; exiting for a clean restart (--max-worker-memory)")
+        if retiring and not generating:
+            log.warning("retired by the front past --max-worker-memory; exiting for a clean restart")
             return ExitCode.MEMORY_LIMIT
         try:
             # Block for the next message only when no sequence waits for its next step.
@@ -229,7 +201,7 @@ def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
                 assert engine is not None
                 step = _step(engine)
                 if spec.max_worker_memory and not draining:
-                    draining = _over_memory(spec, rss_bytes(), "while generating")
+                    draining = memory.over_limit(spec, return_free_memory)
                 _send(conn, dataclasses.replace(step, draining=True) if draining else step)
                 continue
             message = ipc.decode(conn.recv_bytes())
@@ -239,10 +211,13 @@ def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
         if isinstance(message, ipc.Shutdown):
             log.info("shutdown requested")
             return ExitCode.OK
+        if isinstance(message, ipc.Retire):
+            retiring = True
+            continue
         if isinstance(message, (ipc.Generate, ipc.Cancel)):
             ended = _stream_message(engine, message)
             if ended is not None:
-                _send(conn, ipc.Step([], [ended]))
+                _send(conn, ipc.Step([], [ended], draining=draining))
             continue
         if not isinstance(message, ipc.Batch):
             log.error("unexpected message %s", type(message).__name__)
@@ -253,23 +228,11 @@ def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
         except (BrokenPipeError, OSError):
             return ExitCode.PIPE_CLOSED
         return_free_memory()  # after the answer is on its way: off the request's latency
-        # Measured as the batch ended, before the allocator returned its free memory.
-        draining = draining or _over_memory(spec, result.rss_bytes, "after a batch")  # exits above unless generating
-
-
-def _pending(conn: Any) -> bool:
-    try:
-        return bool(conn.poll(0))
-    except (EOFError, OSError):
-        return False
-
-
-def _over_memory(spec: ipc.WorkerSpec, rss: int, when: str) -> bool:
-    if not spec.max_worker_memory or rss <= spec.max_worker_memory:
-        return False
-    log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB %s; exiting for a clean restart "
-                "once no sequence is being generated", rss >> 20, spec.max_worker_memory >> 20, when)
-    return True
+        # The front reads the same figure (result.rss_bytes, measured as the batch ended) the same way.
+        if spec.max_worker_memory and result.rss_bytes > spec.max_worker_memory and not draining:
+            draining = True
+            log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB after a batch; draining for a restart",
+                        result.rss_bytes >> 20, spec.max_worker_memory >> 20)
 
 
 def _stream_message(engine: Engine | None, message: ipc.Generate | ipc.Cancel) -> ipc.StreamEnd | None:
@@ -342,7 +305,7 @@ def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
         compute_seconds=time.monotonic() - started,
         pipeline_calls=calls,
         fits_batch_size=(largest_fit or 1) if oom_seen else None,
-        rss_bytes=rss_bytes(),
+        rss_bytes=memory.rss_bytes(),
     )
 
 

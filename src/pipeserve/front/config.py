@@ -148,8 +148,8 @@ class Config:
         60.0, parsers.positive_float, "Window in seconds for --max-restarts.", "S")
     max_worker_memory: int | None = setting(
         None, parsers.optional_size,
-        "Restart a worker cleanly once its RSS exceeds this (e.g. 4G): after the batch that passed "
-        "it, or once the streams it is generating have ended (it takes no new ones meanwhile).", "SIZE",
+        "Restart a worker cleanly once its RSS exceeds this (e.g. 4G), read after every batch and "
+        "decoding step: it takes no new work and finishes what it holds first.", "SIZE",
         shown="no limit")
     allocator: str = setting(
         "auto", parsers.choice(*allocator.CHOICES),

@@ -53,6 +53,8 @@ class Dispatcher:
         self.completed = 0
         while True:
             _raise_if_cancelled()
+            if worker.draining:  # past --max-worker-memory: no more batches; it is retired when idle
+                return await asyncio.shield(worker.exited)
             next_batch = asyncio.ensure_future(self.batcher.next_batch(self._batch_limit()))
             waiters: set[asyncio.Future[Any]] = {next_batch, worker.exited}
             try:

@@ -166,12 +166,13 @@ class Supervisor:
         self.state = WorkerState.RESTARTING
         self.last_exit = died.cause
         log.warning("%s pid=%s died: %s", self.name, worker.pid, died.cause)
-        if not self._others_serving():
+        planned = died.exitcode == ExitCode.MEMORY_LIMIT
+        # Queued jobs wait for a planned restart (a reload, bounded by their own deadlines).
+        if not planned and not self._others_serving():
             failed = self.batcher.fail_queued(
                 lambda: errors.WorkerCrashed("the model process is restarting", retry_after=self.retry_after()))
             if failed:
                 log.warning("answered %d queued jobs with 503 while the worker restarts", failed)
-        planned = died.exitcode == ExitCode.MEMORY_LIMIT
         now = time.monotonic()
         # A crash loop is a worker that cannot stay up: it died loading, or before it finished
         # one batch since it became ready. A worker killed after serving is restarted every time.
@@ -221,6 +222,7 @@ class Supervisor:
             if worker and self.serving else None,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
+            "draining": bool(worker and worker.draining),  # past --max-worker-memory, to be restarted
             "threads": self.spec.threads,
         }
 

@@ -96,7 +96,8 @@ class WorkerProcess:
         self.started_at = 0.0
         self.ready_at: float | None = None
         self.last_heard_at = 0.0  # when the process last sent anything: streams.py watches it
-        self.draining = False  # over --max-worker-memory: it finishes its streams, then exits
+        self.draining = False  # over --max-worker-memory: no new work; Retire once it holds none
+        self._retiring: asyncio.Task[None] | None = None
         self.killed_for: str | None = None  # why the front killed it: its death is no mystery
 
     @property
@@ -160,12 +161,31 @@ class WorkerProcess:
             raise await asyncio.shield(self.exited) from None
         finally:
             self._pending = None
+            self.retire_when_idle()
 
     async def send(self, message: ipc.Generate | ipc.Cancel) -> None:
         """Send a stream message; ConnectionError when the worker is gone."""
         if self._writer is None or self.exited is None or self.exited.done():
             raise ConnectionError("the model process has exited")
         await ipc.write_message(self._writer, message)
+
+    def retire_when_idle(self) -> None:
+        """Past --max-worker-memory, send Retire once no batch and no open stream of this process
+        is left (called whenever one ends): everything sent before it is served first."""
+        if not self.draining or self._retiring is not None or self._pending is not None:
+            return
+        if self._streams is not None and self._streams.held_by(self):
+            return
+        log.info("%s pid=%s: past --max-worker-memory and idle; retiring it", self.spec.worker_name, self.pid)
+        self._retiring = asyncio.ensure_future(self._send_retire())
+
+    async def _send_retire(self) -> None:
+        if self._writer is None:
+            return
+        try:
+            await ipc.write_message(self._writer, ipc.Retire())
+        except (ConnectionError, OSError):
+            pass  # gone already: its death is reported as any other
 
     def kill(self, reason: str) -> None:
         """SIGKILL the process, remembering why: its death is then reported as the front's doing."""
@@ -233,7 +253,10 @@ class WorkerProcess:
             self.draining = self.draining or message.draining
             if self._streams is not None:
                 self._streams.deliver(message)
+            self.retire_when_idle()
         elif isinstance(message, ipc.BatchResult):
+            limit = self.spec.max_worker_memory
+            self.draining = self.draining or bool(limit and message.rss_bytes > limit)  # as the process reads it
             if self._pending and self._pending[0] == message.batch_id and not self._pending[1].done():
                 self._pending[1].set_result(message)
             else:
