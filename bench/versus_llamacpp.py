@@ -435,6 +435,10 @@ def main() -> None:
     command = " ".join([".venv/bin/python", "bench/versus_llamacpp.py", *sys.argv[1:]])
     output.parent.mkdir(parents=True, exist_ok=True)
     text = render(results, facts, command, warmup, seconds, slot)
+    # The hand-written reading is kept, marked as an earlier run's, for its author to rewrite.
+    reading = output.read_text().partition("\n## Reading")[2] if output.exists() else ""
+    if reading:
+        text += f"\n## Reading\n\n**Written for an earlier run: the tables above are new; rewrite this.**\n{reading}"
     output.write_text(text)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / ("results-quick.json" if args.quick else "results.json")).write_text(

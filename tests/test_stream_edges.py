@@ -344,8 +344,10 @@ def test_a_generator_past_max_worker_memory_finishes_its_streams_then_restarts(c
         refused = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
                                  {"Content-Type": "application/json"})
         assert refused.status == 503, refused.body
-        assert "no model process is taking new streams" in refused.json()["error"]
+        assert "restarting to return memory" in refused.json()["error"]
         assert int(refused.headers["retry-after"]) >= 1
+        ready = server.request("GET", "/ready")
+        assert ready.status == 503 and ready.json()["reason"] == "recycling"  # a load balancer looks elsewhere
         while b"\r\n0\r\n\r\n" not in received:  # to the end of the chunked body
             chunk = sock.recv(65536)
             assert chunk, received[-300:]
@@ -362,6 +364,27 @@ def test_a_generator_past_max_worker_memory_finishes_its_streams_then_restarts(c
         assert worker["pid"] != old and worker["draining"] is False
         assert "max-worker-memory" in worker["last_exit"]
         reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                               {"Content-Type": "application/json"})
+        assert reply.status == 200, reply.body
+    finally:
+        server.stop()
+
+
+def test_a_generator_killed_after_streaming_is_restarted_every_time(chat_model: Path) -> None:  # noqa: F811
+    """A worker that served and was then killed (the OOM killer, an operator) is not a crash loop,
+    whether it served batches or streams: two kills past --max-restarts 1 leave the server up.
+    Streams used to count for nothing, so a generator's second kill ended the server."""
+    server = Server(["--model", str(chat_model), "--max-restarts", "1", "--restart-window", "300"]).wait_ready()
+    try:
+        for kill in range(1, 3):
+            reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 3}}),
+                                   {"Content-Type": "application/json"})
+            assert reply.status == 200, reply.body
+            os.kill(server.worker_pid(), signal.SIGKILL)
+            wait_until(lambda kill=kill: server.info()["workers"][0]["restarts"] == kill
+                       and server.request("GET", "/ready").status == 200, 60, message=f"restart #{kill}")
+        assert server.process.poll() is None and "giving up" not in server.log
+        reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 3}}),
                                {"Content-Type": "application/json"})
         assert reply.status == 200, reply.body
     finally:

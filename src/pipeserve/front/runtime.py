@@ -35,6 +35,7 @@ _UNAVAILABLE_MESSAGES = {
     "draining": "the server is shutting down",
     "loading": "the model is loading",
     "restarting": "the model process is restarting",
+    "recycling": "the model process is restarting to return memory (--max-worker-memory)",
 }
 
 
@@ -279,7 +280,8 @@ class Runtime:
         if self.draining:
             return "draining"
         if self._serving():
-            return None
+            # Every serving worker past --max-worker-memory: a restart under way, as for a load balancer.
+            return None if self._serving_workers() else "recycling"
         states = {s.state for s in self.supervisors}
         for state in (WorkerState.RESTARTING, WorkerState.LOADING, WorkerState.FAILED,
                       WorkerState.STOPPED):

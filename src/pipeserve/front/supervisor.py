@@ -175,8 +175,9 @@ class Supervisor:
                 log.warning("answered %d queued jobs with 503 while the worker restarts", failed)
         now = time.monotonic()
         # A crash loop is a worker that cannot stay up: it died loading, or before it finished
-        # one batch since it became ready. A worker killed after serving is restarted every time.
-        looping = worker.ready_at is None or self.dispatcher.completed == 0
+        # one batch or generated one token since it became ready. A worker killed after serving
+        # (batches or streams) is restarted every time.
+        looping = worker.ready_at is None or (self.dispatcher.completed == 0 and worker.steps == 0)
         if not planned:
             if looping and self._crash_loop(now):
                 return False

@@ -96,6 +96,7 @@ class WorkerProcess:
         self.started_at = 0.0
         self.ready_at: float | None = None
         self.last_heard_at = 0.0  # when the process last sent anything: streams.py watches it
+        self.steps = 0  # decoding steps that brought tokens: generation it served
         self.draining = False  # over --max-worker-memory: no new work; Retire once it holds none
         self._retiring: asyncio.Task[None] | None = None
         self.killed_for: str | None = None  # why the front killed it: its death is no mystery
@@ -250,6 +251,7 @@ class WorkerProcess:
             if not self._ready.done():
                 self._ready.set_exception(LoadFailed(message.reason, message.detail))
         elif isinstance(message, ipc.Step):
+            self.steps += bool(message.tokens)
             self.draining = self.draining or message.draining
             if self._streams is not None:
                 self._streams.deliver(message)
