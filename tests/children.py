@@ -1,4 +1,5 @@
-"""Small torch-free model processes for the in-process supervisor tests.
+"""Small torch-free model processes for the in-process supervisor tests, and one wrapper of the
+real model process (for a server test, through `front_with_entry_point`).
 
 Each is an entry point the front can start by name (`children:<name>`), speaking the real pipe
 protocol over the real Connection; each misbehaves in one way a model process can. Gates are
@@ -123,13 +124,22 @@ def model_past_its_memory_limit_once_serving(conn: Any, spec: ipc.WorkerSpec) ->
     from pipeserve import model_proc
     from pipeserve.model import memory
 
-    serve = model_proc._serve
+    serve, step = model_proc._serve, model_proc._step
+    steps = 0
 
     def serve_past_the_limit(conn: Any, call: Any, spec: ipc.WorkerSpec) -> int:
         memory.rss_bytes = lambda: 1 << 50  # type: ignore[assignment]
         return serve(conn, call, spec)
 
+    def step_after_the_gate(engine: Any) -> ipc.Step:  # the first step, then none until the gate opens
+        nonlocal steps
+        steps += 1
+        if steps == 2 and GATE_ENV in os.environ:
+            _wait_for_gate()
+        return step(engine)
+
     model_proc._serve = serve_past_the_limit  # type: ignore[assignment]
+    model_proc._step = step_after_the_gate  # type: ignore[assignment]
     model_proc.main(conn, spec)
 
 

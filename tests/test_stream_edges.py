@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from children import front_with_entry_point
+from children import GATE_ENV, front_with_entry_point
 from conftest import Server, save_gpt2, wait_until
 from test_streaming import chat_model  # noqa: F401 - the fixture, shared
 
@@ -327,14 +327,14 @@ def test_one_default_number_of_new_tokens_on_every_route(generator: Server) -> N
 # --- memory ----------------------------------------------------------------------------------------
 
 
-def test_a_generator_past_max_worker_memory_finishes_its_streams_then_restarts(chat_model: Path) -> None:  # noqa: F811
+def test_a_generator_past_max_worker_memory_finishes_its_streams_then_restarts(
+        chat_model: Path, tmp_path: Path) -> None:  # noqa: F811
     """Past --max-worker-memory while it generates (checked after every step; a batch-only check
     let a generator grow unchecked) the worker takes no new stream, runs the one it holds to its
     last token, and is then retired by the front and restarted at once. Its memory is read as past
     the limit by the test's entry point around the real model process."""
-    tests = str(Path(__file__).parent)
-    server = Server(["--model", str(chat_model), "--max-worker-memory", "64G"],
-                    env={"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
+    gate = tmp_path / "steps"
+    server = Server(["--model", str(chat_model), "--max-worker-memory", "64G"], env={GATE_ENV: str(gate)},
                     command=front_with_entry_point("model_past_its_memory_limit_once_serving")).wait_ready()
     try:
         old = server.worker_pid()
@@ -348,6 +348,7 @@ def test_a_generator_past_max_worker_memory_finishes_its_streams_then_restarts(c
         assert int(refused.headers["retry-after"]) >= 1
         ready = server.request("GET", "/ready")
         assert ready.status == 503 and ready.json()["reason"] == "recycling"  # a load balancer looks elsewhere
+        gate.touch()  # the worker's steps after its first wait for this: the stream was held until now
         while b"\r\n0\r\n\r\n" not in received:  # to the end of the chunked body
             chunk = sock.recv(65536)
             assert chunk, received[-300:]

@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 # The model process the front starts, named (as gunicorn names a worker class) so that the
 # front never imports model code; tests name torch-free children the same way.
 MODEL_ENTRY_POINT = "pipeserve.model_proc:main"
@@ -134,6 +134,9 @@ class WorkerSpec:
     threads: int
     max_worker_memory: int | None
     log_level: str
+    # False on a restart: a reload measured a little over --max-worker-memory is drained and
+    # restarted again (a crash loop if it never serves), not a reason to stop serving.
+    first_start: bool = True
     log_format: str = "text"
     worker_index: int = 0
     worker_name: str = "worker[0]"  # how logs name it: worker[i], or MODEL/worker[i] with several models

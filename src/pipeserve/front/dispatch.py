@@ -53,7 +53,7 @@ class Dispatcher:
         self.completed = 0
         while True:
             _raise_if_cancelled()
-            if worker.draining:  # past --max-worker-memory: no more batches; it is retired when idle
+            if not worker.takes_new_work():  # past --max-worker-memory: it is retired when idle
                 return await asyncio.shield(worker.exited)
             next_batch = asyncio.ensure_future(self.batcher.next_batch(self._batch_limit()))
             waiters: set[asyncio.Future[Any]] = {next_batch, worker.exited}
@@ -69,6 +69,9 @@ class Dispatcher:
                     self.batcher.requeue(next_batch.result())  # formed but never sent
             if worker.exited.done():
                 return worker.exited.result()
+            if not worker.takes_new_work():  # became so while the batch formed: it may be retired already
+                self.batcher.requeue(next_batch.result())
+                return await asyncio.shield(worker.exited)
             died = await self._run(worker, next_batch.result(), on_kill)
             if died is not None:
                 return died

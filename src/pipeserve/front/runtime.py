@@ -320,6 +320,8 @@ class Runtime:
             return f"restarting worker (restarts {restarts})"
         if reason == "draining":
             return f"draining: queue {self.batcher.depth}, in flight {self.batcher.in_flight}"
+        if reason == "recycling":
+            return f"recycling workers past --max-worker-memory: queue {self.batcher.depth}, restarts {restarts}"
         return reason
 
     def info(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ backoff, giving up (telling the runtime to exit) on a crash loop or a load failu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -126,7 +127,8 @@ class Supervisor:
         first = True
         while not self.stopping():
             self.state = WorkerState.LOADING if first else WorkerState.RESTARTING
-            worker = WorkerProcess(self.spec, self._context, self._entry_point, self._streams)
+            spec = self.spec if first else dataclasses.replace(self.spec, first_start=False)
+            worker = WorkerProcess(spec, self._context, self._entry_point, self._streams)
             self.worker = worker
             try:
                 ready = await worker.start(self.config.load_timeout)
@@ -175,9 +177,9 @@ class Supervisor:
                 log.warning("answered %d queued jobs with 503 while the worker restarts", failed)
         now = time.monotonic()
         # A crash loop is a worker that cannot stay up: it died loading, or before it finished
-        # one batch or generated one token since it became ready. A worker killed after serving
-        # (batches or streams) is restarted every time.
-        looping = worker.ready_at is None or (self.dispatcher.completed == 0 and worker.steps == 0)
+        # one batch or ended one stream well since it became ready (a stream that kills it at its
+        # tenth token serves nothing). A worker killed after serving is restarted every time.
+        looping = worker.ready_at is None or (self.dispatcher.completed == 0 and worker.served_streams == 0)
         if not planned:
             if looping and self._crash_loop(now):
                 return False

@@ -96,7 +96,7 @@ class WorkerProcess:
         self.started_at = 0.0
         self.ready_at: float | None = None
         self.last_heard_at = 0.0  # when the process last sent anything: streams.py watches it
-        self.steps = 0  # decoding steps that brought tokens: generation it served
+        self.served_streams = 0  # streams it ended without an error: generation it served
         self.draining = False  # over --max-worker-memory: no new work; Retire once it holds none
         self._retiring: asyncio.Task[None] | None = None
         self.killed_for: str | None = None  # why the front killed it: its death is no mystery
@@ -170,10 +170,16 @@ class WorkerProcess:
             raise ConnectionError("the model process has exited")
         await ipc.write_message(self._writer, message)
 
+    def takes_new_work(self) -> bool:
+        """False once past --max-worker-memory (a method: the flag changes across awaits)."""
+        return not self.draining
+
     def retire_when_idle(self) -> None:
         """Past --max-worker-memory, send Retire once no batch and no open stream of this process
         is left (called whenever one ends): everything sent before it is served first."""
         if not self.draining or self._retiring is not None or self._pending is not None:
+            return
+        if self.exited is None or self.exited.done():
             return
         if self._streams is not None and self._streams.held_by(self):
             return
@@ -251,7 +257,7 @@ class WorkerProcess:
             if not self._ready.done():
                 self._ready.set_exception(LoadFailed(message.reason, message.detail))
         elif isinstance(message, ipc.Step):
-            self.steps += bool(message.tokens)
+            self.served_streams += sum(end.error is None for end in message.ended)
             self.draining = self.draining or message.draining
             if self._streams is not None:
                 self._streams.deliver(message)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from pipeserve import ipc
@@ -49,7 +50,7 @@ def rss_bytes() -> int:
 def fits_limit(spec: ipc.WorkerSpec) -> None:
     """A loaded model already past --max-worker-memory would be restarted after every batch or
     stream, and each restart loads it again: refuse to start instead."""
-    if not spec.max_worker_memory:
+    if not spec.max_worker_memory or not spec.first_start:
         return
     free_memory_returner(spec.allocator)()
     rss = rss_bytes()
@@ -58,15 +59,24 @@ def fits_limit(spec: ipc.WorkerSpec) -> None:
                          f"{spec.max_worker_memory >> 20} MiB; raise the limit")
 
 
+# Past the limit untrimmed but not trimmed, a process would trim (and fault the pages back in)
+# every step; within this long of a trim, a reading past the limit is believed as it is.
+TRIM_INTERVAL_S = 1.0
+_last_trim = [float("-inf")]
+
+
 def over_limit(spec: ipc.WorkerSpec, return_free_memory: Callable[[], None]) -> bool:
     """Past --max-worker-memory while generating, after returning what the allocator holds free
     (glibc keeps freed buffers of finished sequences until trimmed; measured first without it,
     which costs one read of /proc a step)."""
     assert spec.max_worker_memory
-    if rss_bytes() <= spec.max_worker_memory:
-        return False
-    return_free_memory()
     rss = rss_bytes()
+    if rss <= spec.max_worker_memory:
+        return False
+    if time.monotonic() - _last_trim[0] >= TRIM_INTERVAL_S:
+        return_free_memory()
+        _last_trim[0] = time.monotonic()
+        rss = rss_bytes()
     if rss <= spec.max_worker_memory:
         return False
     log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB while generating; draining for a restart",
