@@ -261,3 +261,40 @@ def test_backoff_doubles_to_its_ceiling_and_resets() -> None:
 @pytest.fixture(autouse=True)
 def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="pipeserve")
+
+
+class _DrainingWorker:
+    """Just what Dispatcher.serve reads of a worker: one that turns draining (past
+    --max-worker-memory) while the dispatcher waits for its next batch."""
+
+    pid = 1
+
+    def __init__(self) -> None:
+        self.exited: asyncio.Future[WorkerDied] = asyncio.get_running_loop().create_future()
+        self.draining = False
+        self.sent: list[Any] = []
+
+    def takes_new_work(self) -> bool:
+        return not self.draining
+
+    async def run(self, batch: Any, timeout: float) -> Any:
+        self.sent.append(batch)
+        raise AssertionError("a batch was sent to a draining worker")
+
+
+async def test_a_batch_formed_as_its_worker_turns_draining_goes_back_to_the_queue() -> None:
+    """The front may have sent Retire already: a batch written after it would be lost to the
+    exit and answered as a crash. It waits in the queue for the restarted worker instead."""
+    batcher = Batcher(max_batch_size=4, max_batch_delay_s=0, max_queue=100)
+    dispatcher = Dispatcher(0, batcher, 4, WAIT_S, lambda: 1)
+    worker = _DrainingWorker()
+    serving = asyncio.ensure_future(dispatcher.serve(worker, lambda: None))  # type: ignore[arg-type]
+    for _ in range(5):
+        await asyncio.sleep(0)  # the dispatcher now waits for a batch
+    worker.draining = True  # a Step said so meanwhile
+    batcher.submit(["queued"], {}, "{}", "req", FAR)
+    await poll(lambda: batcher.depth == 1 and batcher.in_flight == 0 and not serving.done())
+    assert worker.sent == []
+    worker.exited.set_result(WorkerDied("retired", ExitCode.MEMORY_LIMIT))
+    assert (await asyncio.wait_for(serving, WAIT_S)).exitcode == ExitCode.MEMORY_LIMIT
+    assert [job.input for job in await batcher.next_batch()] == ["queued"]
