@@ -348,6 +348,8 @@ def test_a_generator_past_max_worker_memory_finishes_its_streams_then_restarts(
         assert int(refused.headers["retry-after"]) >= 1
         ready = server.request("GET", "/ready")
         assert ready.status == 503 and ready.json()["reason"] == "recycling"  # a load balancer looks elsewhere
+        metrics = server.request("GET", "/metrics").body.decode()
+        assert re.search(r'^pipeserve_worker_draining\{[^}]*worker="0"\} 1\.0$', metrics, re.M), metrics
         gate.touch()  # the worker's steps after its first wait for this: the stream was held until now
         while b"\r\n0\r\n\r\n" not in received:  # to the end of the chunked body
             chunk = sock.recv(65536)
@@ -363,6 +365,8 @@ def test_a_generator_past_max_worker_memory_finishes_its_streams_then_restarts(
                    60, message="the worker restarted")
         worker = server.info()["workers"][0]
         assert worker["pid"] != old and worker["draining"] is False
+        assert re.search(r'^pipeserve_worker_draining\{[^}]*worker="0"\} 0\.0$',
+                         server.request("GET", "/metrics").body.decode(), re.M)
         assert "max-worker-memory" in worker["last_exit"]
         reply = server.request("POST", "/generate", json.dumps({"inputs": "the", "parameters": {"max_new_tokens": 2}}),
                                {"Content-Type": "application/json"})

@@ -147,6 +147,8 @@ class _StateCollector(Collector):
         batches = family(CounterMetricFamily, "pipeserve_batches", "Batches completed.")
         restarts = family(CounterMetricFamily, "pipeserve_worker_restarts", "Model process restarts.", "worker")
         up = family(GaugeMetricFamily, "pipeserve_worker_up", "1 while the worker is loaded and serving.", "worker")
+        draining = family(GaugeMetricFamily, "pipeserve_worker_draining",
+                          "1 while the worker finishes its work before a restart past --max-worker-memory.", "worker")
         load = family(GaugeMetricFamily, "pipeserve_model_load_seconds",
                       "How long the worker took to load and warm up.", "worker")
         loaded = family(GaugeMetricFamily, "pipeserve_model_loaded", "1 while the model is loaded (its processes up).")
@@ -164,8 +166,11 @@ class _StateCollector(Collector):
                 label = [name, str(supervisor.index)]
                 restarts.add_metric(label, supervisor.restarts)
                 up.add_metric(label, 1.0 if supervisor.serving else 0.0)
+                worker = supervisor.worker
+                past_limit = supervisor.serving and worker is not None and not worker.takes_new_work()
+                draining.add_metric(label, 1.0 if past_limit else 0.0)
                 if supervisor.ready is not None:
                     load.add_metric(label, supervisor.ready.load_seconds)
-        yield from (loaded, depth, in_flight, sequences, dropped, refused, batches, restarts, up, load)
+        yield from (loaded, depth, in_flight, sequences, dropped, refused, batches, restarts, up, draining, load)
         yield GaugeMetricFamily("pipeserve_uptime_seconds", "Seconds since the front started.",
                                 value=time.time() - self.started_at)

@@ -137,7 +137,7 @@ class Runtime:
     def _supervisors(self, entry_point: str, worker_allocator: str, log_name: str,
                      on_batch: Any) -> list[Supervisor]:
         return [Supervisor(index, self.config, self.model, self.batcher, self._give_up,
-                           functools.partial(self._serving, excluding=index),
+                           functools.partial(self._taking_work, excluding=index),
                            on_batch=on_batch, on_change=self._worker_changed, entry_point=entry_point,
                            streams=self.streams, allocator=worker_allocator, log_name=log_name)
                 for index in range(self.config.worker_count())]
@@ -270,6 +270,11 @@ class Runtime:
 
     def _serving(self, excluding: int | None = None) -> bool:
         return any(s.serving for s in self.supervisors if s.index != excluding)
+
+    def _taking_work(self, excluding: int | None = None) -> bool:
+        """Another worker serving and not draining: the queue still drains while one restarts."""
+        return any(s.serving and s.worker is not None and s.worker.takes_new_work()
+                   for s in self.supervisors if s.index != excluding)
 
     def unavailable_reason(self) -> str | None:
         """Why /ready is 503 (and new work is refused), or None when serving."""
