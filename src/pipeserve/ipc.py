@@ -134,8 +134,8 @@ class WorkerSpec:
     threads: int
     max_worker_memory: int | None
     log_level: str
-    # False on a restart: a reload measured a little over --max-worker-memory is drained and
-    # restarted again (a crash loop if it never serves), not a reason to stop serving.
+    # False on a restart: a reload measured a little over --max-worker-memory serves, drains
+    # after its first batch or step and is restarted again; it is no reason to stop serving.
     first_start: bool = True
     log_format: str = "text"
     worker_index: int = 0

@@ -116,9 +116,6 @@ def _yield_cpu_to_the_front() -> None:
         log.debug("could not lower the worker's CPU priority")
 
 
-
-
-
 def _send(conn: Any, message: ipc.FromWorker) -> None:
     conn.send_bytes(ipc.encode(message))
 

@@ -166,9 +166,7 @@ class _StateCollector(Collector):
                 label = [name, str(supervisor.index)]
                 restarts.add_metric(label, supervisor.restarts)
                 up.add_metric(label, 1.0 if supervisor.serving else 0.0)
-                worker = supervisor.worker
-                past_limit = supervisor.serving and worker is not None and not worker.takes_new_work()
-                draining.add_metric(label, 1.0 if past_limit else 0.0)
+                draining.add_metric(label, 1.0 if supervisor.draining else 0.0)
                 if supervisor.ready is not None:
                     load.add_metric(label, supervisor.ready.load_seconds)
         yield from (loaded, depth, in_flight, sequences, dropped, refused, batches, restarts, up, draining, load)

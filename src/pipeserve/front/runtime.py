@@ -264,17 +264,20 @@ class Runtime:
 
     # --- state for the HTTP layer -------------------------------------------------------------
 
+    def _takers(self, excluding: int | None = None) -> list[Supervisor]:
+        """The slots whose worker takes new work: serving, and not draining past --max-worker-memory."""
+        return [s for s in self.supervisors if s.serving and not s.draining and s.index != excluding]
+
     def _serving_workers(self) -> list[Any]:
-        """Workers that take new streams: ready, and not draining to return memory."""
-        return [s.worker for s in self.supervisors if s.serving and s.worker is not None and not s.worker.draining]
+        """Workers that take new streams."""
+        return [s.worker for s in self._takers() if s.worker is not None]
 
     def _serving(self, excluding: int | None = None) -> bool:
         return any(s.serving for s in self.supervisors if s.index != excluding)
 
     def _taking_work(self, excluding: int | None = None) -> bool:
-        """Another worker serving and not draining: the queue still drains while one restarts."""
-        return any(s.serving and s.worker is not None and s.worker.takes_new_work()
-                   for s in self.supervisors if s.index != excluding)
+        """Another worker takes work: the queue still drains while this one restarts."""
+        return bool(self._takers(excluding))
 
     def unavailable_reason(self) -> str | None:
         """Why /ready is 503 (and new work is refused), or None when serving."""

@@ -122,6 +122,12 @@ class Supervisor:
     def serving(self) -> bool:
         return self.state is WorkerState.READY
 
+    @property
+    def draining(self) -> bool:
+        """Serving, but past --max-worker-memory: it finishes its work, takes no new work, and
+        is then restarted."""
+        return self.serving and self.worker is not None and not self.worker.takes_new_work()
+
     async def run(self) -> None:
         """The slot's whole life: start, serve, and restart until stopped or given up."""
         first = True
@@ -225,7 +231,7 @@ class Supervisor:
             if worker and self.serving else None,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
-            "draining": bool(worker and worker.draining),  # past --max-worker-memory, to be restarted
+            "draining": self.draining,
             "threads": self.spec.threads,
         }
 

@@ -6,7 +6,7 @@ the scheme of llama.cpp's q8_0, per row instead of per 32 values), a matrix is h
 bfloat16's.
 
 How a layer multiplies depends on the CPU:
-- With VNNI (int32 sums of u8 x s8 products), each call's activations are quantised to 8 bits
+- With AVX-512 VNNI (int32 sums of u8 x s8 products), each call's activations are quantised to 8 bits
   per row too, as q8_0 quantises them per 32 values, and fbgemm multiplies int8 by int8
   (torch.ops.quantized.linear_dynamic). Measured on this project's 2-core bench machine (AMD
   EPYC), the 84 matrices of bench/LLAMACPP.md's model with the weights streaming from memory:
@@ -49,7 +49,7 @@ ACTIVATIONS = {True: "activations quantised to 8 bits per row (VNNI)", False: "b
 def quantize(model: Any, torch: Any, activations: bool | None = None) -> list[tuple[Any, str, Any]]:
     """Replace the model's Linear layers with int8 ones, then cast the rest to bfloat16: (parent,
     name, replaced layer) for each, to put back (`prepack.restore`): the replaced layers are untouched.
-    `activations`: quantise each call's activations too; by default where the CPU has VNNI."""
+    `activations`: quantise each call's activations too; by default where the CPU has AVX-512 VNNI."""
     if activations is None:
         activations = quantizes_activations(torch)
     swapped = prepack.swap(model, torch, _layer_class(torch, activations))
