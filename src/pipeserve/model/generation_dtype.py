@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.model import precision, prepack, weight_int8
+from pipeserve.model import precision, prepack, siblings, weight_int8
 from pipeserve.model.adapters import PipelineCall
 from pipeserve.model.generation import Engine
 
@@ -106,7 +106,7 @@ def _put(call: PipelineCall, dtype: str, torch: Any) -> list[tuple[Any, str, Any
 def _timed(call: PipelineCall, device: str, torch: Any, max_running: int, dtype: str) -> float:
     """One stream's median decoding step plus --max-running-sequences streams', with the Linear
     layers packed where serving would pack them."""
-    packed = prepack.swap(call.pipe.model, torch) if prepack.pays(device, dtype, torch) else []
+    packed = siblings.swap(call.pipe.model, torch) if prepack.pays(device, dtype, torch) else []
     try:
         total = 0.0
         for rows in (1, max_running):

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeserve import ipc
 from pipeserve.ipc import GENERATION_TASK
-from pipeserve.model import adapters, embeddings, generation_dtype, pooling, precision, prepack, weight_int8
+from pipeserve.model import adapters, embeddings, generation_dtype, pooling, precision, prepack, siblings, weight_int8
 from pipeserve.model.tasks import task_for, task_for_architecture
 
 log = logging.getLogger("pipeserve.model")
@@ -39,7 +39,8 @@ def load(spec: ipc.WorkerSpec, device: str, torch: Any) -> tuple[adapters.BatchC
     """What the worker serves, and the precision it computes in (see model/precision.py)."""
     call, chosen = _load_in_precision(spec, device, torch)
     if prepack.suits(call) and prepack.pays(device, chosen.dtype, torch):
-        log.info("linear layers packed for oneDNN once: %d", prepack.apply(call, torch))
+        swapper = siblings.swap if call.task == GENERATION_TASK else prepack.swap
+        log.info("linear layers packed for oneDNN once: %d", prepack.apply(call, torch, swapper))
     return call, chosen
 
 

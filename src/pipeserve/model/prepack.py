@@ -32,6 +32,8 @@ log = logging.getLogger("pipeserve.model")
 # vector), or the model keeps its plain layers.
 SAME_COSINE = 1 - 1e-6
 
+Swapped = list[tuple[Any, str, Any]]  # (parent module, attribute name, the layer replaced) each
+
 
 def pays(device: str, dtype: str, torch: Any) -> bool:
     """Where packing was measured to pay: float32, or bfloat16 the CPU runs natively, on x86."""
@@ -47,8 +49,9 @@ def suits(call: BatchCall) -> TypeGuard[PipelineCall]:
     return isinstance(call, PipelineCall) and call.entry.packs_weights
 
 
-def apply(call: PipelineCall, torch: Any) -> int:
+def apply(call: PipelineCall, torch: Any, swapper: Callable[[Any, Any], Swapped] | None = None) -> int:
     """Pack the model's Linear layers if its answers stay the same; return how many were packed.
+    `swapper(model, torch)` packs them (`swap` by default; a generator's stacks its projections).
 
     "The same" is precision.compare's reading of the check answers: every label, token and
     ranking identical, and every vector (an embedding) at cosine >= SAME_COSINE to the plain
@@ -60,7 +63,7 @@ def apply(call: PipelineCall, torch: Any) -> int:
     inputs, parameters = check
     before = call(inputs, parameters)
     shared = _shared_storage(model)
-    swapped = swap(model, torch)
+    swapped = (swapper or swap)(model, torch)
     try:
         agreement = precision.compare(before, call(inputs, parameters))
     except Exception as exc:  # noqa: BLE001 - any failure of the packed layers means the plain ones
@@ -82,7 +85,7 @@ def swap(model: Any, torch: Any, make: Callable[[Any, Any], Any] | None = None) 
     """Replace every Linear layer (and GPT-2's Conv1D) with `make(weight [out, in], bias)`, packed
     ones by default: (parent, name, replaced layer) for each, for `restore`. The replaced layers
     are left as they were; a failure midway puts back what was replaced."""
-    make = make or _packed_linear_class(torch)
+    make = make or packed_linear_class(torch)
     swapped: list[tuple[Any, str, Any]] = []
     try:
         for parent in list(model.modules()):
@@ -123,7 +126,7 @@ def restore(swapped: list[tuple[Any, str, Any]]) -> None:
         setattr(parent, name, original)
 
 
-def _packed_linear_class(torch: Any) -> type:
+def packed_linear_class(torch: Any) -> type:
     class PackedLinear(torch.nn.Module):  # type: ignore[misc]
         """y = x W^T + b, with W packed for oneDNN once (torch.ops.mkldnn, as inductor's freezing does)."""
 

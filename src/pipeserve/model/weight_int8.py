@@ -29,7 +29,7 @@ import warnings
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.model import precision, prepack
+from pipeserve.model import precision, prepack, siblings
 from pipeserve.model.adapters import PipelineCall
 
 log = logging.getLogger("pipeserve.model")
@@ -52,7 +52,7 @@ def quantize(model: Any, torch: Any, activations: bool | None = None) -> list[tu
     `activations`: quantise each call's activations too; by default where the CPU has AVX-512 VNNI."""
     if activations is None:
         activations = quantizes_activations(torch)
-    swapped = prepack.swap(model, torch, _layer_class(torch, activations))
+    swapped = siblings.swap(model, torch, _layer_class(torch, activations))
     try:
         precision.cast(model, torch.bfloat16)
     except BaseException:

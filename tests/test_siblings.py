@@ -1,0 +1,138 @@
+"""Stacked projections (model/siblings.py): the layers a generator hands the same input, found by a
+probe and multiplied as one, answer exactly what the separate layers answer, in every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeserve.model import precision
+from test_families import FAMILIES, _model
+
+_VNNI = pytest.mark.skipif(not precision.has_vnni(), reason="8-bit activations need AVX-512 VNNI")
+# How each kind of layer is made, by name: the layers served for --dtype int8 (both kinds) and
+# for float32 or bfloat16 (packed for oneDNN).
+LAYERS = [pytest.param("int8x8", marks=_VNNI), "int8-weight-only", "packed-float32", "packed-bfloat16"]
+
+
+def _tokenizer(task_models: dict[str, Path]) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(task_models["text-generation"])
+
+
+def _swap(model: Any, kind: str, stacked: bool) -> None:
+    import torch
+
+    from pipeserve.model import prepack, siblings, weight_int8
+
+    if kind.startswith("int8"):
+        swap = siblings.swap if stacked else prepack.swap
+        swap(model, torch, weight_int8._layer_class(torch, kind == "int8x8"))
+        precision.cast(model, torch.bfloat16)
+        return
+    if kind == "packed-bfloat16":
+        precision.cast(model, torch.bfloat16)
+    (siblings.swap if stacked else prepack.swap)(model, torch)
+
+
+def _names(group: list[tuple[Any, str]]) -> tuple[str, ...]:
+    return tuple(name for _, name in group)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("family", "expected"), [
+    ("llama", {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}),
+    ("qwen2", {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}),
+    ("opt", {("q_proj", "k_proj", "v_proj")}),
+    ("gpt-neox", set()),  # its query, key and value are one layer already
+])
+def test_the_probe_finds_the_layers_handed_one_input(family: str, expected: set[tuple[str, ...]],
+                                                     task_models: dict[str, Path]) -> None:
+    import torch
+
+    from pipeserve.model import siblings
+
+    model = _model(family, _tokenizer(task_models))
+    groups = siblings.find(model, torch)
+    assert {_names(group) for group in groups} == expected
+    # One group of each kind in each of the 2 layers, each under its own parent.
+    assert len(groups) == 2 * len(expected)
+    assert all(len({id(parent) for parent, _ in group}) == 1 for group in groups)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name not in ("lfm2-hybrid", "mamba")])
+def test_stacked_layers_answer_exactly_what_separate_ones_answer(family: str, kind: str,
+                                                                 task_models: dict[str, Path]) -> None:
+    """Every output channel of a stacked product is its own layer's: the logits are bit for bit
+    those of the same model with separate layers, over a prompt and over one-token steps on a cache."""
+    import inspect
+
+    import torch
+
+    from pipeserve.model import kv_cache
+
+    tokenizer = _tokenizer(task_models)
+    logits = []
+    for stacked in (False, True):
+        model = _model(family, tokenizer)
+        _swap(model, kind, stacked)
+        ids = tokenizer("hello world from the big city", return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+            keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            step = model(input_ids=ids[:, :1], use_cache=True, **{keyword: kv_cache.cache_of(out)})
+        logits.append((out.logits, step.logits))
+    assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(logits[0][1], logits[1][1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", LAYERS)
+def test_a_member_handed_another_input_computes_its_own(kind: str, task_models: dict[str, Path]) -> None:
+    """A model calling its projections otherwise than in the probe still gets each one's answer;
+    and once every member has had its slice, the group holds no product between steps."""
+    import torch
+
+    tokenizer = _tokenizer(task_models)
+    separate, stacked = (_model("llama", tokenizer) for _ in range(2))
+    _swap(separate, kind, stacked=False)
+    _swap(stacked, kind, stacked=True)
+    plain, fused = separate.model.layers[0].self_attn, stacked.model.layers[0].self_attn
+    dtype = torch.float32 if kind == "packed-float32" else torch.bfloat16
+    x, y = torch.randn(2, 3, 32, dtype=dtype), torch.randn(2, 3, 32, dtype=dtype)
+    with torch.inference_mode():
+        answers = [fused.q_proj(x), fused.k_proj(y), fused.v_proj(x), fused.k_proj(x), fused.q_proj(x)]
+        expected = [plain.q_proj(x), plain.k_proj(y), plain.v_proj(x), plain.k_proj(x), plain.q_proj(x)]
+        for got, want in zip(answers, expected, strict=True):
+            assert got.is_contiguous() and torch.equal(got, want)
+        assert fused.q_proj.shared._output is None  # the last product answered q, k and v: released
+        fused.v_proj(x), fused.q_proj(x)
+        assert fused.q_proj.shared._output is not None  # k's slice still waits
+        fused.k_proj(x)
+        assert fused.q_proj.shared._output is None
+
+
+@pytest.mark.timeout(60)
+def test_a_model_the_probe_cannot_run_keeps_separate_layers_and_is_still_packed() -> None:
+    import torch
+
+    from pipeserve.model import siblings
+
+    class TwoInputs(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+            self.device = torch.device("cpu")
+
+        def forward(self, input_ids: Any, required: Any) -> Any:
+            return self.a(required) + self.b(required)
+
+    model = TwoInputs()
+    assert siblings.find(model, torch) == []
+    swapped = siblings.swap(model, torch)
+    assert [name for _, name, _ in swapped] == ["a", "b"]
+    assert type(model.a).__name__ == "PackedLinear"
