@@ -42,30 +42,37 @@ def _names(group: list[tuple[Any, str]]) -> tuple[str, ...]:
     return tuple(name for _, name in group)
 
 
+ATTENTION, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+# The groups each family's layers form (in each of the 2 layers of the tiny configs).
+GROUPS: dict[str, set[tuple[str, ...]]] = {
+    "llama": {ATTENTION, MLP}, "qwen2": {ATTENTION, MLP}, "mistral-sliding-window": {ATTENTION, MLP},
+    "gemma": {ATTENTION, MLP}, "opt": {ATTENTION},
+    "lfm2-hybrid": {ATTENTION, ("w1", "w3")},  # its one attention layer; both layers' w1/w3
+    "phi3": set(), "gpt-neox": set(),  # their query, key and value (and gate, up) are one layer already
+    "mamba": set(),
+}
+# How many groups, and layers in them, each family's tiny config has.
+COUNTS = {"llama": (4, 10), "qwen2": (4, 10), "mistral-sliding-window": (4, 10), "gemma": (4, 10), "opt": (2, 6),
+          "lfm2-hybrid": (3, 7), "phi3": (0, 0), "gpt-neox": (0, 0), "mamba": (0, 0)}
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("family", "expected"), [
-    ("llama", {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}),
-    ("qwen2", {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")}),
-    ("opt", {("q_proj", "k_proj", "v_proj")}),
-    ("gpt-neox", set()),  # its query, key and value are one layer already
-])
-def test_the_probe_finds_the_layers_handed_one_input(family: str, expected: set[tuple[str, ...]],
-                                                     task_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_probe_finds_the_layers_handed_one_input(family: str, task_models: dict[str, Path]) -> None:
     import torch
 
     from pipeserve.model import siblings
 
     model = _model(family, _tokenizer(task_models))
     groups = siblings.find(model, torch)
-    assert {_names(group) for group in groups} == expected
-    # One group of each kind in each of the 2 layers, each under its own parent.
-    assert len(groups) == 2 * len(expected)
+    assert {_names(group) for group in groups} == GROUPS[family]
+    assert (len(groups), sum(len(group) for group in groups)) == COUNTS[family]
     assert all(len({id(parent) for parent, _ in group}) == 1 for group in groups)
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", LAYERS)
-@pytest.mark.parametrize("family", [name for name in FAMILIES if name not in ("lfm2-hybrid", "mamba")])
+@pytest.mark.parametrize("family", [name for name in FAMILIES if GROUPS[name]])
 def test_stacked_layers_answer_exactly_what_separate_ones_answer(family: str, kind: str,
                                                                  task_models: dict[str, Path]) -> None:
     """Every output channel of a stacked product is its own layer's: the logits are bit for bit
@@ -81,6 +88,8 @@ def test_stacked_layers_answer_exactly_what_separate_ones_answer(family: str, ki
     for stacked in (False, True):
         model = _model(family, tokenizer)
         _swap(model, kind, stacked)
+        members = [m for m in model.modules() if type(m).__name__ == "Sibling"]
+        assert len(members) == (COUNTS[family][1] if stacked else 0)
         ids = tokenizer("hello world from the big city", return_tensors="pt")["input_ids"]
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True)
@@ -110,6 +119,7 @@ def test_a_member_handed_another_input_computes_its_own(kind: str, task_models: 
         for got, want in zip(answers, expected, strict=True):
             assert got.is_contiguous() and torch.equal(got, want)
         assert fused.q_proj.shared._output is None  # the last product answered q, k and v: released
+        assert fused.q_proj.shared.missed == 2  # k(y) and v(x) each came while slices still waited
         fused.v_proj(x), fused.q_proj(x)
         assert fused.q_proj.shared._output is not None  # k's slice still waits
         fused.k_proj(x)
@@ -136,3 +146,77 @@ def test_a_model_the_probe_cannot_run_keeps_separate_layers_and_is_still_packed(
     swapped = siblings.swap(model, torch)
     assert [name for _, name, _ in swapped] == ["a", "b"]
     assert type(model.a).__name__ == "PackedLinear"
+
+
+def _block_model(torch: Any, width: int, wide: int) -> Any:
+    """A module whose forward hands one input to five projections, with and without a bias."""
+
+    class Block(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, width)
+            self.q = torch.nn.Linear(width, width, bias=True)
+            self.k = torch.nn.Linear(width, width // 2, bias=False)
+            self.v = torch.nn.Linear(width, width // 2, bias=True)
+            self.gate, self.up = torch.nn.Linear(width, wide, bias=False), torch.nn.Linear(width, wide, bias=False)
+            self.device = torch.device("cpu")
+
+        def forward(self, input_ids: Any) -> Any:
+            return self.project(self.embed(input_ids))
+
+        def project(self, x: Any) -> list[Any]:
+            return [self.q(x), self.k(x), self.v(x), self.gate(x), self.up(x)]
+
+    torch.manual_seed(0)
+    return Block().eval()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", LAYERS)
+def test_stacked_layers_at_full_width_with_mixed_biases_answer_exactly(kind: str) -> None:
+    """At the bench model's widths (768 in; 768, 384, 384 and 2 x 3072 out, one group of five),
+    for a decoding step's rows and a prefill's: the float products split their sums the same way
+    at the stacked width, and a member without a bias gets none."""
+    import torch
+
+    from pipeserve.model import prepack, siblings, weight_int8
+
+    models = [_block_model(torch, 768, 3072) for _ in range(2)]
+    for model, stacked in zip(models, (False, True), strict=True):
+        swap = siblings.swap if stacked else prepack.swap
+        if kind.startswith("int8"):
+            swap(model, torch, weight_int8._layer_class(torch, kind == "int8x8"))
+            precision.cast(model, torch.bfloat16)
+        else:
+            if kind == "packed-bfloat16":
+                precision.cast(model, torch.bfloat16)
+            swap(model, torch)
+    assert len([m for m in models[1].modules() if type(m).__name__ == "Sibling"]) == 5
+    dtype = torch.float32 if kind == "packed-float32" else torch.bfloat16
+    for rows in (1, 4, 9, 64, 300):
+        x = torch.randn(1, rows, 768, dtype=dtype)
+        with torch.inference_mode():
+            for got, want in zip(models[1].project(x), models[0].project(x), strict=True):
+                assert torch.equal(got, want), (kind, rows)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", ["llama", "lfm2-hybrid"])
+def test_the_engine_hands_each_group_one_input(family: str, task_models: dict[str, Path]) -> None:
+    """Through the engine (prefills, a stream joining, one-token steps), every member is answered
+    from its group's one product: no group ever computes it twice for one input."""
+    from pipeserve import ipc
+    from pipeserve.model.generation import Engine
+    from test_families import GREEDY, _run
+
+    tokenizer = _tokenizer(task_models)
+    model = _model(family, tokenizer)
+    _swap(model, "packed-bfloat16", stacked=True)
+    engine = Engine(model, tokenizer, max_running=4)
+    engine.add(ipc.Generate(1, "the good movie", GREEDY))
+    _run(engine, steps=2)
+    engine.add(ipc.Generate(2, "hello world this is a longer prompt", GREEDY))
+    assert _run(engine)
+    groups = {id(m.shared): m.shared for m in model.modules() if type(m).__name__ == "Sibling"}
+    assert len(groups) == COUNTS[family][0]
+    assert [group.missed for group in groups.values()] == [0] * len(groups)

@@ -12,14 +12,23 @@ Which layers read the same input is not guessed from their names: one forward pa
 tokens, with a hook on every layer, records which input each was handed; layers of one parent
 handed the same tensor object, once each, form a group. Each keeps its place in the model as a
 `Sibling` that answers its own slice of the group's product. Every output channel of the stacked
-product is its own layer's (the same weights, the same input, the same per-channel scales), so the
-answers are those of the separate layers.
+product is its own layer's: the same weights, the same input, the same per-channel scales. With
+8-bit activations the int32 sums are exact, so the answers are bit for bit the separate layers'.
+A float product (oneDNN's, or weight-only int8's converted weights above its kernel's rows) is
+wider than each member's, and a library may split its sums differently for another width: bit
+for bit the same at the tests' shapes and the bench model's, but only the warm-up check guards
+other shapes (as it guards packing itself).
 
 The first member a step calls computes the group's product and keeps it for the others, who are
 answered from it only when handed that same tensor object; the product is dropped once every member
-has had its slice. A member handed any other input computes the group's product on it (correct,
-and a third of the work wasted): a model calling its projections differently than in the probe
-still gets its answers.
+has had its slice. A member handed any other input computes the whole group's product on it
+(correct, with the other members' share of the work wasted) and a warning says so once: a model
+calling its projections otherwise than in the probe still gets its answers.
+
+Memory: each member's slice is copied out (contiguous, as a separate layer's output was), and the
+group's product lives until the last member has had its slice: during a prefill a group briefly
+holds its activations twice. At load the group's weights are concatenated, in float32, before
+the stacked layer is made from them.
 """
 
 from __future__ import annotations
@@ -101,7 +110,7 @@ def fuse(model: Any, torch: Any, make: Callable[[Any, Any], Any], groups: list[G
             layers = [getattr(parent, name) for parent, name in group]
             weights: list[Any] = [prepack.linear_weight(layer, torch) for layer in layers]
             stacked = make(torch.cat([weight.detach() for weight in weights]), _stacked_bias(layers, weights, torch))
-            shared = Shared(stacked, len(group))
+            shared = Shared(stacked, len(group), "/".join(name for _, name in group))
             start = 0
             for member, ((parent, name), layer, weight) in enumerate(zip(group, layers, weights, strict=True)):
                 setattr(parent, name, sibling(shared, member, start, start + weight.shape[0]))
@@ -128,18 +137,25 @@ def _stacked_bias(layers: list[Any], weights: list[Any], torch: Any) -> Any:
 class Shared:
     """A group's stacked layer, and its last product until every member has had its slice."""
 
-    def __init__(self, layer: Any, members: int) -> None:
+    def __init__(self, layer: Any, members: int, names: str) -> None:
         self.layer = layer
         self.members = members
+        self.names = names
         self._input: Any = None
         self._output: Any = None
         self._waiting: set[int] = set()  # members not yet answered from _output
+        self.missed = 0  # products computed while members still waited for the last one's slices
 
     def output_for(self, member: int, x: Any) -> Any:
         if x is self._input and member in self._waiting:
             output = self._output
             self._waiting.discard(member)
         else:
+            if self._waiting:
+                self.missed += 1
+                if self.missed == 1:
+                    log.warning("stacked layers %s were handed different inputs: each call computes the "
+                                "whole group's product", self.names)
             output = self.layer(x)
             self._input, self._output = x, output
             self._waiting = set(range(self.members)) - {member}
@@ -162,7 +178,8 @@ def _sibling_class(torch: Any) -> Any:
             self.out_features = stop - start
 
         def forward(self, x: Any) -> Any:
-            # A copy, not a view: code that flattens a projection's output needs it contiguous.
+            # Contiguous, as a separate layer's output: code that flattens a projection's output
+            # needs it so (a copy, except for one row, whose slice already is).
             return self.shared.output_for(self.member, x)[..., self.start:self.stop].contiguous()
 
     return Sibling
