@@ -152,10 +152,32 @@ def test_quantize_replaces_every_linear_and_gpt2_conv1d_layer(task_models: dict[
     assert not [m for m in model.modules() if type(m) is torch.nn.Linear or type(m).__name__ == "Conv1D"]
     with torch.inference_mode():
         got = model(input_ids=ids).logits
-    assert got.dtype == torch.bfloat16
-    assert _relative_error(got, expected) < 0.1  # int8 weights and bfloat16 activations, through the model
+    # With 8-bit activations the rest of the model stays float32 (fbgemm's own type), else bfloat16.
+    rest = torch.float32 if weight_int8.quantizes_activations(torch) else torch.bfloat16
+    assert got.dtype == rest
+    assert _relative_error(got, expected) < 0.1  # int8 weights (and activations), through the model
     # The output layer's weight was tied to the input embeddings: those stay a float table.
-    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == rest
+
+
+@pytest.mark.parametrize("activations", [pytest.param(True, marks=_VNNI), False], ids=["int8x8", "weight-only"])
+def test_int8_keeps_the_rest_float32_only_with_8_bit_activations(activations: bool,
+                                                                  task_models: dict[str, Path]) -> None:
+    """fbgemm takes and answers float32: bfloat16 between its products would only round; the
+    weight-only kernel multiplies bfloat16."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeserve.model import kv_cache, weight_int8
+
+    model = _model("llama", AutoTokenizer.from_pretrained(task_models["text-generation"]))
+    weight_int8.quantize(model, torch, activations)
+    rest = torch.float32 if activations else torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {rest}  # norms and embeddings (int8 weights are buffers)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert out.logits.dtype == rest
+    assert {layer.keys.dtype for layer in kv_cache.cache_of(out).layers} == {rest}
 
 
 @pytest.mark.timeout(120)

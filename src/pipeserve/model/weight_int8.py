@@ -18,8 +18,19 @@ How a layer multiplies depends on the CPU:
   (exact: every int8 is a bfloat16) with the output channels scaled after, as the kernel does.
 
 Every Linear layer of the model is quantized (GPT-2's Conv1D too), the output layer included, as
-q8_0 does; the input embeddings, norms and attention stay bfloat16. A weight the output layer
-shares with the input embeddings is quantized as a copy.
+q8_0 does. A weight the output layer shares with the input embeddings is quantized as a copy.
+The rest of the model (input embeddings, norms, attention, the key/value cache) stays float32
+with 8-bit activations and becomes bfloat16 without them:
+- fbgemm takes float32 and answers float32, so bfloat16 between the layers only added two
+  conversions per product and a rounding of every activation. Measured on bench/LLAMACPP.md's
+  model, in-process, median decoding step, bfloat16 -> float32 between the layers (two rounds):
+  1 stream 12.4/12.3 -> 10.7/10.8 ms, 4 streams 16.1 -> 15.2, 16 streams 27.8/27.6 ->
+  27.7/27.9, 32 streams 43.5/43.1 -> 44.1/45.7 (the cache is read in float32). Greedy agreement
+  with float32 on that bench's 8 prompts (share of 64 tokens up to the first divergence): 4.3 %
+  -> 7.8 %; llama.cpp's q8_0, which keeps its activations float32 too, scored 4.5 %.
+- The cost is memory: the key/value cache, and what the prefix cache keeps of it, take twice the
+  bytes of bfloat16's (so --prefix-cache-bytes holds half the tokens).
+- The weight-only kernel multiplies bfloat16 activations, so without VNNI the model is bfloat16.
 """
 
 from __future__ import annotations
@@ -43,18 +54,20 @@ DIRECT_ROWS = 8
 
 _CLASSES: dict[bool, Any] = {}
 # What /info's precision note says of the activations, by whether they are quantised.
-ACTIVATIONS = {True: "activations quantised to 8 bits per row (VNNI)", False: "bfloat16 activations (weight-only)"}
+ACTIVATIONS = {True: "activations quantised to 8 bits per row (VNNI), float32 between the layers",
+               False: "bfloat16 activations (weight-only)"}
 
 
 def quantize(model: Any, torch: Any, activations: bool | None = None) -> list[tuple[Any, str, Any]]:
-    """Replace the model's Linear layers with int8 ones, then cast the rest to bfloat16: (parent,
-    name, replaced layer) for each, to put back (`prepack.restore`): the replaced layers are untouched.
+    """Replace the model's Linear layers with int8 ones, the rest in float32 with 8-bit activations
+    and in bfloat16 without (see the module doc): (parent, name, replaced layer) for each, to put
+    back (`prepack.restore`): the replaced layers are untouched.
     `activations`: quantise each call's activations too; by default where the CPU has AVX-512 VNNI."""
     if activations is None:
         activations = quantizes_activations(torch)
     swapped = siblings.swap(model, torch, _layer_class(torch, activations))
     try:
-        precision.cast(model, torch.bfloat16)
+        precision.cast(model, torch.float32 if activations else torch.bfloat16)
     except BaseException:
         prepack.restore(swapped)
         raise
