@@ -13,7 +13,7 @@ byte-level BPE trained at bench time), converted by that tree's convert_hf_to_gg
 Servers, each alone on a free loopback port: llama-server f16 and q8_0 (32 slots, 2 threads,
 continuous batching), pipeserve with its defaults (`--dtype auto`: of float32, bfloat16 and int8
 weights, the fastest whose greedy answers agree with float32's at load), with --dtype bfloat16
-and with --dtype int8 (weight-only, bfloat16 activations). Each
+and with --dtype int8 (8-bit activations with AVX-512 VNNI, float32 between the layers). Each
 client sends streamed OpenAI /v1/chat/completions requests one after another (a fresh seeded
 two-sentence user message each, the same sequence for every server), greedy, 64 new tokens,
 `ignore_eos`, and records when each content delta arrives. Figures per server and concurrency:

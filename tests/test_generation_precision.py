@@ -43,7 +43,8 @@ def test_an_int8_layer_computes_the_float_product_within_int8_rounding(rows: int
 
 
 @_VNNI
-def test_int8_activations_give_each_row_the_same_outputs_whatever_rows_are_beside_it() -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # as served, and as weight-only's rest
+def test_int8_activations_give_each_row_the_same_outputs_whatever_rows_are_beside_it(dtype: str) -> None:
     """fbgemm quantises a call's activations with one range; the layer scales each row to its
     own, so a row's outputs are bit-identical in any company of two rows or more (here beside a
     row 1,000 times larger and a row of zeros). One row alone has a range of its own: within
@@ -55,7 +56,7 @@ def test_int8_activations_give_each_row_the_same_outputs_whatever_rows_are_besid
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 384)
     layer = weight_int8._layer_class(torch, True)(linear.weight.detach(), linear.bias)
-    rows = torch.randn(12, 256).to(torch.bfloat16)
+    rows = torch.randn(12, 256).to(getattr(torch, dtype))
     rows[3] *= 1000
     rows[5] = 0
     with torch.inference_mode():
@@ -63,9 +64,9 @@ def test_int8_activations_give_each_row_the_same_outputs_whatever_rows_are_besid
         pairs = torch.cat([layer(rows[start:start + 2]) for start in range(0, 12, 2)])
         with_the_large_one = torch.cat([layer(rows[[index, 3]])[:1] for index in range(12)])
         alone = torch.cat([layer(row[None]) for row in rows])
-    assert together.dtype == torch.bfloat16 and together.shape == (12, 384)
+    assert together.dtype == rows.dtype and together.shape == (12, 384)
     assert torch.equal(together, pairs) and torch.equal(together, with_the_large_one)
-    assert torch.equal(together[5], layer.bias.to(torch.bfloat16))  # a padding row: the bias alone
+    assert torch.equal(together[5], layer.bias.to(rows.dtype))  # a padding row: the bias alone
     expected = linear(rows.float()).detach()
     for got in (together, alone):
         assert float(((got.float() - expected).norm(dim=1) / expected.norm(dim=1)).max()) < 0.02
@@ -209,8 +210,9 @@ def test_streams_on_int8_weights_generate_what_each_prompt_gives_alone(
     for stream, prompt in prompts.items():
         if weight_int8.quantizes_activations(torch) if activations is None else activations:
             # A recomputation rounds attention differently, and 8-bit activations turn a rounding
-            # into a whole quantisation step: where two logits are a few bfloat16 steps apart
-            # (5.375 and 5.3125 for this llama), the argmax may go either way.
+            # into a whole quantisation step: where two logits are that step apart (5.375 and
+            # 5.3125 for this llama, measured with bfloat16 between the products), the argmax may
+            # go either way.
             assert _greedy_within(model, tokenizer, prompt, tokens[stream], NEAR_TIE) , (family, stream)
         else:
             assert tokens[stream] == _alone(model, tokenizer, prompt, len(tokens[stream])), (family, stream)

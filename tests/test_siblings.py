@@ -31,11 +31,18 @@ def _swap(model: Any, kind: str, stacked: bool) -> None:
     if kind.startswith("int8"):
         swap = siblings.swap if stacked else prepack.swap
         swap(model, torch, weight_int8._layer_class(torch, kind == "int8x8"))
-        precision.cast(model, torch.bfloat16)
+        precision.cast(model, _rest(kind))  # as weight_int8.quantize leaves it
         return
     if kind == "packed-bfloat16":
         precision.cast(model, torch.bfloat16)
     (siblings.swap if stacked else prepack.swap)(model, torch)
+
+
+def _rest(kind: str) -> Any:
+    """The dtype of what is not a Linear layer, as served: float32 beside 8-bit activations."""
+    import torch
+
+    return torch.float32 if kind in ("int8x8", "packed-float32") else torch.bfloat16
 
 
 def _names(group: list[tuple[Any, str]]) -> tuple[str, ...]:
@@ -111,7 +118,7 @@ def test_a_member_handed_another_input_computes_its_own(kind: str, task_models: 
     _swap(separate, kind, stacked=False)
     _swap(stacked, kind, stacked=True)
     plain, fused = separate.model.layers[0].self_attn, stacked.model.layers[0].self_attn
-    dtype = torch.float32 if kind == "packed-float32" else torch.bfloat16
+    dtype = _rest(kind)
     x, y = torch.randn(2, 3, 32, dtype=dtype), torch.randn(2, 3, 32, dtype=dtype)
     with torch.inference_mode():
         answers = [fused.q_proj(x), fused.k_proj(y), fused.v_proj(x), fused.k_proj(x), fused.q_proj(x)]
@@ -186,13 +193,13 @@ def test_stacked_layers_at_full_width_with_mixed_biases_answer_exactly(kind: str
         swap = siblings.swap if stacked else prepack.swap
         if kind.startswith("int8"):
             swap(model, torch, weight_int8._layer_class(torch, kind == "int8x8"))
-            precision.cast(model, torch.bfloat16)
+            precision.cast(model, _rest(kind))
         else:
             if kind == "packed-bfloat16":
                 precision.cast(model, torch.bfloat16)
             swap(model, torch)
     assert len([m for m in models[1].modules() if type(m).__name__ == "Sibling"]) == 5
-    dtype = torch.float32 if kind == "packed-float32" else torch.bfloat16
+    dtype = _rest(kind)
     for rows in (1, 4, 9, 64, 300):
         x = torch.randn(1, rows, 768, dtype=dtype)
         with torch.inference_mode():

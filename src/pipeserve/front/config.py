@@ -81,7 +81,8 @@ class Config:
         "float32's at warm-up, else float32 (a text generator: the fastest of float32, bfloat16 and int8 "
         "weights whose greedy tokens agree, timed at warm-up); int8 (opt-in, CPU) = dynamic int8 layers "
         "kept only where answers hold its floor (VNNI needed), for a generator int8 weights with "
-        "bfloat16 activations (see README).", "DTYPE")
+        "8-bit activations per row and float32 between the layers (VNNI), else bfloat16 activations "
+        "(see README).", "DTYPE")
     max_batch_size: int = setting(
         32, parsers.positive_int, "Most items in one pipeline call.", "N")
     max_batch_delay_ms: float = setting(

@@ -10,7 +10,8 @@ rows 74-91 against 91-105 ms, 4 rows 24-28 against 25-30, 1 row even (25.8-26.3 
 layer's attention alone: 12.5 against 23.7 ms; both in slices of 8 MiB, 7.7 ms a layer in the
 16 MiB of CHUNK_BYTES). In float32 no better at any width, so float32 keeps SDPA.
 
-It takes every reduced-precision one-token step, whatever its width, because its rounding is
+It takes every reduced-precision one-token step (not int8 with 8-bit activations: float32
+between its products, model/weight_int8.py), whatever its width, because its rounding is
 not SDPA's: when it took only steps of 8 rows or more, a stream's algorithm changed with the
 number of streams beside it. bench/BATCH_INVARIANCE.md (a 4-layer random Llama, 40 greedy
 tokens): bfloat16 streams decoded beside 23 others took other tokens than alone for 11 of 24

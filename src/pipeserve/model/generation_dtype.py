@@ -3,7 +3,8 @@ float32's, timed at warm-up.
 
 Which precision decodes fastest depends on the machine and on how many streams share a step:
 on this project's 2-core bench machine, weight-only int8 beat bfloat16 for one stream and lost to
-it at 32, int8 with 8-bit activations (AVX-512 VNNI) beat it at 1 to 32 (model/weight_int8.py),
+it at 32, int8 with 8-bit activations (AVX-512 VNNI) beat it at 1 to 32 with bfloat16 between its
+products and from 1 to 4 streams, level at 16, with float32 between them (model/weight_int8.py),
 and bfloat16 is emulated, and slow, on CPUs without avx512_bf16. So nothing is chosen by rule.
 The model loads in float32 and answers the check inputs; then each candidate (bfloat16 where
 the device runs it natively, int8 weights on a CPU with torch's int8 kernel) is put in place,
@@ -86,7 +87,10 @@ def _candidates(device: str, torch: Any) -> list[str]:
 def _snapshot(model: Any, torch: Any, whole: bool) -> dict[str, Any]:
     """A host copy of the float32 weights a candidate changes: all of them where a candidate
     casts the whole model; for int8 alone, all but the Linear layers' (quantize leaves those
-    untouched), so that a large model is not held twice."""
+    untouched), so that a large model is not held twice, and none where int8 keeps the rest
+    float32 (8-bit activations)."""
+    if not whole and weight_int8.quantizes_activations(torch):
+        return {}
     state = model.state_dict()
     if not whole:
         linear = {f"{name}.{key}" for name, module in model.named_modules()

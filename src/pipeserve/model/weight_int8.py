@@ -27,9 +27,15 @@ with 8-bit activations and becomes bfloat16 without them:
   1 stream 12.4/12.3 -> 10.7/10.8 ms, 4 streams 16.1 -> 15.2, 16 streams 27.8/27.6 ->
   27.7/27.9, 32 streams 43.5/43.1 -> 44.1/45.7 (the cache is read in float32). Greedy agreement
   with float32 on that bench's 8 prompts (share of 64 tokens up to the first divergence): 4.3 %
-  -> 7.8 %; llama.cpp's q8_0, which keeps its activations float32 too, scored 4.5 %.
-- The cost is memory: the key/value cache, and what the prefix cache keeps of it, take twice the
-  bytes of bfloat16's (so --prefix-cache-bytes holds half the tokens).
+  -> 5.1 % (22 -> 26 tokens of 512, in-process and through the server alike); llama.cpp's q8_0,
+  which keeps its activations float32 too, scored 4.5 % (23).
+- The cost is memory: what is not a Linear layer keeps float32's bytes, twice bfloat16's. The
+  input embeddings (Llama-3-8B's table: 2.1 GB against 1.05) and, above all, the key/value
+  cache (a 7B model with 8 key/value heads, 32 streams of 4k tokens: ~32 GB against ~16) and
+  what the prefix cache keeps of it (--prefix-cache-bytes holds half the tokens). A
+  --max-worker-memory that fitted bfloat16's may need raising.
+- Float32 queries take SDPA's attention, not model/attention.py's products (see there): float32
+  attention is batch-invariant with SDPA.
 - The weight-only kernel multiplies bfloat16 activations, so without VNNI the model is bfloat16.
 """
 
