@@ -394,3 +394,26 @@ def test_a_generator_killed_after_streaming_is_restarted_every_time(chat_model: 
         assert reply.status == 200, reply.body
     finally:
         server.stop()
+
+
+def test_the_stream_door_refuses_with_the_models_own_reason() -> None:
+    """A drain past --max-worker-memory that begins while a request's body is read: the stream
+    door answers what the runtime answered a moment earlier (its reason and Retry-After), not a
+    vaguer 503 of its own; without a runtime to ask, its own."""
+    import asyncio
+
+    from pipeserve.front import errors
+    from pipeserve.front.streams import Streams
+
+    def recycling() -> None:
+        raise errors.Unavailable("the model process is restarting to return memory", retry_after=7)
+
+    async def refusal(streams: Streams) -> errors.Unavailable:
+        with pytest.raises(errors.Unavailable) as refused:
+            await streams.start("request", "hello", {})
+        return refused.value
+
+    asked = asyncio.run(refusal(Streams(2, lambda: [], why_unavailable=recycling)))
+    assert "return memory" in asked.message and asked.retry_after == 7
+    alone = asyncio.run(refusal(Streams(2, lambda: [])))
+    assert "no model process" in alone.message and alone.retry_after == 1

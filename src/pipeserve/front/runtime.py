@@ -108,7 +108,8 @@ class Runtime:
         observed = self.metrics.model(self.name)
         self.changed = changed or asyncio.Event()  # a worker changed state, or a stop began
         self.streams = Streams(config.max_running_sequences, self._serving_workers,
-                               observe=observed.observe_stream, first_token=self.metrics.recent.first_token)
+                               observe=observed.observe_stream, first_token=self.metrics.recent.first_token,
+                               why_unavailable=self.serving_model)
         # A model is unloaded and loaded again (front/models.py): each load gets new supervisors.
         self._make_supervisors = functools.partial(self._supervisors, entry_point, worker_allocator, log_name,
                                                    observed.observe_batch)

@@ -56,9 +56,12 @@ class Streams:
 
     def __init__(self, max_running: int, serving_workers: Callable[[], list[Any]],
                  observe: Callable[[Stream], None] | None = None,
-                 first_token: Callable[[float], None] | None = None) -> None:
+                 first_token: Callable[[float], None] | None = None,
+                 why_unavailable: Callable[[], object] | None = None) -> None:
         self.max_running = max_running
         self._serving_workers = serving_workers
+        # Raises the model's own 503 (its reason and Retry-After) while no worker takes work.
+        self._why_unavailable = why_unavailable
         self._observe = observe  # a stream that ended
         self._first_token = first_token  # seconds from a stream's start to its first token
         self.tokens = 0  # tokens delivered to streams since start
@@ -87,6 +90,10 @@ class Streams:
         workers = self._serving_workers()
         if not workers:  # loading, restarting, or draining past --max-worker-memory
             self.refused += 1
+            # The answer a request that came a moment earlier got from the runtime (a drain that
+            # began while this body was read says "restarting to return memory", not a vaguer one).
+            if self._why_unavailable is not None:
+                self._why_unavailable()
             raise errors.Unavailable("no model process is taking new streams right now", retry_after=1)
         load = {id(worker): 0 for worker in workers}
         for stream in self.open.values():
