@@ -547,3 +547,18 @@ def test_one_token_attention_with_a_value_size_other_than_the_keys() -> None:
     expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.25)
     assert got.shape == expected.shape == (rows, 1, heads, 24)
     assert float((got.float() - expected.float()).abs().max()) < 0.02
+
+
+@pytest.mark.parametrize(("int8_seconds", "expected"), [(2.8, "float32"), (2.6, "int8")])
+def test_auto_keeps_float32_unless_another_is_clearly_faster(task_models: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             int8_seconds: float, expected: str) -> None:
+    """A precision within the timing's noise of float32 (here 7 % faster) is not worth its
+    rounding; one 13 % faster is kept."""
+    from pipeserve.model import generation_dtype
+
+    assert generation_dtype.CLEAR_GAIN == 0.10
+    call, chosen, _ = _choose(task_models, monkeypatch, {"bfloat16": False, "int8": True},
+                              {"float32": 3.0, "int8": int8_seconds})
+    assert chosen.dtype == expected and (_int8_layers(call) > 0) == (expected == "int8")
+    assert "float32 unless another is 10% faster" in chosen.note

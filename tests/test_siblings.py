@@ -124,7 +124,7 @@ def test_a_member_handed_another_input_computes_its_own(kind: str, task_models: 
         answers = [fused.q_proj(x), fused.k_proj(y), fused.v_proj(x), fused.k_proj(x), fused.q_proj(x)]
         expected = [plain.q_proj(x), plain.k_proj(y), plain.v_proj(x), plain.k_proj(x), plain.q_proj(x)]
         for got, want in zip(answers, expected, strict=True):
-            assert got.is_contiguous() and torch.equal(got, want)
+            assert torch.equal(got, want)
         assert fused.q_proj.shared._output is None  # the last product answered q, k and v: released
         assert fused.q_proj.shared.missed == 2  # k(y) and v(x) each came while slices still waited
         fused.v_proj(x), fused.q_proj(x)
@@ -227,3 +227,50 @@ def test_the_engine_hands_each_group_one_input(family: str, task_models: dict[st
     groups = {id(m.shared): m.shared for m in model.modules() if type(m).__name__ == "Sibling"}
     assert len(groups) == COUNTS[family][0]
     assert [group.missed for group in groups.values()] == [0] * len(groups)
+
+
+@pytest.mark.timeout(60)
+def test_a_model_that_flattens_a_projection_gets_copies() -> None:
+    """Members hand out views of the group's product; a model whose code cannot take one (a
+    .view that flattens it) fails the probe on the stacked model, and its members copy instead."""
+    import torch
+
+    from pipeserve.model import prepack, siblings
+
+    class Flattens(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, 16)
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+            self.device = torch.device("cpu")
+
+        def forward(self, input_ids: Any) -> Any:
+            x = self.embed(input_ids)
+            return self.a(x).view(-1) + self.b(x).view(-1)
+
+    def model() -> Any:
+        torch.manual_seed(0)
+        return Flattens().eval()
+
+    separate, stacked = model(), model()
+    prepack.swap(separate, torch)
+    siblings.swap(stacked, torch)
+    assert type(stacked.a).__name__ == "Sibling" and stacked.a.shared.copies
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.equal(stacked(ids), separate(ids))
+
+
+@pytest.mark.timeout(60)
+def test_members_of_the_families_hand_out_views(task_models: dict[str, Path]) -> None:
+    """No copy where the model takes a view: a prefill's members are strided slices of one product."""
+    import torch
+
+    model = _model("llama", _tokenizer(task_models))
+    _swap(model, "packed-float32", stacked=True)
+    attention = model.model.layers[0].self_attn
+    assert not attention.q_proj.shared.copies
+    x = torch.randn(1, 5, 32)
+    with torch.inference_mode():
+        q, _, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+    assert not q.is_contiguous() and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
