@@ -108,6 +108,8 @@ def test_help_explains_each_flag() -> None:
                             text=True, timeout=60)
     assert result.returncode == 0
     assert "--max-batch-delay-ms" in result.stdout and "PIPESERVE_<FLAG>" in result.stdout
+    # argparse formats each flag's help with %: a bare "% s" there printed argparse's own dict.
+    assert "option_strings" not in result.stdout
 
 
 def test_public_message_strips_paths_and_tracebacks() -> None:

@@ -561,4 +561,4 @@ def test_auto_keeps_float32_unless_another_is_clearly_faster(task_models: dict[s
     call, chosen, _ = _choose(task_models, monkeypatch, {"bfloat16": False, "int8": True},
                               {"float32": 3.0, "int8": int8_seconds})
     assert chosen.dtype == expected and (_int8_layers(call) > 0) == (expected == "int8")
-    assert "float32 unless another is 10% faster" in chosen.note
+    assert "float32 unless another is 10 % faster" in chosen.note

@@ -79,7 +79,7 @@ class Config:
         "auto|float32|float16|bfloat16|int8; auto = bfloat16 where the device runs it natively (a GPU "
         "with bf16, a CPU with avx512_bf16 or AMX; float16 on an older GPU) and its answers agree with "
         "float32's at warm-up, else float32 (a text generator: the fastest of float32, bfloat16 and int8 "
-        "weights whose greedy tokens agree, timed at warm-up, float32 unless another is 10 % faster); "
+        "weights whose greedy tokens agree, timed at warm-up, float32 unless another is a tenth faster); "
         "int8 (opt-in, CPU) = dynamic int8 layers "
         "kept only where answers hold its floor (VNNI needed), for a generator int8 weights with "
         "8-bit activations per row and float32 between the layers (VNNI), else bfloat16 activations "
@@ -156,7 +156,7 @@ class Config:
     allocator: str = setting(
         "auto", parsers.choice(*allocator.CHOICES),
         "The model processes' memory allocator: tcmalloc (preloaded) keeps their RSS flat at full "
-        "speed; glibc trims its heap after batches instead (a few % slower); auto = tcmalloc where "
+        "speed; glibc trims its heap after batches instead (a few percent slower); auto = tcmalloc where "
         "installed (apt install libtcmalloc-minimal4), else glibc.", "NAME")
     max_body_bytes: int = setting(
         16 * 1024 * 1024, parse_size,

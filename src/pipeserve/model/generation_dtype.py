@@ -74,7 +74,7 @@ def choose(call: PipelineCall, device: str, torch: Any, max_running: int) -> ipc
     if chosen != "float32":
         _put(call, chosen, torch)
     times = ", ".join(f"{dtype} {seconds * 1000:.1f} ms" for dtype, seconds in timings.items())
-    note = (f"fastest agreeing precision (float32 unless another is {CLEAR_GAIN:.0%} faster); "
+    note = (f"fastest agreeing precision (float32 unless another is {CLEAR_GAIN * 100:.0f} % faster); "
             f"1 + {max_running} streams' decoding step: {times}")
     note += "".join(f"; {part}" for part in notes)
     log.info("--dtype auto for generation: %s (%s)", chosen, note)

@@ -60,10 +60,10 @@ def swap(model: Any, torch: Any, make: Callable[[Any, Any], Any] | None = None) 
     swapped = fuse(model, torch, make, find(model, torch))
     try:
         swapped += prepack.swap(model, torch, make)
+        _copies_where_needed(model, torch)
     except BaseException:
         prepack.restore(swapped)
         raise
-    _copies_where_needed(model, torch)
     return swapped
 
 
@@ -76,10 +76,12 @@ def _copies_where_needed(model: Any, torch: Any) -> None:
         return
     try:
         _probe(model, torch)
-    except Exception as exc:  # noqa: BLE001 - the copies' case, checked once more below
+    except Exception as exc:  # noqa: BLE001 - any failure on views means copies; the caller's
+        # own check (packing's, int8's agreement) then runs the model with them
+        log.info("stacked projections hand out copies: the model failed on views of them (%s)", type(exc).__name__)
         for shared in groups.values():
             shared.copies = True
-        log.info("stacked projections hand out copies: the model failed on views of them (%s)", type(exc).__name__)
+            shared.forget()  # the failed pass left a product waiting for members never called
 
 
 def find(model: Any, torch: Any) -> list[Group]:
@@ -173,6 +175,10 @@ class Shared:
         self.copies = False  # members copy their slices out (the model cannot take views)
         self.missed = 0  # products computed while members still waited for the last one's slices
 
+    def forget(self) -> None:
+        self._input = self._output = None
+        self._waiting = set()
+
     def output_for(self, member: int, x: Any) -> Any:
         if x is self._input and member in self._waiting:
             output = self._output
@@ -187,7 +193,7 @@ class Shared:
             self._input, self._output = x, output
             self._waiting = set(range(self.members)) - {member}
         if not self._waiting:  # every member answered: hold nothing between steps
-            self._input = self._output = None
+            self.forget()
         return output
 
 
