@@ -186,18 +186,9 @@ def test_stacked_layers_at_full_width_with_mixed_biases_answer_exactly(kind: str
     at the stacked width, and a member without a bias gets none."""
     import torch
 
-    from pipeserve.model import prepack, siblings, weight_int8
-
     models = [_block_model(torch, 768, 3072) for _ in range(2)]
     for model, stacked in zip(models, (False, True), strict=True):
-        swap = siblings.swap if stacked else prepack.swap
-        if kind.startswith("int8"):
-            swap(model, torch, weight_int8._layer_class(torch, kind == "int8x8"))
-            precision.cast(model, _rest(kind))
-        else:
-            if kind == "packed-bfloat16":
-                precision.cast(model, torch.bfloat16)
-            swap(model, torch)
+        _swap(model, kind, stacked)
     assert len([m for m in models[1].modules() if type(m).__name__ == "Sibling"]) == 5
     dtype = _rest(kind)
     for rows in (1, 4, 9, 64, 300):

@@ -153,6 +153,13 @@ class WorkerSpec:
     # tcmalloc, or any malloc an operator preloaded (jemalloc), is left alone.
     allocator: str = "glibc"
 
+    def past_memory_limit(self, rss: int) -> bool:
+        """A resident size past --max-worker-memory: both processes read a process's RSS by this."""
+        limit = self.max_worker_memory
+        if not limit:
+            return False
+        return rss > limit
+
 
 @dataclass(frozen=True)
 class Agreement:

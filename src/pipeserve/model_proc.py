@@ -226,10 +226,10 @@ def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
             return ExitCode.PIPE_CLOSED
         return_free_memory()  # after the answer is on its way: off the request's latency
         # The front reads the same figure (result.rss_bytes, measured as the batch ended) the same way.
-        if spec.max_worker_memory and result.rss_bytes > spec.max_worker_memory and not draining:
+        if spec.past_memory_limit(result.rss_bytes) and not draining:
             draining = True
             log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB after a batch; draining for a restart",
-                        result.rss_bytes >> 20, spec.max_worker_memory >> 20)
+                        result.rss_bytes >> 20, (spec.max_worker_memory or 0) >> 20)
 
 
 def _stream_message(engine: Engine | None, message: ipc.Generate | ipc.Cancel) -> ipc.StreamEnd | None:

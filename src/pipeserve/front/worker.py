@@ -263,8 +263,7 @@ class WorkerProcess:
                 self._streams.deliver(message)
             self.retire_when_idle()
         elif isinstance(message, ipc.BatchResult):
-            limit = self.spec.max_worker_memory
-            self.draining = self.draining or bool(limit and message.rss_bytes > limit)  # as the process reads it
+            self.draining = self.draining or self.spec.past_memory_limit(message.rss_bytes)  # as the process reads it
             if self._pending and self._pending[0] == message.batch_id and not self._pending[1].done():
                 self._pending[1].set_result(message)
             else:

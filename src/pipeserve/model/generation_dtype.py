@@ -54,7 +54,7 @@ def choose(call: PipelineCall, device: str, torch: Any, max_running: int) -> ipc
     agreements: dict[str, ipc.Agreement] = {}
     notes = []
     for candidate in candidates:
-        swapped: list[tuple[Any, str, Any]] = []
+        swapped: prepack.Swapped = []
         try:
             swapped = _put(call, candidate, torch)
             agreements[candidate] = precision.compare(reference, call(inputs, parameters))
@@ -107,7 +107,7 @@ def _snapshot(model: Any, torch: Any, whole: bool) -> dict[str, Any]:
     return precision.host_copy(state)
 
 
-def _put(call: PipelineCall, dtype: str, torch: Any) -> list[tuple[Any, str, Any]]:
+def _put(call: PipelineCall, dtype: str, torch: Any) -> prepack.Swapped:
     """Put the float32 model in `dtype`; the layers int8 replaced, to put back."""
     if dtype == "int8":
         return weight_int8.quantize(call.pipe.model, torch)

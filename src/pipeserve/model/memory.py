@@ -54,7 +54,7 @@ def fits_limit(spec: ipc.WorkerSpec) -> None:
         return
     free_memory_returner(spec.allocator)()
     rss = rss_bytes()
-    if rss > spec.max_worker_memory:
+    if spec.past_memory_limit(rss):
         raise ValueError(f"the loaded model's process holds {rss >> 20} MiB, over --max-worker-memory "
                          f"{spec.max_worker_memory >> 20} MiB; raise the limit")
 
@@ -71,13 +71,13 @@ def over_limit(spec: ipc.WorkerSpec, return_free_memory: Callable[[], None]) -> 
     which costs one read of /proc a step)."""
     assert spec.max_worker_memory
     rss = rss_bytes()
-    if rss <= spec.max_worker_memory:
+    if not spec.past_memory_limit(rss):
         return False
     if time.monotonic() - _last_trim[0] >= TRIM_INTERVAL_S:
         return_free_memory()
         _last_trim[0] = time.monotonic()
         rss = rss_bytes()
-    if rss <= spec.max_worker_memory:
+    if not spec.past_memory_limit(rss):
         return False
     log.warning("RSS %d MiB exceeds --max-worker-memory %d MiB while generating; draining for a restart",
                 rss >> 20, spec.max_worker_memory >> 20)

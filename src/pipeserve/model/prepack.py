@@ -81,12 +81,12 @@ def apply(call: PipelineCall, torch: Any, swapper: Callable[[Any, Any], Swapped]
     return len(swapped)
 
 
-def swap(model: Any, torch: Any, make: Callable[[Any, Any], Any] | None = None) -> list[tuple[Any, str, Any]]:
+def swap(model: Any, torch: Any, make: Callable[[Any, Any], Any] | None = None) -> Swapped:
     """Replace every Linear layer (and GPT-2's Conv1D) with `make(weight [out, in], bias)`, packed
     ones by default: (parent, name, replaced layer) for each, for `restore`. The replaced layers
     are left as they were; a failure midway puts back what was replaced."""
     make = make or packed_linear_class(torch)
-    swapped: list[tuple[Any, str, Any]] = []
+    swapped: Swapped = []
     try:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -121,7 +121,7 @@ def _shared_storage(model: Any) -> set[int]:
     return shared
 
 
-def restore(swapped: list[tuple[Any, str, Any]]) -> None:
+def restore(swapped: Swapped) -> None:
     for parent, name, original in swapped:
         setattr(parent, name, original)
 

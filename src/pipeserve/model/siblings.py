@@ -52,34 +52,33 @@ PROBE_IDS = [1, 2, 3]
 Group = list[tuple[Any, str]]  # (parent module, attribute name) of each member, in call order
 
 
-def swap(model: Any, torch: Any, make: Callable[[Any, Any], Any] | None = None) -> list[tuple[Any, str, Any]]:
+def swap(model: Any, torch: Any, make: Callable[[Any, Any], Any] | None = None) -> prepack.Swapped:
     """prepack.swap, with the groups of layers that read the same input stacked into one layer
     each (`make` of the stacked weights); (parent, name, replaced layer) for each, for
     prepack.restore."""
     make = make or prepack.packed_linear_class(torch)
-    swapped = fuse(model, torch, make, find(model, torch))
+    swapped, stacked = fuse(model, torch, make, find(model, torch))
     try:
         swapped += prepack.swap(model, torch, make)
-        _copies_where_needed(model, torch)
+        _copies_where_needed(model, torch, stacked)
     except BaseException:
         prepack.restore(swapped)
         raise
     return swapped
 
 
-def _copies_where_needed(model: Any, torch: Any) -> None:
+def _copies_where_needed(model: Any, torch: Any, stacked: list[Shared]) -> None:
     """Members hand out views of the group's product; where the model's own code cannot take one
     (it flattens a projection's output with .view), the probe fails on the stacked model, and
     members copy their slices out instead."""
-    groups = {id(m.shared): m.shared for m in model.modules() if isinstance(getattr(m, "shared", None), Shared)}
-    if not groups:
+    if not stacked:
         return
     try:
         _probe(model, torch)
     except Exception as exc:  # noqa: BLE001 - any failure on views means copies; the caller's
         # own check (packing's, int8's agreement) then runs the model with them
         log.info("stacked projections hand out copies: the model failed on views of them (%s)", type(exc).__name__)
-        for shared in groups.values():
+        for shared in stacked:
             shared.copies = True
             shared.forget()  # the failed pass left a product waiting for members never called
 
@@ -129,16 +128,20 @@ def _by_parent(members: Group) -> list[Group]:
     return [group for group in parents.values() if len(group) >= 2]
 
 
-def fuse(model: Any, torch: Any, make: Callable[[Any, Any], Any], groups: list[Group]) -> list[tuple[Any, str, Any]]:
-    """Replace each group's layers with Siblings of one `make(stacked weights, stacked bias)`."""
+def fuse(model: Any, torch: Any, make: Callable[[Any, Any], Any],
+         groups: list[Group]) -> tuple[prepack.Swapped, list[Shared]]:
+    """Replace each group's layers with Siblings of one `make(stacked weights, stacked bias)`:
+    the layers replaced (for prepack.restore), and each group's Shared."""
     sibling = _sibling_class(torch)
-    swapped: list[tuple[Any, str, Any]] = []
+    swapped: prepack.Swapped = []
+    made: list[Shared] = []
     try:
         for group in groups:
             layers = [getattr(parent, name) for parent, name in group]
             weights: list[Any] = [prepack.linear_weight(layer, torch) for layer in layers]
             stacked = make(torch.cat([weight.detach() for weight in weights]), _stacked_bias(layers, weights, torch))
             shared = Shared(stacked, len(group), "/".join(name for _, name in group))
+            made.append(shared)
             start = 0
             for member, ((parent, name), layer, weight) in enumerate(zip(group, layers, weights, strict=True)):
                 setattr(parent, name, sibling(shared, member, start, start + weight.shape[0]))
@@ -150,7 +153,7 @@ def fuse(model: Any, torch: Any, make: Callable[[Any, Any], Any], groups: list[G
     if groups:
         log.info("stacked %d groups of linear layers that read the same input (%d layers)", len(groups),
                  len(swapped))
-    return swapped
+    return swapped, made
 
 
 def _stacked_bias(layers: list[Any], weights: list[Any], torch: Any) -> Any:

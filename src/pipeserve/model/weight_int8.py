@@ -64,7 +64,7 @@ ACTIVATIONS = {True: "activations quantised to 8 bits per row (VNNI), float32 be
                False: "bfloat16 activations (weight-only)"}
 
 
-def quantize(model: Any, torch: Any, activations: bool | None = None) -> list[tuple[Any, str, Any]]:
+def quantize(model: Any, torch: Any, activations: bool | None = None) -> prepack.Swapped:
     """Replace the model's Linear layers with int8 ones, the rest in float32 with 8-bit activations
     and in bfloat16 without (see the module doc): (parent, name, replaced layer) for each, to put
     back (`prepack.restore`): the replaced layers are untouched.
