@@ -32,7 +32,7 @@ from typing import Any
 
 from pipeserve import ipc
 from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
-from pipeserve.model import attention, kv_cache, model_limits, prefill_groups
+from pipeserve.model import attention, kv_cache, lean_decode, model_limits, prefill_groups
 from pipeserve.model.prefix_cache import Entry, Hit, PrefixCache, kept
 from pipeserve.model.prompts import tail_ids
 from pipeserve.model.sampling import sample_one, samples
@@ -75,11 +75,11 @@ class Engine:
         self._decode_next = False  # a chunk of a long prompt was prefilled: the running streams' turn
         attention.use_for_decoding(model)
         forward_parameters = inspect.signature(model.forward).parameters
-        # transformers 5 renamed past_key_values to cache (the old name warns, then goes away).
-        self._cache_keyword = "cache" if "cache" in forward_parameters else "past_key_values"
+        self._cache_keyword = kv_cache.keyword(model)
         # A prefill needs the next-token logits of the last position only; the others would cost
         # a vocabulary-wide projection per prompt token (GPT-2: as much as the rest of the model).
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+        self._lean = lean_decode.verified(model, torch)  # None: transformers' steps
 
     @property
     def active(self) -> bool:
@@ -252,6 +252,8 @@ class Engine:
         positions = self.mask.sum(dim=-1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
         # transformers' generate() also gives attention-free models no mask after the prompt.
+        if self._lean is not None and self.joinable:  # the growing cache, whose check passed at load
+            return self._sample(self._lean(last, self.mask, positions, self.cache)[:, -1, :], self.running)
         mask = None if kv_cache.attention_free(self.cache) else self.mask
         output = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self._cache_keyword: self.cache})

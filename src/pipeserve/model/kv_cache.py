@@ -25,6 +25,14 @@ def stacks(model: Any, first_token: list[int], device: Any) -> bool:
     return stackable(cache_of(model(input_ids=torch.tensor([first_token], device=device), use_cache=True)))
 
 
+def keyword(model: Any) -> str:
+    """The forward's cache argument: transformers 5 renamed past_key_values to cache (the old name
+    warns, then goes away)."""
+    import inspect  # noqa: PLC0415
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def cache_of(output: Any) -> Any:
     """A forward's cache (transformers 5 renamed past_key_values to cache)."""
     cache = getattr(output, "cache", None)
