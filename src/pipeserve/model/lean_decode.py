@@ -43,37 +43,59 @@ PROBE_IDS = [1, 2, 3, 4]
 
 
 def verified(model: Any, torch: Any) -> LeanDecode | None:
-    """The lean path for this model where it gives transformers' answers bit for bit; else None."""
-    with torch.inference_mode():
-        if not shaped(model) or not kv_cache.stacks(model, PROBE_IDS[:1], model.device):
-            return None  # not built like a Llama, or a cache that cannot grow (the engine's static batches)
-        norms = [model.model.norm] + [norm for layer in model.model.layers
-                                      for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        lean = LeanDecode(model, torch, fused_norms=all(_fuses(norm, torch) for norm in norms))
+    """The lean path for this model where it gives transformers' answers bit for bit; else None
+    (and the model is served through transformers' forward, whatever failed here)."""
     try:
+        with torch.inference_mode():
+            if not shaped(model) or not kv_cache.stacks(model, PROBE_IDS[:1], model.device):
+                return None  # not built like a Llama, or a cache that cannot grow (the engine's static batches)
+            lean = LeanDecode(model, torch, fused_norms=all(_fuses(norm, torch) for norm in _norms(model)))
         same = all(_same_step(model, torch, lean, rows) for rows in (1, 2))
     except Exception as exc:  # noqa: BLE001 - any failure keeps transformers' forward
         log.info("decoding steps stay with transformers: the check failed (%s)", type(exc).__name__)
+        _forget_stacked(model)
         return None
     if not same:
-        log.info("decoding steps stay with transformers: a lean step's answers differed from its")
+        log.info("decoding steps stay with transformers: a lean step's answers differed from transformers'")
         return None
     log.info("decoding steps skip transformers' per-layer calls (%s norms)", "fused" if lean.fused_norms else "own")
     return lean
 
 
+def _norms(model: Any) -> list[Any]:
+    return [model.model.norm] + [norm for layer in model.model.layers
+                                 for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+
+
 def _fuses(norm: Any, torch: Any) -> bool:
     """Whether torch's fused rms_norm gives this norm's outputs bit for bit (float32: yes; bfloat16:
-    no, the module rounds before its weight), on rows wide apart in scale."""
-    generator = torch.Generator(device=norm.weight.device).manual_seed(0)
-    rows = torch.randn((64, norm.weight.shape[0]), generator=generator, device=norm.weight.device)
-    rows = (rows * torch.logspace(-3, 3, 64, device=rows.device)[:, None]).to(norm.weight.dtype)
+    no, the module rounds before its weight), on rows wide apart in scale. On a CPU only: torch
+    2.13's CPU rms_norm is the module's own operations composed, while CUDA's fused kernel may
+    reduce otherwise at another number of rows than tried here."""
+    if norm.weight.device.type != "cpu":
+        return False
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn((64, norm.weight.shape[0]), generator=generator)
+    rows = (rows * torch.logspace(-3, 3, 64)[:, None]).to(norm.weight.dtype)
     fused = torch.nn.functional.rms_norm(rows, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return bool(torch.equal(fused, norm.forward(rows)))
 
 
+def _forget_stacked(model: Any) -> None:
+    """A check that failed midway may leave a stacked group's product waiting for members never
+    called (model/siblings.py): dropped, or its next call would warn of different inputs."""
+    from pipeserve.model import siblings  # noqa: PLC0415 - siblings -> prepack -> adapters -> generation -> here
+    for module in model.modules():
+        if isinstance(getattr(module, "shared", None), siblings.Shared):
+            module.shared.forget()
+
+
 def shaped(model: Any) -> bool:
-    """Whether the model is built like a Llama, with no hooks on any module."""
+    """Whether the model is built like a Llama, with no hooks: transformers' calls run a module's
+    hooks, and accelerate's (device_map offloading) replace a module's forward; this path would
+    skip both."""
+    import torch  # noqa: PLC0415
+
     inner = getattr(model, "model", None)
     if inner is None or getattr(model, "lm_head", None) is None:
         return False
@@ -81,9 +103,17 @@ def shaped(model: Any) -> bool:
         return False
     if getattr(model.config, "_attn_implementation", None) not in MASKED_AS_SDPA:
         return False
-    if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
-        return False  # accelerate's offloading, a user's hook: transformers' calls run them, this would not
-    return all(_layer_shaped(layer) for layer in inner.layers)
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    if any(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook")
+           or "forward" in vars(module) for module in model.modules()):
+        return False
+    return _rms_norm(inner.norm) and all(_layer_shaped(layer) for layer in inner.layers)
+
+
+def _rms_norm(norm: Any) -> bool:
+    return getattr(norm, "weight", None) is not None and hasattr(norm, "variance_epsilon")
 
 
 def _layer_shaped(layer: Any) -> bool:
@@ -91,8 +121,7 @@ def _layer_shaped(layer: Any) -> bool:
     return (_children(layer) == LAYER_PARTS and _children(attention) == ATTENTION_PARTS
             and MLP_PRODUCTS <= _children(mlp) <= MLP_PRODUCTS | {"act_fn"} and callable(getattr(mlp, "act_fn", None))
             and all(hasattr(attention, name) for name in ("head_dim", "scaling"))
-            and all(hasattr(norm, "weight") and hasattr(norm, "variance_epsilon")
-                    for norm in (layer.input_layernorm, layer.post_attention_layernorm)))
+            and _rms_norm(layer.input_layernorm) and _rms_norm(layer.post_attention_layernorm))
 
 
 def _children(module: Any) -> set[str]:
