@@ -6,7 +6,9 @@ drifts between runs; a pair within one round is what compares). From the repo ro
     .venv/bin/python bench/decode_step.py            # writes bench/DECODE_STEP.md
 
 For each precision and each number of streams: the median step (every stream one token) over
-STEPS steps, per round; the same greedy tokens both ways is checked, not assumed.
+STEPS steps, per round; the same greedy tokens both ways is checked, not assumed. Last, int8 at
+one stream with every product made free (each int8 layer answers zeros at once): what a step
+costs besides its products, both ways.
 """
 
 from __future__ import annotations
@@ -75,6 +77,31 @@ def measure(dtype: str, streams: int, rounds: int) -> dict[str, Any]:
             "same_tokens": tokens["transformers"] == tokens["lean"]}
 
 
+def overhead(rounds: int) -> dict[str, Any]:
+    """int8, one stream: each way's step with every product made free (an int8 layer answers a
+    kept zero row at once), so step minus this is what the products cost, and this is the rest."""
+    import torch
+
+    from pipeserve.model import weight_int8
+
+    layer_class = weight_int8._layer_class(torch, weight_int8.quantizes_activations(torch))
+    own = layer_class.forward
+    zeros: dict[tuple[int, ...], Any] = {}
+
+    def free(self: Any, x: Any) -> Any:
+        shape = (*x.shape[:-1], self.out_features)
+        if shape not in zeros:
+            zeros[shape] = torch.zeros(shape)
+        return zeros[shape]
+
+    layer_class.forward = free
+    try:
+        row = measure("int8", 1, rounds)
+    finally:
+        layer_class.forward = own
+    return {**row, "dtype": "int8, products made free", "same_tokens": None}
+
+
 def report(rows: list[dict[str, Any]], command: str) -> str:
     import torch
     import transformers
@@ -96,8 +123,12 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         theirs, ours = row["medians"]["transformers"], row["medians"]["lean"]
         ratio = statistics.median(o / t for o, t in zip(ours, theirs, strict=True))
         lines.append(f"| {row['dtype']} | {row['streams']} | {' '.join(f'{x:.1f}' for x in theirs)} | "
-                     f"{' '.join(f'{x:.1f}' for x in ours)} | {ratio:.2f} | {'yes' if row['same_tokens'] else 'NO'} |")
+                     f"{' '.join(f'{x:.1f}' for x in ours)} | {ratio:.2f} | {_same(row['same_tokens'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _same(same: bool | None) -> str:
+    return "-" if same is None else "yes" if same else "NO"
 
 
 def main() -> None:
@@ -106,9 +137,12 @@ def main() -> None:
     parser.add_argument("--streams", default="1,32")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output", default=str(BENCH / "DECODE_STEP.md"))
+    parser.add_argument("--no-overhead", action="store_true", help="skip the int8 step with its products made free")
     args = parser.parse_args()
     rows = [measure(dtype, int(streams), args.rounds)
             for dtype in args.dtypes.split(",") for streams in args.streams.split(",")]
+    if not args.no_overhead:
+        rows.append(overhead(args.rounds))
     text = report(rows, " ".join([".venv/bin/python", "bench/decode_step.py", *sys.argv[1:]]))
     Path(args.output).write_text(text)
     print(text)

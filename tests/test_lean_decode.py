@@ -133,3 +133,22 @@ def test_a_llama_served_decodes_on_the_lean_path(start_server: Any, task_models:
                            {"Content-Type": "application/json"}).json()
     served = [token["id"] for token in reply["details"]["tokens"]]
     assert served == _alone(model, tokenizer, "the good movie", 6)
+
+
+def test_a_failed_check_drops_stacked_groups_waiting_products(task_models: dict[str, Path]) -> None:
+    """A check that fails midway (after a group's first member, before the others) must not leave
+    the group's product waiting: the next real call would warn that its members were handed
+    different inputs."""
+    import torch
+
+    from pipeserve.model import lean_decode, weight_int8
+
+    model = _model("llama", _tokenizer(task_models))
+    weight_int8.quantize(model, torch)
+    attention = model.model.layers[0].self_attn
+    shared = attention.q_proj.shared
+    with torch.inference_mode():
+        attention.q_proj(torch.randn(1, 1, model.config.hidden_size))
+    assert shared._waiting  # k and v have not had their slices
+    lean_decode._forget_stacked(model)
+    assert not shared._waiting and shared._output is None

@@ -83,11 +83,12 @@ def _fuses(norm: Any, torch: Any) -> bool:
 
 def _forget_stacked(model: Any) -> None:
     """A check that failed midway may leave a stacked group's product waiting for members never
-    called (model/siblings.py): dropped, or its next call would warn of different inputs."""
-    from pipeserve.model import siblings  # noqa: PLC0415 - siblings -> prepack -> adapters -> generation -> here
+    called (model/siblings.py's Shared, reached by duck type: siblings imports what imports this):
+    dropped, or its next call would warn of different inputs."""
     for module in model.modules():
-        if isinstance(getattr(module, "shared", None), siblings.Shared):
-            module.shared.forget()
+        forget = getattr(getattr(module, "shared", None), "forget", None)
+        if callable(forget):
+            forget()
 
 
 def shaped(model: Any) -> bool:
