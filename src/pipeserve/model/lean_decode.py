@@ -1,13 +1,14 @@
 """Decoding steps of Llama-shaped generators without transformers' per-call machinery.
 
 A decoding step multiplies one row per stream by every matrix of the model. For one stream the
-products are the cheap part to improve no further: they read every weight once, at this
-machine's memory speed (bench/LLAMACPP.md's model in int8, 2 cores: the 49 products alone take
-~7 ms, about what llama-server's whole q8_0 step takes). What is left is the Python around them:
-transformers' model, layer and attention modules, each call's keyword handling, the attention
-mask built and checked every step, the output objects. On that model, in-process, a decoding
-step with its products made free took 4.5 ms through transformers and 2.9 ms through this path
-(the same tokens, bit for bit; five rounds, medians).
+products cannot get much cheaper: they read every weight once, at this machine's memory speed
+(bench/LLAMACPP.md's model in int8, 2 cores: the 49 products alone take ~7 ms, about what
+llama-server's whole q8_0 step takes). What is left is the Python around them: transformers'
+model, layer and attention modules, each call's keyword handling, the attention mask built and
+checked every step, the output objects. On that model, in-process, a lone stream's int8 step
+with its products made free took 3.5-6.1 ms through transformers and 2.3-2.9 ms through this
+path, and the whole step 0.82x transformers' (the same tokens, bit for bit; five interleaved
+rounds; bench/DECODE_STEP.md).
 
 This path runs the same computation, in the same order, on the model's own modules: each layer's
 RMS norms (torch's fused rms_norm where it gives the module's output bit for bit: in float32),
@@ -20,8 +21,9 @@ A model qualifies by its shape (Llama, Mistral, Qwen2 and models built like them
 exactly self_attn, mlp and two norms; attention of exactly q/k/v/o projections; a gated MLP) and
 by a check at load: through this path, a decoding step on a probe, one row and then two rows (one
 left-padded), must give transformers' own logits and keys and values bit for bit. A model that
-differs anywhere (Gemma's scaled embeddings and offset norms, a bias, a softcap, another mask)
-fails it and keeps transformers' forward.
+differs anywhere (Gemma's scaled embeddings and offset norms, Granite's multipliers, a softcap,
+layers without rotary embeddings) fails the shape test or the check and keeps transformers'
+forward.
 """
 
 from __future__ import annotations
