@@ -65,16 +65,20 @@ def measure(dtype: str, streams: int, rounds: int) -> dict[str, Any]:
     lean = engine._lean
     if lean is None:
         raise SystemExit(f"{dtype}: the lean path did not pass its check on this model")
-    medians: dict[str, list[float]] = {"transformers": [], "lean": []}
-    tokens: dict[str, list[tuple[int, int]]] = {}
-    _steps(engine, streams, 4)  # warm
-    for _ in range(rounds):
-        for way, kept in medians.items():
-            engine._lean = lean if way == "lean" else None
+    ways = {"transformers": None, "lean": lean}
+    medians: dict[str, list[float]] = {way: [] for way in ways}
+    same_tokens = True
+    for path in ways.values():  # warm both
+        engine._lean = path
+        _steps(engine, streams, 4)
+    for round_ in range(rounds):
+        tokens: dict[str, list[tuple[int, int]]] = {}
+        for way in sorted(ways, reverse=bool(round_ % 2)):  # each goes first in every other round
+            engine._lean = ways[way]
             times, tokens[way] = _steps(engine, streams, STEPS)
-            kept.append(statistics.median(times) * 1e3)
-    return {"dtype": dtype, "streams": streams, "medians": medians,
-            "same_tokens": tokens["transformers"] == tokens["lean"]}
+            medians[way].append(statistics.median(times) * 1e3)
+        same_tokens = same_tokens and tokens["transformers"] == tokens["lean"]
+    return {"dtype": dtype, "streams": streams, "medians": medians, "same_tokens": same_tokens}
 
 
 def overhead(rounds: int) -> dict[str, Any]:
@@ -86,13 +90,13 @@ def overhead(rounds: int) -> dict[str, Any]:
 
     layer_class = weight_int8._layer_class(torch, weight_int8.quantizes_activations(torch))
     own = layer_class.forward
-    zeros: dict[tuple[int, ...], Any] = {}
+    zeros: dict[tuple[tuple[int, ...], Any], Any] = {}
 
     def free(self: Any, x: Any) -> Any:
         shape = (*x.shape[:-1], self.out_features)
-        if shape not in zeros:
-            zeros[shape] = torch.zeros(shape)
-        return zeros[shape]
+        if (shape, x.dtype) not in zeros:
+            zeros[shape, x.dtype] = torch.zeros(shape, dtype=x.dtype)
+        return zeros[shape, x.dtype]
 
     layer_class.forward = free
     try:

@@ -135,20 +135,25 @@ def test_a_llama_served_decodes_on_the_lean_path(start_server: Any, task_models:
     assert served == _alone(model, tokenizer, "the good movie", 6)
 
 
-def test_a_failed_check_drops_stacked_groups_waiting_products(task_models: dict[str, Path]) -> None:
-    """A check that fails midway (after a group's first member, before the others) must not leave
-    the group's product waiting: the next real call would warn that its members were handed
-    different inputs."""
+def test_a_failed_check_drops_stacked_groups_waiting_products(
+        task_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check that fails midway (here the MLP's activation raises after the stacked gate/up
+    product was computed, before the up projection took its slice) keeps transformers' steps and
+    leaves no group's product waiting: its next real call would warn that its members were
+    handed different inputs."""
     import torch
 
     from pipeserve.model import lean_decode, weight_int8
 
     model = _model("llama", _tokenizer(task_models))
     weight_int8.quantize(model, torch)
-    attention = model.model.layers[0].self_attn
-    shared = attention.q_proj.shared
-    with torch.inference_mode():
-        attention.q_proj(torch.randn(1, 1, model.config.hidden_size))
-    assert shared._waiting  # k and v have not had their slices
-    lean_decode._forget_stacked(model)
-    assert not shared._waiting and shared._output is None
+    mlp = model.model.layers[0].mlp
+    groups = [module.shared for module in model.modules() if hasattr(module, "shared")]
+    assert mlp.gate_proj.shared in groups
+
+    def fails(self: Any, x: Any) -> Any:
+        raise RuntimeError("an activation that fails")
+
+    monkeypatch.setattr(type(mlp.act_fn), "forward", fails)
+    assert lean_decode.verified(model, torch) is None
+    assert not any(group._waiting for group in groups) and all(group._output is None for group in groups)
