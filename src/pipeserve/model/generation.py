@@ -251,9 +251,9 @@ class Engine:
         last = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)
         positions = self.mask.sum(dim=-1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
-        # transformers' generate() also gives attention-free models no mask after the prompt.
         if self._lean is not None and self.joinable:  # the growing cache, whose check passed at load
             return self._sample(self._lean(last, self.mask, positions, self.cache)[:, -1, :], self.running)
+        # transformers' generate() also gives attention-free models no mask after the prompt.
         mask = None if kv_cache.attention_free(self.cache) else self.mask
         output = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self._cache_keyword: self.cache})
