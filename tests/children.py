@@ -127,9 +127,9 @@ def model_past_its_memory_limit_once_serving(conn: Any, spec: ipc.WorkerSpec) ->
     serve, step = model_proc._serve, model_proc._step
     steps = 0
 
-    def serve_past_the_limit(conn: Any, call: Any, spec: ipc.WorkerSpec) -> int:
+    def serve_past_the_limit(conn: Any, call: Any, engine: Any, spec: ipc.WorkerSpec) -> int:
         memory.rss_bytes = lambda: 1 << 50  # type: ignore[assignment]
-        return serve(conn, call, spec)
+        return serve(conn, call, engine, spec)
 
     def step_after_the_gate(engine: Any) -> ipc.Step:  # the first step, then none until the gate opens
         nonlocal steps

@@ -253,6 +253,7 @@ def test_int8_generation_through_the_server(start_server: Any, task_models: dict
     assert info["dtype"] == "int8"
     assert info["precision"]["note"].endswith(weight_int8.ACTIVATIONS[weight_int8.quantizes_activations(torch)])
     assert info["precision"]["agreement"]["inputs"] >= 1  # the check texts that fit the positions
+    assert info["details"]["decoding_steps"] == "transformers"  # GPT-2 is not built like a Llama
     reply = server.request("POST", "/generate", '{"inputs": "the good movie", "parameters": '
                            '{"max_new_tokens": 6, "do_sample": false, "details": true}}',
                            {"Content-Type": "application/json"}).json()

@@ -120,13 +120,14 @@ def test_a_model_computing_otherwise_than_the_lean_step_keeps_transformers_steps
 @pytest.mark.timeout(180)
 def test_a_llama_served_decodes_on_the_lean_path(start_server: Any, task_models: dict[str, Path],
                                                  tmp_path: Path) -> None:
-    """Through a real server: the model process says it took the lean path, and the streamed
-    greedy tokens are the model's own choice recomputed without a cache at every step."""
+    """Through a real server: /info and the model process's log say it took the lean path, and the
+    streamed greedy tokens are the model's own choice recomputed without a cache at every step."""
     tokenizer = _tokenizer(task_models)
     model = _model("llama", tokenizer)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     server = start_server("--model", str(tmp_path), "--log-level", "info")
+    assert server.info()["details"]["decoding_steps"] == "lean (fused norms)"  # float32 on a CPU
     server.wait_log("decoding steps skip transformers' per-layer calls")
     reply = server.request("POST", "/generate", '{"inputs": "the good movie", "parameters": '
                            '{"max_new_tokens": 6, "do_sample": false, "details": true}}',

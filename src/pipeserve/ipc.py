@@ -200,7 +200,8 @@ class Ready:
     open_parameters: bool = False
     input_kind: InputKind = InputKind.TEXT
     # Facts of the loaded model for the API dialects' /info and routes (plain JSON values):
-    # max_input_length, labels, hidden_size, pooling, normalize, has_tokenizer, prompts.
+    # max_input_length, labels, hidden_size, pooling, normalize, has_tokenizer, prompts, and a
+    # generator's decoding_steps (model/lean_decode.py's path or transformers').
     details: dict[str, Any] = field(default_factory=dict)
     precision: Precision | None = None
 

@@ -57,13 +57,13 @@ def main(conn: Any, spec: ipc.WorkerSpec) -> None:
     _volunteer_for_oom_killer()
     _yield_cpu_to_the_front()
     try:
-        call, ready = _load(spec)
+        call, engine, ready = _load(spec)
     except BaseException as exc:  # noqa: BLE001 - anything here means "cannot serve"
         reason = f"cannot load model {spec.model or spec.pipeline!r}: {_describe(exc)}"
         _send(conn, ipc.Fatal(reason=reason, detail=traceback.format_exc()))
         os._exit(ExitCode.LOAD_FAILED)
     _send(conn, ready)
-    os._exit(_serve(conn, call, spec))
+    os._exit(_serve(conn, call, engine, spec))
 
 
 # --- process hygiene --------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _send(conn: Any, message: ipc.FromWorker) -> None:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
+def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, Engine | None, ipc.Ready]:
     started = time.monotonic()
     import torch  # noqa: PLC0415 - only the model process may import torch
 
@@ -133,6 +133,9 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
     warmup = call.warmup()
     if warmup is not None:
         call(*warmup)
+    # The engine before Ready: its load-time check (model/lean_decode.py's) is part of loading,
+    # and /info reports what it chose.
+    engine = call.engine(spec.max_running_sequences, spec.prefix_cache_bytes, spec.max_batch_prefill_tokens)
     # str(): torch.__version__ is a TorchVersion, and unpickling one would import torch in the front.
     versions = {"torch": str(torch.__version__), "python": sys.version.split()[0]}
     transformers = sys.modules.get("transformers")
@@ -151,13 +154,13 @@ def _load(spec: ipc.WorkerSpec) -> tuple[BatchCall, ipc.Ready]:
         parameters=parameters,
         open_parameters=open_parameters,
         input_kind=call.input_kind,
-        details=call.details(),
+        details={**call.details(), **(engine.details() if engine is not None else {})},
         precision=chosen,
     )
     log.info("loaded %s (%s) on %s in %s in %.1fs%s; allocator %s", spec.model or spec.pipeline, call.task,
              device, chosen.dtype, ready.load_seconds, _precision_note(chosen), spec.allocator)
     memory.fits_limit(spec)
-    return call, ready
+    return call, engine, ready
 
 
 def _precision_note(chosen: ipc.Precision) -> str:
@@ -177,14 +180,13 @@ def _resolve_device(device: str, torch: Any) -> str:
 # --- serving ----------------------------------------------------------------------------------
 
 
-def _serve(conn: Any, call: BatchCall, spec: ipc.WorkerSpec) -> int:
+def _serve(conn: Any, call: BatchCall, engine: Engine | None, spec: ipc.WorkerSpec) -> int:
     """Answer messages; while sequences are being generated, one decoding step between reads.
 
     Past --max-worker-memory (measured after each batch and each decoding step) the process
     drains: its steps say so, the front sends it no new work, and once it holds none the front
     sends `Retire`; it exits for a clean restart when nothing is left to generate. The front
     decides when: a stream or batch it sent before it knew is served, not lost to the exit."""
-    engine = call.engine(spec.max_running_sequences, spec.prefix_cache_bytes, spec.max_batch_prefill_tokens)
     return_free_memory = memory.free_memory_returner(spec.allocator)
     draining = retiring = False
     while True:

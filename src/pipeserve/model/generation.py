@@ -31,10 +31,9 @@ from collections import deque
 from typing import Any
 
 from pipeserve import ipc
-from pipeserve.ipc import DEFAULT_MAX_NEW_TOKENS, ErrorKind
-from pipeserve.model import attention, kv_cache, lean_decode, model_limits, prefill_groups
+from pipeserve.ipc import ErrorKind
+from pipeserve.model import attention, kv_cache, lean_decode, model_limits, prefill_groups, prompts
 from pipeserve.model.prefix_cache import Entry, Hit, PrefixCache, kept
-from pipeserve.model.prompts import tail_ids
 from pipeserve.model.sampling import sample_one, samples
 from pipeserve.model.sequence import Sequence
 
@@ -80,6 +79,13 @@ class Engine:
         # a vocabulary-wide projection per prompt token (GPT-2: as much as the rest of the model).
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
         self._lean = lean_decode.verified(model, torch)  # None: transformers' steps
+        if self._lean is not None:
+            self.static = False  # its check stacked a cache
+
+    def details(self) -> dict[str, Any]:
+        """What /info reports of the engine (plain JSON values)."""
+        return {"decoding_steps": "transformers" if self._lean is None else
+                f"lean ({'fused' if self._lean.fused_norms else 'own'} norms)"}
 
     @property
     def active(self) -> bool:
@@ -90,7 +96,7 @@ class Engine:
     def add(self, request: ipc.Generate) -> ipc.StreamEnd | None:
         """Queue a sequence; a StreamEnd at once when its prompt cannot be served."""
         try:
-            prompt_ids = self._prompt_ids(request)
+            prompt_ids = prompts.prompt_ids(self.tokenizer, request, self.max_positions)
         except (ValueError, TypeError, KeyError) as exc:
             return ipc.StreamEnd(request.stream_id, "error", 0, 0,
                                  error=ipc.Failed(ErrorKind.BAD_INPUT, ipc.public_message(str(exc))))
@@ -108,34 +114,6 @@ class Engine:
         for sequence in [*self.waiting, *self.running]:
             if sequence.stream_id == stream_id:
                 sequence.cancelled = True
-
-    def _prompt_ids(self, request: ipc.Generate) -> list[int]:
-        """The prompt's tokens, its end kept where it is longer than the positions left."""
-        max_new_tokens = int(request.parameters.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-        room = self.max_positions - max_new_tokens
-        if room < 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
-                             f"model's {self.max_positions} positions")
-        if request.messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError("this model has no chat template")
-            try:
-                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
-                                                          tokenize=False)
-            except Exception as exc:  # the template is the model's; the messages are the request's
-                # Templates refuse messages they do not take by raising (`raise_exception`: "roles
-                # must alternate", no system role): jinja2's TemplateError, not a ValueError.
-                raise ValueError(f"the model's chat template refused these messages: {exc}") from exc
-            ids = tail_ids(self.tokenizer, text, room, add_special_tokens=False)
-        else:
-            ids = tail_ids(self.tokenizer, request.prompt or "", room, add_special_tokens=True)
-        if not ids:  # an empty prompt: generate from the start of a text, as transformers does
-            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
-                else self.tokenizer.eos_token_id
-            if start is None:
-                raise ValueError("the prompt is empty, and this model has no token to start a text from")
-            ids = [int(start)]
-        return ids[-room:]  # keep the end of an over-long prompt
 
     # --- one step ---------------------------------------------------------------------------
 
