@@ -12,7 +12,7 @@ here. Four streams decode (256 new tokens each); once they run, one client sends
 streams' inter-token gaps before the join (p50, p99) and while the long prompt is handled (from
 its request until its answer, plus 0.2 s: the largest gap and p99), and the long request's
 latency. The same rounds in-process: tokenizing the whole 200 KB prompt against the engine's
-tail-only tokenization (model/generation.tail_ids), and whether both keep the same tokens.
+tail-only tokenization (model/prompts.tail_ids), and whether both keep the same tokens.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def in_process() -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(BENCH.parent / "src"))
-    from pipeserve.model.generation import tail_ids
+    from pipeserve.model.prompts import tail_ids
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     prompt, room = long_prompt(), 1024 - 768

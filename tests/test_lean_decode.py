@@ -126,7 +126,7 @@ def test_a_llama_served_decodes_on_the_lean_path(start_server: Any, task_models:
     model = _model("llama", tokenizer)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    server = start_server("--model", str(tmp_path), "--log-level", "info")
+    server = start_server("--model", str(tmp_path), "--dtype", "float32", "--log-level", "info")
     assert server.info()["details"]["decoding_steps"] == "lean (fused norms)"  # float32 on a CPU
     server.wait_log("decoding steps skip transformers' per-layer calls")
     reply = server.request("POST", "/generate", '{"inputs": "the good movie", "parameters": '

@@ -67,8 +67,9 @@ class Engine:
         self.cache: Any = None
         self.mask: Any = None  # [rows, columns]: 1 where a row has a real token
         self.joinable = True  # False once a cache shows it cannot be stacked (see module doc)
-        # Whether caches cannot be stacked (None until the first is seen), for good. A static batch
-        # is prefilled whole, in one pass: a prompt left out would wait for the whole batch.
+        # Whether caches cannot be stacked (None until the first is seen, or the lean path's check
+        # below stacked one), for good. A static batch is prefilled whole, in one pass: a prompt
+        # left out would wait for the whole batch.
         self.static: bool | None = None
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._decode_next = False  # a chunk of a long prompt was prefilled: the running streams' turn
@@ -80,7 +81,8 @@ class Engine:
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
         self._lean = lean_decode.verified(model, torch)  # None: transformers' steps
         if self._lean is not None:
-            self.static = False  # its check stacked a cache
+            # Its check stacked a cache: a first burst of prompts is prefilled by length, as later ones.
+            self.static = False
 
     def details(self) -> dict[str, Any]:
         """What /info reports of the engine (plain JSON values)."""

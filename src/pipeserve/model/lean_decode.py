@@ -2,12 +2,12 @@
 
 A decoding step multiplies one row per stream by every matrix of the model. For one stream the
 products cannot get much cheaper: they read every weight once, at this machine's memory speed
-(bench/LLAMACPP.md's model in int8, 2 cores: the 49 products alone take ~7 ms, about what
+(bench/LLAMACPP.md's model in int8, 2 cores: the 49 products alone take 5-7 ms, about what
 llama-server's whole q8_0 step takes). What is left is the Python around them: transformers'
 model, layer and attention modules, each call's keyword handling, the attention mask built and
 checked every step, the output objects. On that model, in-process, a lone stream's int8 step
-with its products made free took 3.5-6.1 ms through transformers and 2.3-2.9 ms through this
-path, and the whole step 0.82x transformers' (the same tokens, bit for bit; five interleaved
+with its products made free took 3.4-4.2 ms through transformers and 2.4-3.0 ms through this
+path, and the whole step 0.87x transformers' (the same tokens, bit for bit; five interleaved
 rounds; bench/DECODE_STEP.md).
 
 This path runs the same computation, in the same order, on the model's own modules: each layer's
