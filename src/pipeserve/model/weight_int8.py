@@ -172,6 +172,7 @@ def _int8x8_class(torch: Any) -> Any:
             anchor[:, 0] = torch.tensor([1.0, -1.0])
             # Not persistent: precision.cast leaves such buffers in float32, where the products are.
             self.register_buffer("anchor", anchor, persistent=False)
+            self.register_buffer("signs", torch.tensor([[1.0], [-1.0]]), persistent=False)  # for _alone
             self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
 
         def forward(self, x: Any) -> Any:
@@ -194,7 +195,8 @@ def _int8x8_class(torch: Any) -> Any:
         def _alone(self, rows: Any) -> Any:
             try:
                 rows = rows if rows.dtype == torch.float32 else rows.float()
-                return linear_dynamic(torch.cat([rows, rows.neg()]), self.packed, False)[:1]
+                # The row over its negation, in one operation (times 1 and -1 are exact).
+                return linear_dynamic(rows * self.signs, self.packed, False)[:1]
             except RuntimeError:  # fbgemm refuses a NaN range: the row's outputs are not numbers
                 if bool(torch.isfinite(rows).all()):
                     raise
