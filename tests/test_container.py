@@ -284,6 +284,8 @@ def test_user_is_numeric_non_root_and_owns_the_cache() -> None:
              if i.keyword == "RUN" and hf_home in i.args and re.search(rf"\b{uid}\b", i.args)]
     volume = [index for index, i in enumerate(runtime) if i.keyword == "VOLUME"]
     assert owner and volume and owner[0] < volume[0]
+    # Group 0's too, and writable by it: OpenShift runs the image as an arbitrary UID in group 0.
+    assert re.search(rf"-g 0 -m 0775 {re.escape(hf_home)}\b", runtime[owner[0]].args)
 
 
 @pytest.mark.timeout(30)
@@ -365,9 +367,12 @@ def test_grace_period_outlasts_the_drain() -> None:
 
     args = [str(arg) for arg in server_container().get("args", [])]
     config = load_config(args, environ=pipeserve_env())  # flag > variable > default, as at run time
-    # SIGTERM → drain (up to --drain-timeout) → each model process gets its exit grace → exit;
-    # the kubelet's SIGKILL must come after all of it.
-    assert pod_spec()["terminationGracePeriodSeconds"] > config.drain_timeout + SHUTDOWN_GRACE_S
+    # preStop's pause (serving while the endpoint removal spreads) → SIGTERM → drain (up to
+    # --drain-timeout) → each model process gets its exit grace → exit; the kubelet's SIGKILL
+    # must come after all of it.
+    pause = server_container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep" and float(pause[1]) >= 1
+    assert pod_spec()["terminationGracePeriodSeconds"] > float(pause[1]) + config.drain_timeout + SHUTDOWN_GRACE_S
 
 
 # --- the server on a read-only root filesystem --------------------------------------------------------

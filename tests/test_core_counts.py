@@ -157,6 +157,19 @@ def test_cpu_defaults_for_every_core_count(monkeypatch: pytest.MonkeyPatch, core
     assert config.derived()["gpu"] is False
 
 
+@pytest.mark.parametrize(("nodes", "present"), [
+    (["nvidia0", "nvidiactl", "nvidia-uvm"], True),
+    (["nvidia3", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"], True),  # a pod given GPU 3 alone
+    (["nvidiactl", "nvidia-uvm", "nvidia-modeset"], False),  # the driver's nodes, no GPU's
+    ([], False),
+])
+def test_a_gpu_is_any_nvidia_device_node(tmp_path: Path, nodes: list[str], present: bool) -> None:
+    for node in nodes:
+        (tmp_path / node).touch()
+    assert machine.nvidia_device_present(str(tmp_path)) is present
+    assert machine.nvidia_device_present(str(tmp_path / "missing")) is False
+
+
 @pytest.mark.parametrize("cores", [1, 2, 4, 8, 16, 64])
 @pytest.mark.parametrize("device", ["auto", "cuda", "cuda:1"])
 def test_gpu_defaults_for_every_core_count(monkeypatch: pytest.MonkeyPatch, cores: int, device: str) -> None:

@@ -218,7 +218,7 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     for directive in ("Type=notify", "NotifyAccess=main", "KillMode=mixed", "EnvironmentFile=",
                       "Restart=on-failure", "StartLimitBurst=", "TimeoutStartSec=", "DynamicUser=yes",
                       "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes",
-                      "CacheDirectory=", "LoadCredential=", "WatchdogSec="):
+                      "CacheDirectory=", "LoadCredential=", "WatchdogSec=", "OOMPolicy=continue"):
         assert directive in unit
 
 
@@ -231,8 +231,9 @@ def test_kubernetes_example_probes_grace_period_and_autoscaling_signal() -> None
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
-    # The grace period covers the drain plus the model process's exit grace.
-    assert pod["terminationGracePeriodSeconds"] > float(env["PIPESERVE_DRAIN_TIMEOUT"]) + 5
+    # The grace period covers preStop's pause, the drain and the model process's exit grace.
+    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > pause + float(env["PIPESERVE_DRAIN_TIMEOUT"]) + 5
     metric = documents["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert metric == "pipeserve_queue_depth"
     from pipeserve.front.config import load_config

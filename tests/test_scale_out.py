@@ -185,3 +185,18 @@ def test_nginx_config_answers_pipeserve_errors_as_json(start_server: Any, tmp_pa
         assert request(nginx.port, "GET", "/ready").status == 200
     finally:
         nginx.stop()
+
+
+@pytest.mark.timeout(30)
+def test_nginx_drops_idle_upstream_connections_before_pipeserve_does() -> None:
+    """A request nginx sends on a connection pipeserve is closing fails, and with max_fails=1
+    marks a healthy replica down: nginx's idle timeout must be the shorter."""
+    import re
+
+    from pipeserve.front.config import Config
+
+    site = (REPO_ROOT / "deploy" / "nginx" / "pipeserve.conf").read_text()
+    upstream = site.split("upstream pipeserve {", 1)[1].split("}", 1)[0]
+    idle = re.search(r"^\s*keepalive_timeout\s+(\d+)s;", upstream, re.MULTILINE)
+    assert idle is not None, "the upstream block sets no keepalive_timeout (nginx's default is 60 s)"
+    assert float(idle.group(1)) < Config().keepalive_timeout

@@ -12,9 +12,20 @@ import os
 
 from pipeserve.ipc import GENERATION_ARCHITECTURES, GENERATION_TASK
 
+
+def nvidia_device_present(devices: str = "/dev") -> bool:
+    """Whether a GPU's device node of the NVIDIA driver is here: /dev/nvidiaN for any N (a
+    Kubernetes pod given GPU 3 sees /dev/nvidia3 alone), not nvidiactl or nvidia-uvm."""
+    try:
+        names = os.listdir(devices)
+    except OSError:
+        return False
+    return any(name.startswith("nvidia") and name[len("nvidia"):].isdigit() for name in names)
+
+
 # The front has no torch to ask whether `--device auto` will find CUDA; the NVIDIA driver's
-# device node says. Looked up once, at import, so that no event loop ever waits on the stat.
-NVIDIA_DEVICE_PRESENT = os.path.exists("/dev/nvidia0")
+# device nodes say. Looked up once, at import, so that no event loop ever waits on the listing.
+NVIDIA_DEVICE_PRESENT = nvidia_device_present()
 
 
 # On a CPU, one single-threaded worker per core served the most: 1.4x one worker using both cores

@@ -214,7 +214,7 @@ class Runtime:
 
     def device_known(self, device: str) -> None:
         """A model process reported its device: batch by that device's defaults, not the front's
-        guess from /dev/nvidia0 (wrong on a node without CUDA torch, or a GPU without that node)."""
+        guess from /dev/nvidiaN (wrong on a node without CUDA torch, or a GPU without such a node)."""
         gpu = device.startswith("cuda")
         if gpu == self.gpu:
             return
