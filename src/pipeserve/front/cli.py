@@ -97,7 +97,7 @@ async def _listen(runner: web.AppRunner, runtime: Models) -> list[asyncio.Server
             log.info("listening on http://%s:%d (front pid=%d)", host, address[1], os.getpid())
     if not passed and not config.required_api_key() and not _is_loopback(config.host):
         log.warning("listening on %s without --api-key: anyone who can reach it can use the model",
-                    config.host)
+                    config.host or "every address")
     return servers
 
 

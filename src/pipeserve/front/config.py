@@ -66,7 +66,9 @@ class Config:
         "Custom pipeline factory module:function, called once in the model process; it returns a "
         "callable taking (inputs: list, **parameters) and returning one output per input.",
         "MODULE:FUNC", shown="none")
-    host: str = setting("127.0.0.1", parsers.text, "Address to bind.", "ADDR")
+    host: str = setting("127.0.0.1", parsers.text,
+                        "Address to bind: 0.0.0.0 = every IPv4 address; :: = every IPv6 address, IPv6 only; "
+                        "an empty value = every address of both.", "ADDR")
     port: int = setting(8000, parsers.port, "TCP port to bind (0 picks a free port).", "PORT")
     device: str = setting(
         "auto", parsers.device, "auto|cpu|cuda|cuda:N; auto = CUDA when available.", "DEV")
