@@ -237,7 +237,7 @@ def test_cores_are_lowered_to_the_quota(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.mark.parametrize(("guessed_gpu", "device"), [(True, "cpu"), (False, "cuda:0")])
 async def test_batch_defaults_follow_the_device_a_model_process_reports(
         monkeypatch: pytest.MonkeyPatch, guessed_gpu: bool, device: str) -> None:
-    """The front guesses a GPU from /dev/nvidia0; the first Ready says where the model runs."""
+    """The front guesses a GPU from /dev/nvidiaN; the first Ready says where the model runs."""
     monkeypatch.setattr(machine, "NVIDIA_DEVICE_PRESENT", guessed_gpu)
     runtime = Runtime(Config(device="auto", pipeline="m:f"))
     assert runtime.batcher.max_batch_tokens == (GPU_BATCH_TOKENS if guessed_gpu else CPU_BATCH_TOKENS)

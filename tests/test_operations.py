@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -218,8 +219,9 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     for directive in ("Type=notify", "NotifyAccess=main", "KillMode=mixed", "EnvironmentFile=",
                       "Restart=on-failure", "StartLimitBurst=", "TimeoutStartSec=", "DynamicUser=yes",
                       "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes",
-                      "CacheDirectory=", "LoadCredential=", "WatchdogSec=", "OOMPolicy=continue"):
+                      "CacheDirectory=", "LoadCredential=", "WatchdogSec="):
         assert directive in unit
+    assert re.search(r"^OOMPolicy=continue$", unit, re.MULTILINE)  # not commented out
 
 
 def test_kubernetes_example_probes_grace_period_and_autoscaling_signal() -> None:

@@ -172,7 +172,8 @@ def _int8x8_class(torch: Any) -> Any:
             anchor[:, 0] = torch.tensor([1.0, -1.0])
             # Not persistent: precision.cast leaves such buffers in float32, where the products are.
             self.register_buffer("anchor", anchor, persistent=False)
-            self.register_buffer("signs", torch.tensor([[1.0], [-1.0]]), persistent=False)  # for _alone
+            # A lone row times these is the row over its negation, in one operation (_alone).
+            self.register_buffer("signs", torch.tensor([[1.0], [-1.0]], dtype=torch.float32), persistent=False)
             self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
 
         def forward(self, x: Any) -> Any:
