@@ -105,6 +105,23 @@ def test_prepare_leaves_an_operators_preload_alone_and_says_when_tcmalloc_is_mis
     assert environ["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libother.so"
 
 
+def test_a_library_search_that_cannot_write_a_temporary_file_finds_no_tcmalloc(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Where ldconfig has no entry, ctypes links a probe with gcc into a temporary file; with the
+    temporary directory unusable (a read-only root without a /tmp volume) that raises: not found,
+    and `auto` falls back to glibc instead of the front dying with a traceback."""
+    import ctypes.util
+    import tempfile
+
+    def unusable_tmp(name: str) -> str | None:
+        with tempfile.NamedTemporaryFile(dir=tmp_path / "missing"):  # the OSError gcc's probe meets
+            return None
+
+    monkeypatch.setattr(ctypes.util, "find_library", unusable_tmp)
+    assert allocator.find_tcmalloc() is None
+    assert allocator.prepare("auto", {}) == "glibc"
+
+
 def test_allocator_tcmalloc_where_it_is_missing_exits_2_with_one_line() -> None:
     # The command line itself, in its own process, on a machine where tcmalloc cannot be found.
     script = ("from pipeserve.front import allocator, cli; allocator.find_tcmalloc = lambda: None; "

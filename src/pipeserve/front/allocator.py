@@ -28,7 +28,10 @@ class AllocatorNotFound(Exception):
 def find_tcmalloc() -> str | None:
     """tcmalloc's shared library as the dynamic loader names it, or None where not installed."""
     for name in _TCMALLOC_LIBRARIES:
-        library = ctypes.util.find_library(name)
+        try:
+            library = ctypes.util.find_library(name)
+        except OSError:  # where ldconfig has no entry it links a probe with gcc into a temporary
+            continue  # file, and a read-only or missing TMPDIR makes that raise: not found
         if library:
             return library
     return None
