@@ -325,3 +325,51 @@ def test_a_model_with_work_under_way_is_never_unloaded(tmp_path: Path) -> None:
     finally:
         gate.touch()
         server.stop()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("models", [1, 2])
+def test_a_reload_whose_replacement_cannot_load_keeps_the_old_model_and_later_reloads_apply(
+        tiny_models: dict[str, Path], tmp_path: Path, models: int) -> None:
+    """SIGHUP with a model changed to a folder that cannot load: the old one serves on (alone,
+    the server does not give up; beside another, the reload does not fail halfway), and a later
+    SIGHUP is still read and applied."""
+    embedder, classifier = tiny_models["feature-extraction"], tiny_models["text-classification"]
+    (tmp_path / "broken").mkdir()  # no config.json: it cannot load
+    other = f'[models.b]\nmodel = "{classifier}"\n' if models == 2 else ""
+    config = tmp_path / "models.toml"
+    config.write_text(f'[models.a]\nmodel = "{embedder}"\n' + other)
+    server = Server(["--config", str(config), "--max-restarts", "0"]).wait_ready()
+    try:
+        config.write_text(f'[models.a]\nmodel = "{tmp_path / "broken"}"\n' + other)
+        server.signal(signal.SIGHUP)
+        server.wait_log("reload: model 'a''s new settings do not serve", 90)
+        assert _post(server, "/models/a/embed", {"inputs": "x"}).status == 200
+        assert server.request("GET", "/ready").status == 200
+        config.write_text(f'[models.a]\nmodel = "{embedder}"\nmax_batch_size = 4\n' + other)
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: server.info()["models"]["a"]["settings"]["max_batch_size"] == 4
+                   and server.request("GET", "/ready").status == 200, 90)
+        assert _post(server, "/models/a/embed", {"inputs": "x"}).status == 200
+        assert "Traceback" not in server.log and server.process.poll() is None
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_request_timeout_header_leaves_its_model_free_to_unload(tmp_path: Path) -> None:
+    """A request refused for its X-Request-Timeout header (400) never held its model: the model
+    is not counted busy afterwards, so another model's request can unload it."""
+    config = tmp_path / "models.toml"
+    config.write_text('[models.a]\npipeline = "custom_pipelines:make"\n[models.b]\npipeline = "custom_pipelines:make"\n')
+    server = Server(["--config", str(config), "--max-loaded-models", "1"]).wait_ready()
+    try:
+        assert _loaded(server) == {"a": True, "b": False}
+        for _ in range(2):
+            bad = server.request("POST", "/models/a", json.dumps({"inputs": "x"}),
+                                 {"Content-Type": "application/json", "X-Request-Timeout": "soon"})
+            assert bad.status == 400
+        assert _post(server, "/models/b", {"inputs": "x"}).status == 200  # a was idle: it made room
+        assert _loaded(server) == {"a": False, "b": True}
+    finally:
+        server.stop()

@@ -149,7 +149,10 @@ async def _reload_on_sighup(models: Models, reread: Callable[[], Deployment]) ->
         except (ConfigError, SystemExit) as exc:
             log.error("SIGHUP: the models did not parse (%s); serving them as they were", exc)
             continue
-        await models.reload(deployment)
+        try:
+            await models.reload(deployment)
+        except Exception:  # a fault in one reload must not end the reloads after it
+            log.exception("SIGHUP: the reload failed; a later SIGHUP is still read")
 
 
 def _is_loopback(host: str) -> bool:

@@ -164,8 +164,12 @@ class Models:
 
     def _give_up(self, runtime: Runtime, exit_code: ExitCode, reason: str) -> None:
         """A model cannot be served (load failed or timed out, crash loop): the server stops if
-        it was the only one; otherwise that model is reported and the others go on."""
+        it was the only one; otherwise that model is reported and the others go on. A reload's
+        replacement not yet swapped in only says so: the reload keeps the model it replaces."""
         log.error("%s", reason)
+        if self.runtimes.get(runtime.name) is not runtime:
+            runtime.failed = runtime.failed or reason  # until_serving raises it to the reload
+            return
         if len(self.runtimes) > 1:
             if runtime.failed is None:
                 runtime.failed = reason
@@ -208,7 +212,7 @@ class Models:
                 runtime.loaded = (current.loaded if current is not None
                                   else sum(r.loaded for r in self) + len(started) <= self.max_loaded)
                 runtime.start()
-            for name, runtime in started.items():
+            for name, runtime in list(started.items()):
                 if name in self.runtimes and runtime.loaded:
                     try:
                         await runtime.until_serving(time.monotonic() + runtime.config.load_timeout)

@@ -67,8 +67,9 @@ async def serving_model(request: web.Request, name: str | None = None) -> Loaded
     saying why when its task (or what else the route requires) does not fit."""
     runtime = model_of(request, name)
     if HELD not in request:
-        request[HELD] = runtime
-        await request.app[MODELS].hold(runtime, request_deadline(request))
+        deadline = request_deadline(request)  # a bad header is a 400 before the model is held
+        request[HELD] = runtime  # http releases what is here: set only when hold() counts it
+        await request.app[MODELS].hold(runtime, deadline)
     loaded = runtime.serving_model()
     route = request.get(ROUTE)
     refusal = route.refusal(loaded.ready) if route is not None else None
