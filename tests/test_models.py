@@ -373,3 +373,49 @@ def test_a_bad_request_timeout_header_leaves_its_model_free_to_unload(tmp_path: 
         assert _loaded(server) == {"a": False, "b": True}
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_keep_alive_first_declared_by_a_reload_unloads_the_idle_model(tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text('[models.a]\npipeline = "custom_pipelines:make"\n[models.b]\npipeline = "custom_pipelines:make"\n')
+    server = Server(["--config", str(config)]).wait_ready()
+    try:
+        assert _loaded(server) == {"a": True, "b": True}
+        config.write_text('[models.a]\npipeline = "custom_pipelines:make"\nkeep_alive = "1s"\n'
+                          '[models.b]\npipeline = "custom_pipelines:make"\n')
+        server.signal(signal.SIGHUP)
+        server.wait_log("reload: model 'a' replaced", 60)
+        wait_until(lambda: _loaded(server) == {"a": False, "b": True}, 30, message="a unloaded after 1 s idle")
+        assert _post(server, "/models/a", {"inputs": "x"}).status == 200  # and loads again on demand
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_request_waiting_behind_a_reload_is_answered_at_its_deadline(tmp_path: Path) -> None:
+    """A reload holds the models while a replacement loads (here held at a gate): a request that
+    must load another model meanwhile gets its 504 at its own deadline, not when the reload ends."""
+    gate, armed = tmp_path / "gate", tmp_path / "armed"
+    config = tmp_path / "models.toml"
+    config.write_text('[models.a]\npipeline = "custom_pipelines:make"\n[models.b]\npipeline = "custom_pipelines:make"\n')
+    server = Server(["--config", str(config), "--max-loaded-models", "1"],
+                    env={"TEST_LOAD_GATE": str(gate), "TEST_LOAD_GATE_ARMED": str(armed)}).wait_ready()
+    try:
+        armed.touch()  # loads from now on wait for the gate
+        config.write_text('[models.a]\npipeline = "custom_pipelines:make"\nmax_batch_size = 4\n'
+                          '[models.b]\npipeline = "custom_pipelines:make"\n')
+        server.signal(signal.SIGHUP)
+        server.wait_log("SIGHUP received", 30)
+        wait_until(lambda: " starting" in server.log.split("SIGHUP received", 1)[-1], 30,
+                   message="the replacement's model process starting")
+        late = server.request("POST", "/models/b", json.dumps({"inputs": "x"}),
+                              {"Content-Type": "application/json", "X-Request-Timeout": "1"}, timeout=30)
+        assert late.status == 504 and "deadline" in late.json()["error"]
+        assert not gate.exists()  # answered while the reload still waits
+        gate.touch()
+        wait_until(lambda: server.info()["models"]["a"]["settings"]["max_batch_size"] == 4, 60)
+        assert _loaded(server) == {"a": True, "b": False}
+    finally:
+        gate.touch()
+        server.stop()

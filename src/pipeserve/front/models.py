@@ -51,6 +51,7 @@ class Models:
         self._extra = {"entry_point": entry_point} if entry_point else {}
         self._allocator = worker_allocator
         self._tasks: list[asyncio.Task[None]] = []
+        self._keep_alive_timer: asyncio.Task[None] | None = None
         self.runtimes: dict[str, Runtime] = {}
         for index, entry in enumerate(deployment.models):
             runtime = self.runtimes[entry.name] = self._runtime(entry, several=len(deployment.models) > 1)
@@ -90,8 +91,13 @@ class Models:
     def start(self) -> None:
         for runtime in self:
             runtime.start()
-        if any(runtime.config.keep_alive is not None for runtime in self):
-            self._tasks.append(asyncio.create_task(self._keep_alive(), name="keep-alive"))
+        self._time_keep_alive()
+
+    def _time_keep_alive(self) -> None:
+        """Run the --keep-alive timer once any model has one, declared at start or by a reload."""
+        if self._keep_alive_timer is None and any(runtime.config.keep_alive is not None for runtime in self):
+            self._keep_alive_timer = asyncio.create_task(self._keep_alive(), name="keep-alive")
+            self._tasks.append(self._keep_alive_timer)
 
     # --- loading on demand ----------------------------------------------------------------------------
 
@@ -105,18 +111,33 @@ class Models:
         if runtime.loaded and not runtime.demanded:
             return
         if not runtime.loaded:
-            async with self._lock:
+            await self._lock_within(deadline, runtime)
+            try:
                 if not runtime.loaded and runtime.failed is None and not self.draining:
                     await self._make_room(runtime)
                     log.info("loading model %r: a request asked for it", runtime.name)
                     self.metrics.model_loads.labels(runtime.name, "request").inc()
                     runtime.demanded = True
                     runtime.load()
+            finally:
+                self._lock.release()
         try:
             await runtime.until_serving(deadline)
         finally:
             if runtime.unavailable_reason() is None:
                 runtime.demanded = False
+
+    async def _lock_within(self, deadline: float, runtime: Runtime) -> None:
+        """The models' lock, or a 504 at the request's deadline: a reload holds the lock while a
+        replacement loads (up to --load-timeout), and a request must not wait past its own."""
+        try:
+            await asyncio.wait_for(self._lock.acquire(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise errors.RequestTimeout(f"model {runtime.name!r} did not load before this request's "
+                                        "deadline") from None
+        if time.monotonic() >= deadline and not runtime.loaded:  # no model unloaded for a request past it
+            self._lock.release()
+            raise errors.RequestTimeout(f"model {runtime.name!r} did not load before this request's deadline")
 
     def release(self, runtime: Runtime) -> None:
         runtime.holders -= 1
@@ -226,6 +247,7 @@ class Models:
             retired = [runtime for name, runtime in self.runtimes.items() if name not in names or name in started]
             self.runtimes = {name: started.get(name) or self.runtimes[name] for name in names}
             self.first = next(iter(self.runtimes.values()))
+            self._time_keep_alive()
         for name in started:
             log.info("reload: model %r %s", name, "replaced" if any(r.name == name for r in retired) else "added")
             self.metrics.model_loads.labels(name, "reload").inc()
