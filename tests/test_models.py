@@ -219,6 +219,12 @@ def test_contradictions_are_refused_with_what_is_wrong(tmp_path: Path, argv: lis
 # --- more models than room; reloading ------------------------------------------------------------------
 
 
+def _echo_models(a_settings: str = "") -> str:
+    """A --config of two echo pipelines, a and b; `a_settings`: a TOML line of a's own."""
+    a = f"{a_settings}\n" if a_settings else ""
+    return f'[models.a]\npipeline = "custom_pipelines:make"\n{a}[models.b]\npipeline = "custom_pipelines:make"\n'
+
+
 def _loaded(server: Server) -> dict[str, bool]:
     return {name: model["loaded"] for name, model in server.info()["models"].items()}
 
@@ -304,7 +310,7 @@ def test_a_model_with_work_under_way_is_never_unloaded(tmp_path: Path) -> None:
     import threading
 
     config = tmp_path / "models.toml"
-    config.write_text('[models.a]\npipeline = "custom_pipelines:make"\n[models.b]\npipeline = "custom_pipelines:make"\n')
+    config.write_text(_echo_models())
     server = Server(["--config", str(config), "--max-loaded-models", "1"]).wait_ready()
     gate = tmp_path / "gate"
     held: list[int] = []
@@ -361,7 +367,7 @@ def test_a_bad_request_timeout_header_leaves_its_model_free_to_unload(tmp_path: 
     """A request refused for its X-Request-Timeout header (400) never held its model: the model
     is not counted busy afterwards, so another model's request can unload it."""
     config = tmp_path / "models.toml"
-    config.write_text('[models.a]\npipeline = "custom_pipelines:make"\n[models.b]\npipeline = "custom_pipelines:make"\n')
+    config.write_text(_echo_models())
     server = Server(["--config", str(config), "--max-loaded-models", "1"]).wait_ready()
     try:
         assert _loaded(server) == {"a": True, "b": False}
@@ -378,12 +384,11 @@ def test_a_bad_request_timeout_header_leaves_its_model_free_to_unload(tmp_path: 
 @pytest.mark.timeout(120)
 def test_a_keep_alive_first_declared_by_a_reload_unloads_the_idle_model(tmp_path: Path) -> None:
     config = tmp_path / "models.toml"
-    config.write_text('[models.a]\npipeline = "custom_pipelines:make"\n[models.b]\npipeline = "custom_pipelines:make"\n')
+    config.write_text(_echo_models())
     server = Server(["--config", str(config)]).wait_ready()
     try:
         assert _loaded(server) == {"a": True, "b": True}
-        config.write_text('[models.a]\npipeline = "custom_pipelines:make"\nkeep_alive = "1s"\n'
-                          '[models.b]\npipeline = "custom_pipelines:make"\n')
+        config.write_text(_echo_models('keep_alive = "1s"'))
         server.signal(signal.SIGHUP)
         server.wait_log("reload: model 'a' replaced", 60)
         wait_until(lambda: _loaded(server) == {"a": False, "b": True}, 30, message="a unloaded after 1 s idle")
@@ -398,13 +403,12 @@ def test_a_request_waiting_behind_a_reload_is_answered_at_its_deadline(tmp_path:
     must load another model meanwhile gets its 504 at its own deadline, not when the reload ends."""
     gate, armed = tmp_path / "gate", tmp_path / "armed"
     config = tmp_path / "models.toml"
-    config.write_text('[models.a]\npipeline = "custom_pipelines:make"\n[models.b]\npipeline = "custom_pipelines:make"\n')
+    config.write_text(_echo_models())
     server = Server(["--config", str(config), "--max-loaded-models", "1"],
                     env={"TEST_LOAD_GATE": str(gate), "TEST_LOAD_GATE_ARMED": str(armed)}).wait_ready()
     try:
         armed.touch()  # loads from now on wait for the gate
-        config.write_text('[models.a]\npipeline = "custom_pipelines:make"\nmax_batch_size = 4\n'
-                          '[models.b]\npipeline = "custom_pipelines:make"\n')
+        config.write_text(_echo_models('max_batch_size = 4'))
         server.signal(signal.SIGHUP)
         server.wait_log("SIGHUP received", 30)
         wait_until(lambda: " starting" in server.log.split("SIGHUP received", 1)[-1], 30,

@@ -133,11 +133,10 @@ class Models:
         try:
             await asyncio.wait_for(self._lock.acquire(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            raise errors.RequestTimeout(f"model {runtime.name!r} did not load before this request's "
-                                        "deadline") from None
+            raise runtime.late() from None
         if time.monotonic() >= deadline and not runtime.loaded:  # no model unloaded for a request past it
             self._lock.release()
-            raise errors.RequestTimeout(f"model {runtime.name!r} did not load before this request's deadline")
+            raise runtime.late()
 
     def release(self, runtime: Runtime) -> None:
         runtime.holders -= 1

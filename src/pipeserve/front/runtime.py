@@ -190,8 +190,11 @@ class Runtime:
             try:
                 await asyncio.wait_for(asyncio.shield(self._change), deadline - time.monotonic())
             except TimeoutError:
-                raise errors.RequestTimeout(f"model {self.name!r} did not load before this request's "
-                                            "deadline") from None
+                raise self.late() from None
+
+    def late(self) -> errors.RequestTimeout:
+        """The 504 of a request whose deadline passed before this model served it."""
+        return errors.RequestTimeout(f"model {self.name!r} did not load before this request's deadline")
 
     def _give_up(self, exit_code: ExitCode, reason: str) -> None:
         if self._on_give_up is not None:
