@@ -164,15 +164,23 @@ class Models:
         """Unload each model idle longer than its --keep-alive (checked every second)."""
         while True:
             await asyncio.sleep(1.0)  # a timer, not a synchronisation: idleness has no event
-            now = time.monotonic()
             for runtime in list(self):
-                keep = runtime.config.keep_alive
-                if keep is None or not runtime.loaded or runtime.busy or now - runtime.last_used < keep:
+                if not self._idle_past_keep_alive(runtime):
                     continue
                 async with self._lock:
-                    if runtime.loaded and not runtime.busy:
-                        await self._unload(runtime, "keep_alive", f"idle for {now - runtime.last_used:.0f}s "
-                                           f"(--keep-alive {keep:g}s)")
+                    # Asked again: while this waited for the lock (a reload holds it through a load), a
+                    # request may have used the model, or a reload changed its keep_alive.
+                    if self._idle_past_keep_alive(runtime):
+                        await self._unload(runtime, "keep_alive", f"idle for {self._idle_for(runtime):.0f}s "
+                                           f"(--keep-alive {runtime.config.keep_alive:g}s)")
+
+    @staticmethod
+    def _idle_for(runtime: Runtime) -> float:
+        return time.monotonic() - runtime.last_used
+
+    def _idle_past_keep_alive(self, runtime: Runtime) -> bool:
+        keep = runtime.config.keep_alive
+        return keep is not None and runtime.loaded and not runtime.busy and self._idle_for(runtime) >= keep
 
     def request_stop(self, signal_name: str) -> None:
         """Signal handler: only record; the main coroutine acts on it."""
