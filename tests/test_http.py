@@ -179,6 +179,19 @@ async def test_a_second_signal_cuts_the_drain_short(start: Start, tmp_path: Path
     await held
 
 
+async def test_work_the_server_stops_under_is_answered_503_with_retry_after(start: Start) -> None:
+    """A batch running and a request queued when the server stops: both are told to come back."""
+    client, runtime = await start(workers=1, max_batch_size=1)
+    held = asyncio.ensure_future(client.post("/", json={"inputs": "GATE"}))
+    await _poll(lambda: runtime.batcher.in_flight == 1)
+    queued = asyncio.ensure_future(client.post("/", json={"inputs": "queued"}))
+    await _poll(lambda: runtime.batcher.depth == 1)
+    await asyncio.wait_for(runtime.stop(), WAIT_S)
+    for answer in (await held, await queued):
+        assert answer.status == 503 and (await answer.json())["error"] == "the server is shutting down"
+        assert answer.headers["Retry-After"] == "1"
+
+
 async def _poll(predicate: Callable[[], bool]) -> None:
     """For what no event announces: check every 10 ms, fail after WAIT_S."""
     async def wait() -> None:

@@ -417,3 +417,41 @@ def test_the_stream_door_refuses_with_the_models_own_reason() -> None:
     assert "return memory" in asked.message and asked.retry_after == 7
     alone = asyncio.run(refusal(Streams(2, lambda: [])))
     assert "no model process" in alone.message and alone.retry_after == 1
+
+
+class _Worker:
+    """What Streams asks of a worker, in-process: a pipe that takes messages."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    async def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def retire_when_idle(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(10)
+def test_a_streams_end_goes_with_its_last_token_of_a_step() -> None:
+    """A newcomer can get two tokens in one step (its prefill's, then the decoding's); when it
+    ends there, both reach the handler, the end with the second (it was read with the first,
+    and the second was lost: one token short of generated_tokens)."""
+    import asyncio
+    import time
+
+    from pipeserve import ipc
+    from pipeserve.front.streams import Streams
+
+    async def events() -> list[tuple[str | None, str | None]]:
+        streams = Streams(2, lambda: [_Worker()])
+        stream = await streams.start("request", "hello", {})
+        other = await streams.start("other", "hi", {})
+        token = lambda stream_id, text: ipc.Token(stream_id, 1, text, 0.0, False)  # noqa: E731
+        streams.deliver(ipc.Step([token(stream.stream_id, "a"), token(other.stream_id, "x"),
+                                  token(stream.stream_id, "b")],
+                                 [ipc.StreamEnd(stream.stream_id, "length", 2, 1)]))
+        return [(event.token.text if event.token else None, event.end.finish_reason if event.end else None)
+                async for event in streams.events(stream, time.monotonic() + 5)]
+
+    assert asyncio.run(events()) == [("a", None), ("b", "length")]

@@ -95,7 +95,7 @@ class Dispatcher:
         try:
             result = await worker.run(batch, self.batch_timeout)
         except asyncio.CancelledError:  # the server stops before this batch finished
-            self._fail(jobs, lambda: errors.Unavailable("the server is shutting down"))
+            self._fail(jobs, lambda: errors.Unavailable("the server is shutting down", retry_after=1))
             raise
         except WorkerDied as died:
             if not died.sent:  # it never ran: another worker (or this one restarted) can take it

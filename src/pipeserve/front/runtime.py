@@ -264,7 +264,7 @@ class Runtime:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.streams.settle(timeout=1.0)  # Cancel messages still on their way
         await asyncio.gather(*(s.stop() for s in self.supervisors), return_exceptions=True)
-        self.batcher.fail_queued(lambda: errors.Unavailable("the server is shutting down"))
+        self.batcher.fail_queued(lambda: errors.Unavailable("the server is shutting down", retry_after=1))
 
     # --- state for the HTTP layer -------------------------------------------------------------
 

@@ -137,7 +137,10 @@ class Streams:
             self.steps += 1
             if len({token.stream_id for token in step.tokens}) > 1:
                 self.shared_steps += 1
-        for token in step.tokens:
+        # A stream can get two tokens in one step (a newcomer's first from its prefill, its second
+        # from the decoding that follows): its end goes with the last of them.
+        last = {token.stream_id: index for index, token in enumerate(step.tokens)}
+        for index, token in enumerate(step.tokens):
             stream = self.open.get(token.stream_id)
             if stream is None:
                 continue  # cancelled meanwhile
@@ -147,7 +150,7 @@ class Streams:
                     self._first_token(stream.first_token_at - stream.opened_at)
             stream.tokens += 1
             self.tokens += 1
-            end = ends.pop(token.stream_id, None)
+            end = ends.pop(token.stream_id, None) if last[token.stream_id] == index else None
             stream.queue.put_nowait(Event(token, end, _error(end)))
         for end in ends.values():
             stream = self.open.get(end.stream_id)
