@@ -130,8 +130,8 @@ def decode(body: bytes, kind: type[B], hints: Mapping[str, str] | None = None) -
                 return msgspec.convert(_integral(orjson.loads(body)), kind)
             except msgspec.ValidationError as again:
                 raise invalid(again, kind, hints) from None
-            except orjson.JSONDecodeError as exc:  # msgspec stopped at the float, before the syntax error
-                raise errors.BadRequest(f"invalid JSON: {exc}") from None
+            except orjson.JSONDecodeError as broken:  # msgspec stopped at the float, before the syntax error
+                raise errors.BadRequest(f"invalid JSON: {broken}") from None
         raise invalid(exc, kind, hints) from None
     except msgspec.DecodeError as exc:
         raise errors.BadRequest(f"invalid JSON: {exc}") from None
