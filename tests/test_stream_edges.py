@@ -290,6 +290,16 @@ def test_an_empty_prompt_starts_from_the_models_first_token(generator: Server) -
                  ).json()["details"]["generated_tokens"] == 3
 
 
+def test_a_streamed_answer_carries_its_request_id(generator: Server) -> None:
+    """Its headers go out with the first event, before the handler returns."""
+    for path, document in (("/generate_stream", {"inputs": "the", "parameters": {"max_new_tokens": 2}}),
+                           ("/v1/completions", {"prompt": "the", "max_tokens": 2, "stream": True})):
+        reply = generator.request("POST", path, json.dumps(document),
+                                  {"Content-Type": "application/json", "X-Request-Id": "streamed-1"})
+        assert reply.status == 200 and reply.headers["content-type"] == "text/event-stream", (path, reply.body)
+        assert reply.headers.get("x-request-id") == "streamed-1", path
+
+
 def test_a_temperature_too_small_to_divide_by_is_greedy(generator: Server) -> None:
     # Found by the fuzzer: 1e-308 overflowed the logits into NaN, and the stream failed with a 500.
     tiny = _post(generator, "/generate", {"inputs": "the", "parameters": {

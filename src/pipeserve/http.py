@@ -66,7 +66,6 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         held = request.get(HELD)
         if held is not None:
             request.app[MODELS].release(held)
-    response.headers[REQUEST_ID_HEADER] = request_id
     _account(request, response.status, time.perf_counter() - started)
     return response
 
@@ -291,5 +290,14 @@ def create_app(models: Models) -> web.Application:
         middlewares.append(require_api_key(api_key))
     app = web.Application(middlewares=middlewares, client_max_size=models.config.max_body_bytes)
     app[MODELS] = models
+    app.on_response_prepare.append(_send_request_id)
     add_routes(app, ROUTES, require_task)
     return app
+
+
+async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id on every response as its headers go out: a streamed one sends them before
+    its handler returns, so setting it after the handler would be too late for it."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
