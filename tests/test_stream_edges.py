@@ -300,6 +300,18 @@ def test_a_streamed_answer_carries_its_request_id(generator: Server) -> None:
         assert reply.headers.get("x-request-id") == "streamed-1", path
 
 
+def test_a_list_of_more_prompts_than_the_stream_door_admits_is_answered(generator: Server) -> None:
+    """POST / with a list: its prompts take turns for --max-running-sequences' slots (1 here, so
+    the door admits 2 streams); all at once, the third was refused and the whole list got 503."""
+    prompts = ["the", "a", "cat", "dog", "the cat"]
+    parameters = {"max_new_tokens": 2, "ignore_eos": True, "do_sample": False}
+    listed = generator.post_json({"inputs": prompts, "parameters": parameters})
+    assert listed.status == 200, listed.body
+    alone = [_post(generator, "/generate", {"inputs": prompt, "parameters": parameters}).json()
+             for prompt in prompts]
+    assert listed.json() == alone
+
+
 def test_a_temperature_too_small_to_divide_by_is_greedy(generator: Server) -> None:
     # Found by the fuzzer: 1e-308 overflowed the logits into NaN, and the stream failed with a 500.
     tiny = _post(generator, "/generate", {"inputs": "the", "parameters": {

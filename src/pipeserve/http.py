@@ -27,7 +27,7 @@ from pipeserve.front.api.routes import NAMED_PREFIX, Dialect, Route, add_routes
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.models import MODELS, Models
 from pipeserve.front.page import PAGE, for_browsers
-from pipeserve.front.runtime import BATCH_SIZE, MODEL, REQUEST_ID, STREAM
+from pipeserve.front.runtime import ARRIVED, BATCH_SIZE, MODEL, REQUEST_ID, STREAM
 
 log = logging.getLogger("pipeserve.http")
 access_log = logging.getLogger("pipeserve.access")
@@ -44,6 +44,7 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     client_id = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
+    request[ARRIVED] = time.monotonic()
     started = time.perf_counter()
     response: web.StreamResponse
     envelope = dialect_for(request).envelope

@@ -390,5 +390,6 @@ class Runtime:
 
 MODEL = web.RequestKey("model", Runtime)  # the model a request is for (api/common.model_of)
 REQUEST_ID = web.RequestKey("request_id", str)
+ARRIVED = web.RequestKey("arrived", float)  # time.monotonic() when the request came in: deadlines count from it
 BATCH_SIZE = web.RequestKey("batch_size", int)  # the largest batch a request's inputs ran in
 STREAM = web.RequestKey("stream", Stream)  # a generation request's stream, for its access line

@@ -23,7 +23,7 @@ from pipeserve.front import errors, params
 from pipeserve.front.api.routes import Route
 from pipeserve.front.batcher import Job
 from pipeserve.front.models import MODELS
-from pipeserve.front.runtime import BATCH_SIZE, MODEL, REQUEST_ID, STREAM, LoadedModel, Runtime
+from pipeserve.front.runtime import ARRIVED, BATCH_SIZE, MODEL, REQUEST_ID, STREAM, LoadedModel, Runtime
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import Op
 
@@ -229,8 +229,13 @@ def generation_parameters(wanted: dict[str, Any], limit: int) -> dict[str, Any]:
 
 
 def request_deadline(request: web.Request) -> float:
-    """When this request's time is up (--request-timeout, or a shorter X-Request-Timeout)."""
-    return time.monotonic() + request_timeout(request, model_of(request).config.request_timeout)
+    """When this request's time is up (--request-timeout, or a shorter X-Request-Timeout), counted
+    from its arrival: waiting for its model to load, or for a turn, takes from it."""
+    return _arrived(request) + request_timeout(request, model_of(request).config.request_timeout)
+
+
+def _arrived(request: web.Request) -> float:
+    return request.get(ARRIVED) or time.monotonic()
 
 
 def generation_deadline(request: web.Request) -> float:
@@ -239,7 +244,7 @@ def generation_deadline(request: web.Request) -> float:
     A stream of a few hundred tokens among 32 others takes more than half a minute on a CPU, so
     generation has its own, longer bound rather than --request-timeout's.
     """
-    return time.monotonic() + request_timeout(request, model_of(request).config.generation_timeout)
+    return _arrived(request) + request_timeout(request, model_of(request).config.generation_timeout)
 
 
 async def collect(request: web.Request, stream: Stream) -> tuple[list[ipc.Token], ipc.StreamEnd]:

@@ -172,10 +172,18 @@ async def root(request: web.Request, document: RootRequest) -> web.StreamRespons
     if len(prompts) > common.model_of(request).config.max_items:
         raise errors.PayloadTooLarge(f"{len(prompts)} inputs; at most {common.model_of(request).config.max_items} "
                                      "per request")
-    # One stream per prompt, side by side in the engine; the first failure cancels the others.
+    # One stream per prompt, side by side in the engine, at most --max-running-sequences at a time:
+    # all at once, a list longer than the stream door admits was refused whole (503), however idle
+    # the server. The first failure cancels the others.
+    slots = asyncio.Semaphore(common.model_of(request).config.max_running_sequences)
+
+    async def in_turn(prompt: str) -> dict[str, Any]:
+        async with slots:
+            return await answer(request, prompt, parameters, flags)
+
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(answer(request, prompt, parameters, flags)) for prompt in prompts]
+            tasks = [group.create_task(in_turn(prompt)) for prompt in prompts]
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return json_response([task.result() for task in tasks])
