@@ -312,6 +312,34 @@ def test_a_list_of_more_prompts_than_the_stream_door_admits_is_answered(generato
     assert listed.json() == alone
 
 
+def test_a_client_that_stops_reading_is_cut_off_at_its_deadline_and_no_worker_is_blamed(
+        chat_model: Path) -> None:  # noqa: F811
+    """A client that never reads its stream: the writes wait on full socket buffers. The worker
+    finishes the sequence and falls silent; that is not a stall (the watchdog, at
+    --batch-timeout 1, killed the healthy worker), and past the stream's deadline the client is
+    cut off, which frees its stream (it was held as long as the client held the connection).
+    Each OpenAI chunk names the model: a 16 kB name makes 1,000 chunks 16 MB, more than the
+    socket buffers (at most 4 MB here) take."""
+    server = Server(["--model", str(chat_model), "--batch-timeout", "1", "--served-model-name", "m" * 16000]
+                    ).wait_ready()
+    try:
+        pid = server.worker_pid()
+        body = json.dumps({"prompt": "the", "max_tokens": 1000, "ignore_eos": True, "stream": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        sock.connect(("127.0.0.1", server.port))
+        with sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"X-Request-Timeout: 4\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            server.wait_log("stopped reading its stream; cut off past the deadline", timeout=60)
+            wait_until(lambda: _open_streams(server) == 0, timeout=10)
+        assert "no generation step" not in server.log
+        assert server.worker_pid() == pid and server.info()["workers"][0]["restarts"] == 0
+        assert _post(server, "/generate", {"inputs": "the", "parameters": {"max_new_tokens": 2}}).status == 200
+    finally:
+        server.stop()
+
+
 def test_a_temperature_too_small_to_divide_by_is_greedy(generator: Server) -> None:
     # Found by the fuzzer: 1e-308 overflowed the logits into NaN, and the stream failed with a 500.
     tiny = _post(generator, "/generate", {"inputs": "the", "parameters": {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -26,6 +27,8 @@ from pipeserve.front.models import MODELS
 from pipeserve.front.runtime import ARRIVED, BATCH_SIZE, MODEL, REQUEST_ID, STREAM, LoadedModel, Runtime
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import Op
+
+log = logging.getLogger("pipeserve.http")
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 
@@ -289,3 +292,24 @@ async def open_event_stream(request: web.Request, stream: Stream, deadline: floa
 
 async def send_event(response: web.StreamResponse, data: bytes) -> None:
     await response.write(b"data: " + data + b"\n\n")
+
+
+# How long past its deadline a stream's client has to read its last events (a timeout's error
+# event is written at the deadline).
+LAST_EVENTS_GRACE_S = 5.0
+
+
+@contextlib.asynccontextmanager
+async def cut_off_past(request: web.Request, deadline: float) -> AsyncIterator[None]:
+    """The body writes a stream's events; a client that stops reading is cut off (its connection
+    aborted) once past the stream's deadline. A write waits while the socket's buffers are full, and
+    nothing else would end that wait: the handler, its stream and its admission slot were held
+    for as long as the client held the connection open."""
+    try:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0) + LAST_EVENTS_GRACE_S):
+            yield
+    except TimeoutError:
+        log.warning("request %s: its client stopped reading its stream; cut off past the deadline",
+                    request[REQUEST_ID])
+        if request.transport is not None:
+            request.transport.abort()  # close() would wait to flush what the client does not read

@@ -257,25 +257,26 @@ async def _stream(request: web.Request, stream: Stream, head: dict[str, Any], ki
             choice["text"] = delta or ""
         await common.send_event(response, orjson.dumps({**head, "object": chunk_kind, "choices": [choice]}))
 
-    if chat:
-        await send(None, None, role=True)
-    sent = ""
-    async for event in common.model_of(request).streams.events(stream, deadline):
-        if event.error is not None:
-            await common.send_event(response, orjson.dumps(openai_body(event.error)))
-            break
-        if event.token is not None:
-            text = _cut_at_stop(sent + event.token.text, stops)
-            if len(text) > len(sent):
-                await send(text[len(sent):], None)
-                sent = text
-        if event.end is not None and event.end.finish_reason != "cancelled":
-            await send(None, _finish(event.end))
-            if include_usage:
-                await common.send_event(response, orjson.dumps({**head, "object": chunk_kind, "choices": [],
-                                                                "usage": _usage(event.end)}))
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+    async with common.cut_off_past(request, deadline):
+        if chat:
+            await send(None, None, role=True)
+        sent = ""
+        async for event in common.model_of(request).streams.events(stream, deadline):
+            if event.error is not None:
+                await common.send_event(response, orjson.dumps(openai_body(event.error)))
+                break
+            if event.token is not None:
+                text = _cut_at_stop(sent + event.token.text, stops)
+                if len(text) > len(sent):
+                    await send(text[len(sent):], None)
+                    sent = text
+            if event.end is not None and event.end.finish_reason != "cancelled":
+                await send(None, _finish(event.end))
+                if include_usage:
+                    await common.send_event(response, orjson.dumps({**head, "object": chunk_kind, "choices": [],
+                                                                    "usage": _usage(event.end)}))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
     return response
 
 

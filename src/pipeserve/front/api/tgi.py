@@ -218,6 +218,14 @@ async def stream_events(request: web.Request, prompt: str, parameters: dict[str,
 
 async def _write_events(request: web.Request, response: web.StreamResponse, stream: Stream, deadline: float,
                         prompt: str, flags: dict[str, bool]) -> web.StreamResponse:
+    async with common.cut_off_past(request, deadline):
+        await _write_each_event(request, response, stream, deadline, prompt, flags)
+        await response.write_eof()
+    return response
+
+
+async def _write_each_event(request: web.Request, response: web.StreamResponse, stream: Stream, deadline: float,
+                            prompt: str, flags: dict[str, bool]) -> None:
     text, index, tokens = "", 0, []
     async for event in common.model_of(request).streams.events(stream, deadline):
         if event.error is not None:
@@ -237,8 +245,6 @@ async def _write_events(request: web.Request, response: web.StreamResponse, stre
             "generated_text": (prompt + text if flags["return_full_text"] else text) if last else None,
             "details": _details(tokens, event.end, with_tokens=False) if last and event.end else None,
         }))
-    await response.write_eof()
-    return response
 
 
 def _error_type(error: errors.PipeserveError) -> str:
