@@ -71,6 +71,23 @@ def test_inference_client_text_generation_plain_details_and_streamed(generator: 
     assert all(e.generated_text is None for e in events[:-1])
 
 
+def test_inference_client_gets_tgis_typed_errors_plain_and_streamed(generator: Server) -> None:
+    """text_generation posts to POST /: its errors carry TGI's error_type there too, so the
+    client raises its typed error (a plain HfHubHTTPError without it)."""
+    from huggingface_hub.errors import ValidationError
+
+    client = _hf(generator)
+    for stream in (False, True):
+        with pytest.raises(ValidationError, match="max_new_tokens"):
+            result = client.text_generation("the", max_new_tokens=10**6, stream=stream)
+            list(result) if stream else None
+    answer = generator.post_json({"inputs": "the", "parameters": {"max_new_tokens": 10**6}})
+    assert answer.status == 400 and answer.json()["error_type"] == "validation"
+    for path in ("/generate", "/"):  # the declared envelope, where the document gives it
+        errors = generator.request("GET", "/openapi.json").json()["paths"][path]["post"]["responses"]["400"]
+        assert errors["content"]["application/json"]["schema"]["$ref"].endswith("/TeiError"), path
+
+
 def test_inference_client_chat_completion_plain_and_streamed(generator: Server) -> None:
     client = _hf(generator)
     messages = [{"role": "user", "content": "hello there"}]

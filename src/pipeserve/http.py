@@ -47,22 +47,21 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     request[ARRIVED] = time.monotonic()
     started = time.perf_counter()
     response: web.StreamResponse
-    envelope = dialect_for(request).envelope
     try:
         response = await handler(request)
     except errors.PipeserveError as exc:
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         log.log(level, "request %s: %d %s", request_id, exc.status, exc.message)
-        response = json_response(envelope(exc), exc.status, exc.headers())
+        response = json_response(dialect_for(request).envelope(exc), exc.status, exc.headers())
     except web.HTTPException as exc:  # routing (404, 405) and aiohttp's own body limit (413)
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         error = errors.HttpError(exc.status, _HTTP_MESSAGES.get(exc.status, exc.reason))
-        response = json_response(envelope(error), exc.status, headers)
+        response = json_response(dialect_for(request).envelope(error), exc.status, headers)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("request %s: unexpected error", request_id)
-        response = json_response(envelope(errors.InferenceFailed("internal server error")), 500)
+        response = json_response(dialect_for(request).envelope(errors.InferenceFailed("internal server error")), 500)
     finally:
         held = request.get(HELD)
         if held is not None:
@@ -135,9 +134,13 @@ def _declared(request: web.Request) -> str | None:
 
 def dialect_for(request: web.Request) -> Dialect:
     """Errors answer in the envelope of the API dialect the request came through: the one its
-    route declares (under /models/{name} too), or OpenAI's anywhere under /v1/."""
-    declared = _declared(request) or request.path
-    return _DIALECT_BY_PATH.get(declared) or (openai.DIALECT if request.path.startswith("/v1/") else hf.DIALECT)
+    route declares (under /models/{name} too) for its model's task where that is known by then,
+    or OpenAI's anywhere under /v1/."""
+    route = _ROUTE_BY_PATH.get(_declared(request) or request.path)
+    if route is None:
+        return openai.DIALECT if request.path.startswith("/v1/") else hf.DIALECT
+    model = request.get(MODEL)
+    return route.dialect_for(model.task if model is not None else None)
 
 
 _HTTP_MESSAGES = {
@@ -196,7 +199,7 @@ async def openapi_document(request: web.Request) -> web.Response:
     config = runtime.config
     loaded = runtime.loaded_model()
     ready = loaded.ready if loaded else None
-    task = ready.task if ready else config.task
+    task = runtime.task
     served = [route for route in ROUTES if route.refusal(ready, task) is None]
     facts = openapi.Facts(model_name=runtime.served_model_name, max_new_tokens=max_new_tokens(runtime),
                           parameters=loaded.schema if loaded else None,
@@ -277,7 +280,7 @@ OPERATIONS = (
                  documented=False),
 )
 ROUTES = (*OPERATIONS, *hf.ROUTES, *openai.ROUTES, *completions.ROUTES, *tei.ROUTES, *tgi.ROUTES)
-_DIALECT_BY_PATH = {route.path: route.dialect for route in ROUTES}
+_ROUTE_BY_PATH = {route.path: route for route in ROUTES}
 _NAMED = NAMED_PREFIX.replace(":.+", "")  # as aiohttp's canonical path spells it
 # What the page's figures count: the routes that ask the model, not probes, scrapes or the page.
 _MODEL_ROUTES = (frozenset((route.method, route.path) for route in ROUTES if route.documented)

@@ -318,6 +318,11 @@ class Runtime:
         """The model a worker loaded, whether or not one serves right now (for /info)."""
         return self._loaded
 
+    @property
+    def task(self) -> str | None:
+        """What the loaded model does; until one has loaded, --task (None: not known yet)."""
+        return self._loaded.ready.task if self._loaded else self.config.task
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=: what the server is doing now."""
         reason = self.unavailable_reason()
@@ -342,7 +347,7 @@ class Runtime:
         return {
             "model": self.model or None,
             "pipeline": config.pipeline,
-            "task": ready.task if ready else config.task,
+            "task": self.task,
             "input": ready.input_kind.value if ready else None,
             "device": ready.device if ready else config.device,
             "dtype": ready.dtype if ready else config.dtype,
@@ -377,7 +382,7 @@ class Runtime:
         return {
             "time": time.time(), "uptime_seconds": round(time.time() - self.started_at, 3),
             "status": self.unavailable_reason() or "ready",
-            "model": {"name": self.served_model_name, "task": ready.task if ready else self.config.task,
+            "model": {"name": self.served_model_name, "task": self.task,
                       "device": ready.device if ready else None, "dtype": ready.dtype if ready else None},
             **self.metrics.recent.summary(), "generated_tokens": self.streams.tokens,
             "queue_depth": self.batcher.depth, "in_flight": self.batcher.in_flight,

@@ -153,6 +153,7 @@ def _base64_file(text: str, where: str, kind: InputKind) -> bytes:
 
 ROUTES = (
     Route("POST", "/", predict, "Run the pipeline (the Hugging Face Inference API)", DIALECT,
-          request=Request, request_by_task={GENERATION_TASK: tgi.RootRequest}, response=Any,
+          request=Request, request_by_task={GENERATION_TASK: tgi.RootRequest},
+          dialect_by_task={GENERATION_TASK: tgi.DIALECT}, response=Any,
           raw_bodies=("text/plain", "application/octet-stream"), events=tgi.EVENTS),
 )

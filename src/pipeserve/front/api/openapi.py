@@ -122,8 +122,8 @@ def _event_schema(payloads: list[Any], end: str | None) -> dict[str, Any]:
     return {"type": "object", "required": ["data"], "properties": {"data": data}}
 
 
-def _error(route: Route, description: str) -> dict[str, Any]:
-    ref = {"$ref": _REFS.format(name=route.dialect.error_body.__name__)}
+def _error(route: Route, task: str | None, description: str) -> dict[str, Any]:
+    ref = {"$ref": _REFS.format(name=route.dialect_for(task).error_body.__name__)}
     return {"description": description, "content": {"application/json": {"schema": ref}}}
 
 
@@ -149,15 +149,15 @@ def _operation(route: Route, secured: bool, schemas: Mapping[Any, Any], task: st
             content[media] = {"schema": {"type": "string", "minLength": 1, **({"format": "binary"} if binary else {})}}
         operation["requestBody"] = {"required": True, "content": content}
         for status, description in _MODEL_ERRORS.items():
-            operation["responses"][status] = _error(route, description)
+            operation["responses"][status] = _error(route, task, description)
     names = re.findall(r"{(\w+)(?::[^}]*)?}", route.path)
     if names:
         operation["parameters"] = [{"name": name, "in": "path", "required": True,
                                     "schema": {"type": "string", "minLength": 1, FACT_KEY: name}}
                                    for name in names]
-        operation["responses"]["404"] = _error(route, "no such item")
+        operation["responses"]["404"] = _error(route, task, "no such item")
     if secured and not route.public:
-        operation["responses"]["401"] = _error(route, "missing or invalid API key")
+        operation["responses"]["401"] = _error(route, task, "missing or invalid API key")
         operation["security"] = [{"bearer": []}]
     return operation
 
@@ -167,7 +167,7 @@ def document(routes: Sequence[Route], secured: bool, facts: Facts, task: str | N
     routes = [route for route in routes if route.documented]
     types = list(dict.fromkeys(
         [route.request_for(task) for route in routes if route.request_for(task) is not None]
-        + [route.response for route in routes] + [route.dialect.error_body for route in routes]
+        + [route.response for route in routes] + [route.dialect_for(task).error_body for route in routes]
         + [kind for route in routes for kind in route.events_for(task)]))
     inline, components = msgspec.json.schema_components(types, ref_template=_REFS)
     for name, (fields, rules) in exact_schemas().items():

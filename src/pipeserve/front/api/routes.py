@@ -58,6 +58,8 @@ class Route:
     model_route: bool = True  # False: the server's own (probes, metrics, the document)
     # The JSON body's type for a model of another task (POST / takes TGI's body on a generator).
     request_by_task: Mapping[str, Any] = field(default_factory=dict)
+    # Its errors' envelope for a model of another task (POST / answers TGI's on a generator).
+    dialect_by_task: Mapping[str, Dialect] = field(default_factory=dict)
     examples: tuple[dict[str, Any], ...] = ()  # valid request bodies, for the document
 
     def refusal(self, ready: Ready | None, task: str | None = None) -> str | None:
@@ -71,6 +73,9 @@ class Route:
 
     def request_for(self, task: str | None) -> Any:
         return self.request_by_task.get(task or "", self.request)
+
+    def dialect_for(self, task: str | None) -> Dialect:
+        return self.dialect_by_task.get(task or "", self.dialect)
 
     def events_for(self, task: str | None) -> tuple[Any, ...]:
         """Its events; where a task has its own body (request_by_task), only with that body."""

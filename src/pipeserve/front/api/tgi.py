@@ -31,7 +31,7 @@ from pipeserve.front.api.contract import (
     decode,
     neutral,
 )
-from pipeserve.front.api.routes import Route
+from pipeserve.front.api.routes import Dialect, Route
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.streams import Stream
 from pipeserve.ipc import GENERATION_TASK
@@ -229,8 +229,7 @@ async def _write_each_event(request: web.Request, response: web.StreamResponse, 
     text, index, tokens = "", 0, []
     async for event in common.model_of(request).streams.events(stream, deadline):
         if event.error is not None:
-            kind = _error_type(event.error)
-            await common.send_event(response, orjson.dumps({"error": event.error.message, "error_type": kind}))
+            await common.send_event(response, orjson.dumps(tgi_body(event.error)))
             break
         if event.token is None:
             if event.end is not None and event.end.finish_reason == "cancelled":
@@ -248,19 +247,29 @@ async def _write_each_event(request: web.Request, response: web.StreamResponse, 
 
 
 def _error_type(error: errors.PipeserveError) -> str:
-    """TGI's error_type for an error mid-stream (huggingface_hub raises a typed error for each)."""
-    if isinstance(error, errors.Overloaded):
-        return "overloaded"
+    """TGI's error_type (huggingface_hub raises a typed error for each: ValidationError,
+    OverloadedError, IncompleteGenerationError, GenerationError)."""
     if isinstance(error, (errors.RequestTimeout, errors.WorkerCrashed)):
-        return "incomplete_generation"  # it started, and cannot finish
+        return "incomplete_generation"  # it started, or was due to, and cannot finish
+    if isinstance(error, errors.Unavailable):
+        return "overloaded"
+    if error.status < 500:
+        return str(tei.tei_body(error)["error_type"])  # validation; unauthorized
     return "generation"
+
+
+def tgi_body(error: errors.PipeserveError) -> dict[str, object]:
+    return {"error": error.message, "error_type": _error_type(error)}
+
+
+DIALECT = Dialect("tgi", tgi_body, tei.TeiError)
 
 
 EXAMPLE = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 16}}
 ROUTES = (
-    Route("POST", "/generate", generate, "Generate text (TGI)", tei.DIALECT, request=Request, response=Response,
+    Route("POST", "/generate", generate, "Generate text (TGI)", DIALECT, request=Request, response=Response,
           tasks=(GENERATION_TASK,), examples=(EXAMPLE,)),
     Route("POST", "/generate_stream", generate_stream, "Generate text, token by token as server-sent events (TGI)",
-          tei.DIALECT, request=Request, response=StreamEvent, media="text/event-stream", tasks=(GENERATION_TASK,),
+          DIALECT, request=Request, response=StreamEvent, media="text/event-stream", tasks=(GENERATION_TASK,),
           events=EVENTS, examples=(EXAMPLE,)),
 )
