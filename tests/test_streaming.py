@@ -185,9 +185,16 @@ def test_recurrent_state_models_serve_streams_that_end_apart(family: str, task_m
     tokenizer = AutoTokenizer.from_pretrained(task_models["text-generation"])
     model = _model(family, tokenizer)
     folder = tmp_path / family
+    if family == "mamba":  # as a real Mamba's config: no position table (the tests' configs share one)
+        delattr(model.config, "max_position_embeddings")
     model.save_pretrained(folder)
+    tokenizer.model_max_length = int(1e30)  # saved without a limit: no JSON integer holds it
     tokenizer.save_pretrained(folder)
     server = start_server("--model", str(folder), "--dtype", "float32")
+    # /info was a 500 with it; the engine's own bound instead.
+    from pipeserve.model.model_limits import max_positions
+
+    assert server.info()["details"]["max_input_length"] == max_positions(model.config, tokenizer) < 10**7
     prompts = {"first": "the good movie", "short": "a", "long": "hello world this is"}
     lengths = {"first": 100, "short": 2, "long": 8}
     later: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeserve.ipc import InputKind, ParamSpec
-from pipeserve.model import media
+from pipeserve.ipc import GENERATION_TASK, InputKind, ParamSpec
+from pipeserve.model import media, model_limits
 from pipeserve.model.generation import Engine
 from pipeserve.model.outputs import to_plain
 from pipeserve.model.tasks import Task
@@ -46,6 +46,17 @@ class BatchCall:
 
     def run(self, inputs: list[Any], parameters: dict[str, Any]) -> list[Any]:
         return self.function(inputs, **parameters)  # type: ignore[no-any-return]
+
+    def _max_input_length(self, tokenizer: Any, config: Any) -> int | None:
+        """The tokenizer's limit; a generator's is its engine's (model_limits.max_positions). A
+        tokenizer saved without one reports 10**30, which no JSON integer holds (/info was a 500):
+        where nothing else knows the limit, None."""
+        if tokenizer is None:
+            return None
+        if self.task == GENERATION_TASK and config is not None:
+            return model_limits.max_positions(config, tokenizer)
+        saved = tokenizer.model_max_length
+        return int(saved) if isinstance(saved, int) and saved < model_limits.UNSET_LENGTH else None
 
     def schema(self) -> tuple[tuple[ParamSpec, ...], bool]:
         """(the keywords the callable takes, whether it also takes any other keyword)."""
@@ -147,7 +158,7 @@ class PipelineCall(BatchCall):
         id2label = getattr(config, "id2label", None) or {}
         return {
             "has_tokenizer": tokenizer is not None,
-            "max_input_length": int(tokenizer.model_max_length) if tokenizer is not None else None,
+            "max_input_length": self._max_input_length(tokenizer, config),
             "labels": [str(id2label[key]) for key in sorted(id2label)],
             "hidden_size": getattr(config, "hidden_size", None),
             "chat_template": bool(getattr(tokenizer, "chat_template", None)),

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# At or past this, a tokenizer's model_max_length is transformers' "none saved" (int(1e30)).
+UNSET_LENGTH = 10**7
+
 
 def max_positions(config: Any, tokenizer: Any) -> int:
     """The positions a sequence may take: the config's (a composite model's text config's), else
@@ -20,7 +23,7 @@ def max_positions(config: Any, tokenizer: Any) -> int:
             if isinstance(value, int) and value > 0:
                 return value
     saved = getattr(tokenizer, "model_max_length", None)  # huge (1e30) where none was saved
-    return saved if isinstance(saved, int) and 0 < saved < 10**7 else 2048
+    return saved if isinstance(saved, int) and 0 < saved < UNSET_LENGTH else 2048
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
