@@ -128,6 +128,12 @@ def test_text_classification_draws_label_bars(start_server: Callable[..., Server
     direct = json.loads(server.post_json({"inputs": "a good movie", "parameters": {"top_k": len(labels)}}).body)[0]
     assert bars == [(item["label"], pytest.approx(item["score"], abs=1e-3)) for item in direct]
     page.screenshot("classification", tmp_path)
+    # A second text: the pair is classified (it was sent where pairs are refused: a 400).
+    page.testid("input-2").fill("a bad movie")
+    paired = _bars(page.run())
+    direct = server.request("POST", "/predict", json.dumps({"inputs": ["a good movie", "a bad movie"]}),
+                            {"Content-Type": "application/json"}).json()
+    assert sorted(paired) == sorted((item["label"], pytest.approx(item["score"], abs=1e-3)) for item in direct)
 
 
 def test_the_model_picker_switches_the_form_and_the_routes(start_server: Callable[..., Server], visit: Any,

@@ -161,8 +161,10 @@ const WIDGETS = {
     const text = textBox("A text to classify", "I love this movie.");
     const pair = textBox("Optional: a second text, for a model that classifies pairs", "", "input-2");
     form([text, pair], null, async () => {
-      const inputs = pair.value.trim() ? { text: text.value, text_pair: pair.value } : text.value;
-      const body = await postJson("/", { inputs, parameters: { top_k: Math.max(labels.length, 1) } });
+      // A pair goes to TEI's /predict, which takes one as [text, text_pair] (POST / takes texts only).
+      const body = pair.value.trim()
+        ? await postJson("/predict", { inputs: [text.value, pair.value] })
+        : await postJson("/", { inputs: text.value, parameters: { top_k: Math.max(labels.length, 1) } });
       show(bars(labelled(firstList(body))));
     });
   },
