@@ -27,7 +27,9 @@ Environment:
     TEST_LOAD_DELAY_S=s        loading takes that long (prefer the gate)
     TEST_FAIL_LOAD_IF_EXISTS   loading fails while the file it names exists
     TEST_CALL_DELAY_S=s        every call takes that long (a model with a fixed cost per batch)
-    TEST_OOM_ABOVE=N           any call of more than N inputs raises MemoryError
+    TEST_OOM_ABOVE=N           any call of more than N inputs raises MemoryError; each output then
+                               says how many failed calls' frames (their "activations") are still
+                               alive in `held`
     TEST_PLAIN=1               turns the commands off (for fuzzing)
     TEST_SEEN_FILE=path        every input the pipeline sees is appended to that file
 """
@@ -38,6 +40,7 @@ import os
 import signal
 import subprocess
 import time
+import weakref
 from typing import Any
 
 _kept: list[bytearray] = []
@@ -48,6 +51,13 @@ def wait_for_file(path: str) -> None:
     """Block until the file at `path` exists (a test creates it to release us)."""
     while not os.path.exists(path):
         time.sleep(GATE_POLL_S)
+
+
+class _Activations:
+    """Stands for what a failed forward pass allocated: alive as long as that call's frame is."""
+
+
+_failed_activations: list[weakref.ref[_Activations]] = []
 
 
 class EchoPipeline:
@@ -66,14 +76,17 @@ class EchoPipeline:
             with open(self.seen_file, "a") as handle:
                 handle.writelines(f"{text}\n" for text in inputs)
         time.sleep(self.call_delay)
+        held = sum(ref() is not None for ref in _failed_activations)
         if self.oom_above and len(inputs) > self.oom_above:
+            activations = _Activations()  # in this frame, which the MemoryError's traceback keeps
+            _failed_activations.append(weakref.ref(activations))
             raise MemoryError(f"batch of {len(inputs)} does not fit")
         for text in inputs:
             if not self.plain:
                 self._act(text)
         return [
             {"text": (text.upper() if upper else text) + suffix, "batch_size": len(inputs),
-             "call": self.calls, "pid": os.getpid()}
+             "call": self.calls, "pid": os.getpid(), **({"held": held} if self.oom_above else {})}
             for text in inputs
         ]
 

@@ -186,6 +186,10 @@ def test_out_of_memory_halves_the_batch_and_caps_later_batches(start_server: Any
     _, first = asyncio.run(queue_behind_held_batch(server, tmp_path / "gate-1", documents))
     assert all(answer.status == 200 for answer in first)
     assert max(answer.body["batch_size"] for answer in first) <= 4
+    # Each half ran with the failed attempts' frames (what they allocated) freed: the retries ran
+    # inside the handler of the failure, whose traceback kept them, so torch.cuda.empty_cache()
+    # could free nothing and every level of halving added to what was held.
+    assert {answer.body["held"] for answer in first} == {0}
     server.wait_log("out of memory at batch size 16")  # all 16 were tried together first
     calls_before = counters(server)["pipeline_calls"]
     _, second = asyncio.run(queue_behind_held_batch(server, tmp_path / "gate-2", documents))

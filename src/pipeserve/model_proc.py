@@ -256,11 +256,12 @@ def _step(engine: Engine) -> ipc.Step:
         return engine.step()
     except Exception as exc:  # noqa: BLE001 - classified like a batch's failure
         out_of_memory = _is_out_of_memory(exc)
-        if out_of_memory:
-            _release_memory()
         log.error("generation step failed\n%s", _traceback(exc))
-        kind = ErrorKind.OUT_OF_MEMORY if out_of_memory else ErrorKind.INTERNAL
-        return ipc.Step([], engine.fail_all(ipc.Failed(kind, "generation failed")))
+    kind = ErrorKind.OUT_OF_MEMORY if out_of_memory else ErrorKind.INTERNAL
+    ended = engine.fail_all(ipc.Failed(kind, "generation failed"))
+    if out_of_memory:  # once the step's frames and the sequences' caches are let go (see run_batch)
+        _release_memory()
+    return ipc.Step([], ended)
 
 
 def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
@@ -276,22 +277,27 @@ def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
     def attempt(indices: Sequence[int]) -> None:
         nonlocal calls, oom_seen, largest_fit
         calls += 1
+        failed = out_of_memory = False
         try:
             results = operation(call, [batch.inputs[i] for i in indices], batch.parameters)
             counts = call.token_counts() if batch.op is ipc.Op.PIPELINE else None
         except BaseException as exc:  # classified below; never kills the worker
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            out_of_memory = _is_out_of_memory(exc)
+            failed, out_of_memory = True, _is_out_of_memory(exc)
+            if len(indices) == 1:
+                outcomes[indices[0]] = _failure(exc, out_of_memory, batch, indices[0])
+        # Retried only out here: inside the handler, the exception's traceback keeps the failed
+        # call's frames and everything they allocated (a GPU's activations), so empty_cache()
+        # could free none of it and each level of halving would run on top of the last.
+        if failed:
             if out_of_memory:
                 oom_seen = True
                 _release_memory()
-            if len(indices) == 1:
-                outcomes[indices[0]] = _failure(exc, out_of_memory, batch, indices[0])
-                return
-            middle = len(indices) // 2
-            attempt(indices[:middle])
-            attempt(indices[middle:])
+            if len(indices) > 1:
+                middle = len(indices) // 2
+                attempt(indices[:middle])
+                attempt(indices[middle:])
             return
         largest_fit = max(largest_fit, len(indices))
         for position, (index, value) in enumerate(zip(indices, results, strict=True)):
