@@ -10,6 +10,7 @@ way a real model process can:
     "HANG"        the call never returns
     "POISON..."   the call raises ValueError whenever this input is in the batch
     "RAISE"       the call raises RuntimeError carrying a file path (must not leak)
+    "CUDA_ASSERT" the call raises what torch raises after a device-side assert (a broken context)
     "SEGV"        the process kills itself with SIGSEGV
     "EXIT"        the process calls os._exit(7)
     "ALLOC:<mb>"  the process allocates and keeps <mb> MiB
@@ -103,6 +104,8 @@ class EchoPipeline:
             raise ValueError(f"poison input {text!r}")
         elif text == "OOM":
             raise MemoryError("cannot allocate")
+        elif text == "CUDA_ASSERT":
+            raise RuntimeError("CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA` ...")
         elif text == "RAISE":
             raise RuntimeError("failed reading /home/secret/models/weights.bin at offset 42")
         elif text == "SEGV":

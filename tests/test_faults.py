@@ -211,6 +211,20 @@ def test_a_single_input_that_never_fits_gets_413_and_the_worker_keeps_serving(
     assert server.worker_pid() == pid
 
 
+def test_a_device_error_restarts_the_worker_instead_of_failing_every_later_call(start_server: Any) -> None:
+    """After a device-side assert every CUDA call of that process fails: the worker served 500s
+    forever with /ready at 200. It exits (its batch is answered as a crash) and is restarted."""
+    server = start_server(*ECHO, "--workers", "1")
+    pid = server.worker_pid()
+    broken = server.post_json({"inputs": ["fine", "CUDA_ASSERT"]})
+    assert broken.status == 503 and "crashed" in broken.json()["error"] and "Retry-After" in {
+        name.title() for name in broken.headers}
+    server.wait_log("exited after a device error that breaks its CUDA context")
+    wait_until(lambda: server.request("GET", "/ready").status == 200, timeout=60)
+    assert server.worker_pid() != pid
+    assert server.post_json({"inputs": "fine"}).json()["text"] == "fine"
+
+
 def _niceness(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 

@@ -44,6 +44,7 @@ class ExitCode(enum.IntEnum):
     LOAD_TIMEOUT = 4  # the front: a load (or a restart's load) ran past --load-timeout
     MEMORY_LIMIT = 75  # EX_TEMPFAIL: a worker grew past --max-worker-memory; restart at once
     PIPE_CLOSED = 76  # a worker lost its pipe: the front went away
+    DEVICE_ERROR = 77  # a worker's CUDA context broke (not out of memory): only a new process recovers
 
 
 class WorkerState(enum.StrEnum):

@@ -255,6 +255,7 @@ def _step(engine: Engine) -> ipc.Step:
     try:
         return engine.step()
     except Exception as exc:  # noqa: BLE001 - classified like a batch's failure
+        _exit_if_the_device_broke(exc)
         out_of_memory = _is_out_of_memory(exc)
         log.error("generation step failed\n%s", _traceback(exc))
     kind = ErrorKind.OUT_OF_MEMORY if out_of_memory else ErrorKind.INTERNAL
@@ -281,9 +282,10 @@ def run_batch(call: BatchCall, batch: ipc.Batch) -> ipc.BatchResult:
         try:
             results = operation(call, [batch.inputs[i] for i in indices], batch.parameters)
             counts = call.token_counts() if batch.op is ipc.Op.PIPELINE else None
-        except BaseException as exc:  # classified below; never kills the worker
+        except BaseException as exc:  # classified below; only a broken device ends the worker
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
+            _exit_if_the_device_broke(exc)
             failed, out_of_memory = True, _is_out_of_memory(exc)
             if len(indices) == 1:
                 outcomes[indices[0]] = _failure(exc, out_of_memory, batch, indices[0])
@@ -333,8 +335,21 @@ _BAD_INPUT_TYPES = (ValueError, TypeError, KeyError, UnicodeError)
 def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
-    # torch.cuda.OutOfMemoryError, without importing torch.cuda where it is unused
-    return type(exc).__name__ == "OutOfMemoryError"
+    # torch.cuda.OutOfMemoryError, without importing torch.cuda where it is unused; cuBLAS's own
+    # allocation failure is a RuntimeError (neither sticky nor a broken device: halving helps).
+    return type(exc).__name__ == "OutOfMemoryError" or "CUBLAS_STATUS_ALLOC_FAILED" in str(exc)
+
+
+def _exit_if_the_device_broke(exc: BaseException) -> None:
+    """A CUDA error other than out-of-memory (a device-side assert, an illegal address) leaves the
+    process's CUDA context broken: every later call fails the same way, while /ready still says
+    200. Only a new process recovers, so this one exits and the front restarts it (what it was
+    running is answered as a crash: 503, or an error event)."""
+    if _is_out_of_memory(exc):
+        return
+    if type(exc).__name__ == "AcceleratorError" or "CUDA error" in str(exc):
+        log.error("device error; exiting for a restart\n%s", _traceback(exc))
+        os._exit(ExitCode.DEVICE_ERROR)
 
 
 def _release_memory() -> None:

@@ -72,6 +72,7 @@ def describe_exit(exitcode: int | None, killed_for: str | None = None) -> str:
         ExitCode.LOAD_FAILED: "failed to load the model",
         ExitCode.MEMORY_LIMIT: "exceeded --max-worker-memory and exited for a restart",
         ExitCode.PIPE_CLOSED: "lost its pipe to the front",
+        ExitCode.DEVICE_ERROR: "exited after a device error that breaks its CUDA context",
     }
     return descriptions.get(exitcode, f"exited with code {exitcode}")
 
