@@ -160,15 +160,25 @@ def test_a_custom_pipeline_needs_no_default_model() -> None:
     assert runtime.model == "" and runtime.supervisors[0].spec.model == ""
 
 
-def test_devices_start_one_worker_each_and_hide_the_other_gpus() -> None:
+def test_devices_start_one_worker_each_and_hide_the_other_gpus(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     from pipeserve.front.supervisor import worker_spec
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     config = load_config(["--devices", "cuda:0,cuda:1"], environ={})
     assert config.worker_count() == 2 and config.worker_device(1) == "cuda:1"
     spec = worker_spec(config, "m", 1)
     assert (spec.device, spec.visible_devices) == ("cuda:0", "1")
     cpu = worker_spec(load_config(["--devices", "cpu,cpu"], environ={}), "m", 0)
     assert (cpu.device, cpu.visible_devices) == ("cpu", None)
+    # Given GPUs by a scheduler (Slurm, a container runtime): cuda:1 is the second of those, as
+    # torch numbers them, not the machine's GPU 1.
+    given = {"CUDA_VISIBLE_DEVICES": "GPU-5e1f,GPU-77a0"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given["CUDA_VISIBLE_DEVICES"])
+    assert worker_spec(load_config(["--devices", "cuda:0,cuda:1"], environ=given), "m", 1).visible_devices == "GPU-77a0"
+    with pytest.raises(SystemExit):
+        load_config(["--devices", "cuda:0,cuda:2"], environ=given)
+    assert "cuda:2 is not among the 2 GPUs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+from collections.abc import Mapping
 
 from pipeserve.ipc import GENERATION_ARCHITECTURES, GENERATION_TASK
 
@@ -21,6 +22,20 @@ def nvidia_device_present(devices: str = "/dev") -> bool:
     except OSError:
         return False
     return any(name.startswith("nvidia") and name[len("nvidia"):].isdigit() for name in names)
+
+
+def physical_gpu(index: int, environ: Mapping[str, str]) -> str:
+    """What a worker for `--devices cuda:N` sets CUDA_VISIBLE_DEVICES to: the Nth GPU this process
+    was given. A scheduler that sets CUDA_VISIBLE_DEVICES itself (Slurm, a container runtime, as
+    "2,3", GPU UUIDs or MIG ids) numbers what it gave from 0, as torch does; N alone would name
+    the machine's Nth GPU. ValueError when there is no Nth."""
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    if given is None:
+        return str(index)
+    gpus = [gpu.strip() for gpu in given.split(",") if gpu.strip()]
+    if index >= len(gpus):
+        raise ValueError(f"cuda:{index} is not among the {len(gpus)} GPUs CUDA_VISIBLE_DEVICES={given!r} gives")
+    return gpus[index]
 
 
 # The front has no torch to ask whether `--device auto` will find CUDA; the NVIDIA driver's
