@@ -170,6 +170,14 @@ def test_a_gpu_is_any_nvidia_device_node(tmp_path: Path, nodes: list[str], prese
     assert machine.nvidia_device_present(str(tmp_path / "missing")) is False
 
 
+@pytest.mark.parametrize(("given", "hidden"), [(None, False), ("", True), ("-1", True), (" -1 ", True),
+                                               ("0", False), ("GPU-5e1f", False)])
+def test_gpus_hidden_by_cuda_visible_devices_are_no_gpu(given: str | None, hidden: bool) -> None:
+    # A job kept off the GPUs on a GPU machine: `--device auto` would start one worker with every
+    # core's threads, sized for a GPU it will not get.
+    assert machine.gpus_hidden({} if given is None else {"CUDA_VISIBLE_DEVICES": given}) is hidden
+
+
 @pytest.mark.parametrize("cores", [1, 2, 4, 8, 16, 64])
 @pytest.mark.parametrize("device", ["auto", "cuda", "cuda:1"])
 def test_gpu_defaults_for_every_core_count(monkeypatch: pytest.MonkeyPatch, cores: int, device: str) -> None:

@@ -439,3 +439,22 @@ def test_a_step_that_raises_while_prefilling_ends_every_stream_it_held(gpt2: tup
     engine.add(ipc.Generate(4, "the good movie", GREEDY))  # and the engine serves on
     tokens, ended = _run(engine)
     assert ended[4].finish_reason == "length" and len(tokens[4]) == GREEDY["max_new_tokens"]
+
+
+def test_a_sequence_that_ends_mid_character_keeps_its_last_bytes() -> None:
+    """A byte-level tokenizer splits "é" over two tokens; a piece ending mid-character is held
+    back for the next token. A sequence that ends there sends what was held (as decode() writes
+    an incomplete character, U+FFFD): it was dropped, so the text was shorter than its tokens'."""
+    from pipeserve.model.sequence import Sequence
+
+    def decode(ids: list[int], skip_special_tokens: bool = True) -> str:  # GPT-2's: errors="replace"
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    sequence = Sequence(1, [], {"max_new_tokens": 2}, None, None)
+    pieces = []
+    for byte in "aé".encode()[:2]:  # b"a", then the first of é's two bytes
+        sequence.generated.append(byte)
+        pieces.append(sequence.next_piece(decode))
+    assert pieces == ["a", ""] and sequence.finish_reason([]) == "length"
+    assert sequence.rest(decode) == "\ufffd"
+    assert "".join(pieces) + "\ufffd" == decode(sequence.generated)

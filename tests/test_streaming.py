@@ -98,6 +98,27 @@ def test_inference_client_chat_completion_plain_and_streamed(generator: Server) 
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_a_stop_sequence_split_over_tokens_is_never_half_streamed(generator: Server) -> None:
+    """A stop sequence made of one token's last character and the next token's first: streamed,
+    that first character was sent before the stop was complete, so the streamed text had it
+    and the plain answer did not."""
+    client = _openai(generator)
+    parameters = {"max_new_tokens": 24, "ignore_eos": True, "do_sample": False, "details": True}
+    tokens = [token["text"] for token in generator.request(
+        "POST", "/generate", json.dumps({"inputs": "the good movie", "parameters": parameters}),
+        {"Content-Type": "application/json"}).json()["details"]["tokens"]]
+    text = "".join(tokens)
+    boundaries = [len("".join(tokens[:i + 1])) for i in range(len(tokens) - 1) if tokens[i] and tokens[i + 1]]
+    stop = next((text[at - 1:at + 1] for at in boundaries if text.find(text[at - 1:at + 1]) == at - 1), None)
+    assert stop is not None, tokens  # a pair of characters first met across a boundary
+    ask = {"model": "m", "prompt": "the good movie", "max_tokens": 24, "temperature": 0, "stop": [stop],
+           "extra_body": {"ignore_eos": True}}
+    plain = client.completions.create(**ask).choices[0].text
+    assert plain == text[:text.find(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True) if c.choices)
+    assert streamed == plain
+
+
 def test_openai_completions_and_chat_plain_and_streamed(generator: Server) -> None:
     client = _openai(generator)
     # ignore_eos: exactly max_tokens tokens, whatever the tiny model's greedy choice is.

@@ -38,9 +38,17 @@ def physical_gpu(index: int, environ: Mapping[str, str]) -> str:
     return gpus[index]
 
 
+def gpus_hidden(environ: Mapping[str, str]) -> bool:
+    """CUDA_VISIBLE_DEVICES set to none ("" or -1, the usual ways to keep a job off the GPUs):
+    torch finds no CUDA device, whatever device nodes there are."""
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    return given is not None and given.strip() in ("", "-1")
+
+
 # The front has no torch to ask whether `--device auto` will find CUDA; the NVIDIA driver's
-# device nodes say. Looked up once, at import, so that no event loop ever waits on the listing.
-NVIDIA_DEVICE_PRESENT = nvidia_device_present()
+# device nodes say, unless the GPUs are hidden. Looked up once, at import, so that no event loop
+# ever waits on the listing.
+NVIDIA_DEVICE_PRESENT = nvidia_device_present() and not gpus_hidden(os.environ)
 
 
 # On a CPU, one single-threaded worker per core served the most: 1.4x one worker using both cores

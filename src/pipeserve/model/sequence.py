@@ -45,6 +45,14 @@ class Sequence:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.generated)
         return str(both[len(read):])
 
+    def rest(self, decode: Callable[..., str]) -> str:
+        """What `next_piece` held back (an incomplete character, as decode() writes it: U+FFFD),
+        for a sequence that ends there: without it, its text would be shorter than its tokens'."""
+        read = decode(self.generated[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        both = decode(self.generated[self.prefix_offset:], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.generated)
+        return str(both[len(read):])
+
     def finish_reason(self, eos_ids: list[int]) -> str | None:
         """Why the sequence ends after its newest token, or None while it goes on."""
         if self.failed is not None:

@@ -260,16 +260,20 @@ async def _stream(request: web.Request, stream: Stream, head: dict[str, Any], ki
     async with common.cut_off_past(request, deadline):
         if chat:
             await send(None, None, role=True)
-        sent = ""
+        # The text is sent up to its last characters that could begin a stop sequence: a stop split
+        # over tokens is then never half sent, and the streamed text is the plain answer's.
+        held = max((len(stop) - 1 for stop in stops if stop), default=0)
+        generated = sent = ""
         async for event in common.model_of(request).streams.events(stream, deadline):
             if event.error is not None:
                 await common.send_event(response, orjson.dumps(openai_body(event.error)))
                 break
-            if event.token is not None:
-                text = _cut_at_stop(sent + event.token.text, stops)
-                if len(text) > len(sent):
-                    await send(text[len(sent):], None)
-                    sent = text
+            generated += event.token.text if event.token is not None else ""
+            text = _cut_at_stop(generated, stops)
+            sure = text if event.end is not None else text[:max(len(text) - held, 0)]
+            if len(sure) > len(sent):
+                await send(sure[len(sent):], None)
+                sent = sure
             if event.end is not None and event.end.finish_reason != "cancelled":
                 await send(None, _finish(event.end))
                 if include_usage:
