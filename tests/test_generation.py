@@ -458,3 +458,19 @@ def test_a_sequence_that_ends_mid_character_keeps_its_last_bytes() -> None:
     assert pieces == ["a", ""] and sequence.finish_reason([]) == "length"
     assert sequence.rest(decode) == "\ufffd"
     assert "".join(pieces) + "\ufffd" == decode(sequence.generated)
+
+
+def test_a_gpus_cache_reserves_rows_as_it_needs_them_a_cpus_all_at_once() -> None:
+    """A CPU commits only the pages written, so every layer keeps room for --max-running-sequences
+    rows; a GPU commits the whole buffer (one long stream could take 32 rows' memory and run out
+    of it), so there the room doubles with the rows in use. `meta` stands for a GPU here."""
+    import torch
+
+    from pipeserve.model import kv_cache
+
+    for device, reserved in (("cpu", 32), ("meta", 2)):
+        block = torch.zeros((1, 2, 5, 4), device=device)
+        layer = kv_cache.growing_layer([block], [block], 5, max_rows=32)
+        assert layer._keys.shape[0] == reserved, device
+        assert layer.room_for(1) and not layer.room_for(reserved)
+    assert kv_cache.row_capacity(20, 32, "cuda") == 32 and kv_cache.row_capacity(3, 32, "cuda") == 6

@@ -128,13 +128,23 @@ def _stack_left_padded(torch: Any, blocks: list[Any], length: int, max_rows: int
     """
     first = blocks[0]
     rows = sum(block.shape[0] for block in blocks)
-    buffer = torch.empty((max(rows, max_rows), first.shape[1], length + room, first.shape[3]),
-                         dtype=first.dtype, device=first.device)
+    buffer = torch.empty((row_capacity(rows, max_rows, first.device.type), first.shape[1], length + room,
+                          first.shape[3]), dtype=first.dtype, device=first.device)
     row = 0
     for block in blocks:
         _place(buffer, row, block, length)
         row += block.shape[0]
     return buffer
+
+
+def row_capacity(rows: int, max_rows: int, device_type: str) -> int:
+    """Rows a layer's buffer is made with. On a CPU, room for `max_rows`: pages never written are
+    never committed, so room costs nothing until used. A GPU commits the whole buffer at once (one
+    stream of a 30k-token context on a Llama-3-8B-shaped model would take ~123 GB for 32 rows, and
+    run out of memory where ~4 GB serves it), so there room doubles with need, up to `max_rows`."""
+    if device_type == "cpu":
+        return max(rows, max_rows)
+    return max(rows, min(max_rows, 2 * rows))
 
 
 def _place(buffer: Any, row: int, block: Any, length: int) -> None:
