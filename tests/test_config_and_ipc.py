@@ -160,8 +160,7 @@ def test_a_custom_pipeline_needs_no_default_model() -> None:
     assert runtime.model == "" and runtime.supervisors[0].spec.model == ""
 
 
-def test_devices_start_one_worker_each_and_hide_the_other_gpus(monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_devices_start_one_worker_each_and_hide_the_other_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeserve.front.supervisor import worker_spec
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -176,9 +175,13 @@ def test_devices_start_one_worker_each_and_hide_the_other_gpus(monkeypatch: pyte
     given = {"CUDA_VISIBLE_DEVICES": "GPU-5e1f,GPU-77a0"}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", given["CUDA_VISIBLE_DEVICES"])
     assert worker_spec(load_config(["--devices", "cuda:0,cuda:1"], environ=given), "m", 1).visible_devices == "GPU-77a0"
-    with pytest.raises(SystemExit):
-        load_config(["--devices", "cuda:0,cuda:2"], environ=given)
-    assert "cuda:2 is not among the 2 GPUs" in capsys.readouterr().err
+    from pipeserve.front.config import ConfigError
+    from pipeserve.front.deployment import load_deployment
+
+    with pytest.raises(ConfigError, match="cuda:2 is not among the 2 GPUs"):
+        load_deployment(["--devices", "cuda:0,cuda:2"], environ=given)
+    with pytest.raises(ConfigError, match="cuda:0 is not among the 0 GPUs"):  # hidden: none given
+        load_deployment(["--devices", "cuda:0"], environ={"CUDA_VISIBLE_DEVICES": "-1"})
 
 
 @pytest.mark.parametrize("argv, fragment", [

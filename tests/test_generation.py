@@ -441,6 +441,39 @@ def test_a_step_that_raises_while_prefilling_ends_every_stream_it_held(gpt2: tup
     assert ended[4].finish_reason == "length" and len(tokens[4]) == GREEDY["max_new_tokens"]
 
 
+class _LeadBytes:
+    """The tests' tokenizer, but every token decodes to a UTF-8 lead byte: a character that
+    never completes, as a byte-level tokenizer's text can be cut by max_new_tokens."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    @staticmethod
+    def decode(ids: list[int], skip_special_tokens: bool = True) -> str:
+        return (b"\xc3" * len(ids)).decode("utf-8", errors="replace")
+
+
+def test_a_stream_that_ends_mid_character_sends_its_last_bytes(gpt2: tuple[Any, Any]) -> None:
+    """Its pieces are held back (each ends mid-character); at its end, what was held is sent, as
+    decode() writes it: it was dropped, and the streamed text was shorter than its tokens'."""
+    model, tokenizer = gpt2
+    engine = _engine((model, _LeadBytes(tokenizer)))
+    engine.add(ipc.Generate(1, "the good movie", GREEDY))
+    texts = []
+    while engine.active:
+        texts += [token.text for token in engine.step().tokens]
+    assert len(texts) == GREEDY["max_new_tokens"] and "".join(texts) == "\ufffd" * len(texts)
+
+
 def test_a_sequence_that_ends_mid_character_keeps_its_last_bytes() -> None:
     """A byte-level tokenizer splits "é" over two tokens; a piece ending mid-character is held
     back for the next token. A sequence that ends there sends what was held (as decode() writes

@@ -27,7 +27,7 @@ from pipeserve.front.api.routes import NAMED_PREFIX, Dialect, Route, add_routes
 from pipeserve.front.jsonio import json_response
 from pipeserve.front.models import MODELS, Models
 from pipeserve.front.page import PAGE, for_browsers
-from pipeserve.front.runtime import ARRIVED, BATCH_SIZE, MODEL, REQUEST_ID, STREAM
+from pipeserve.front.runtime import ARRIVED, BATCH_SIZE, MODEL, REQUEST_ID, STREAM, Runtime
 
 log = logging.getLogger("pipeserve.http")
 access_log = logging.getLogger("pipeserve.access")
@@ -139,8 +139,22 @@ def dialect_for(request: web.Request) -> Dialect:
     route = _ROUTE_BY_PATH.get(_declared(request) or request.path)
     if route is None:
         return openai.DIALECT if request.path.startswith("/v1/") else hf.DIALECT
-    model = request.get(MODEL)
+    model = _model_asked(request)
     return route.dialect_for(model.task if model is not None else None)
+
+
+def _model_asked(request: web.Request) -> Runtime | None:
+    """The model a request is for, as far as it is known without failing: a 401 comes before the
+    handler has chosen one, and its envelope depends on that model's task all the same."""
+    chosen: Runtime | None = request.get(MODEL)
+    if chosen is not None:
+        return chosen
+    models = request.app[MODELS]
+    name: str | None = request.match_info.get("model_name")
+    try:
+        return models.named(name) if name else models.first
+    except errors.PipeserveError:  # a name that is not served: its 404 is being answered
+        return None
 
 
 _HTTP_MESSAGES = {

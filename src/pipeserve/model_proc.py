@@ -252,6 +252,7 @@ def _stream_message(engine: Engine | None, message: ipc.Generate | ipc.Cancel) -
 
 def _step(engine: Engine) -> ipc.Step:
     """One decoding step; a step that raises ends every sequence with an error, not the worker."""
+    out_of_memory = False
     try:
         return engine.step()
     except Exception as exc:  # noqa: BLE001 - classified like a batch's failure
@@ -335,9 +336,14 @@ _BAD_INPUT_TYPES = (ValueError, TypeError, KeyError, UnicodeError)
 def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
-    # torch.cuda.OutOfMemoryError, without importing torch.cuda where it is unused; cuBLAS's own
-    # allocation failure is a RuntimeError (neither sticky nor a broken device: halving helps).
-    return type(exc).__name__ == "OutOfMemoryError" or "CUBLAS_STATUS_ALLOC_FAILED" in str(exc)
+    # torch.cuda.OutOfMemoryError, without importing torch.cuda where it is unused. An allocation
+    # outside torch's caching allocator (cuBLAS's or cuDNN's workspace, pinned memory) fails as a
+    # RuntimeError or AcceleratorError "CUDA error: out of memory", or cuBLAS's ALLOC_FAILED: not
+    # a broken device either, and halving helps.
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    cuda = isinstance(exc, RuntimeError) or type(exc).__name__ == "AcceleratorError"
+    return cuda and ("CUDA error: out of memory" in str(exc) or "CUBLAS_STATUS_ALLOC_FAILED" in str(exc))
 
 
 def _exit_if_the_device_broke(exc: BaseException) -> None:
@@ -347,7 +353,8 @@ def _exit_if_the_device_broke(exc: BaseException) -> None:
     running is answered as a crash: 503, or an error event)."""
     if _is_out_of_memory(exc):
         return
-    if type(exc).__name__ == "AcceleratorError" or "CUDA error" in str(exc):
+    cuda_error = isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error:")
+    if type(exc).__name__ == "AcceleratorError" or cuda_error:
         log.error("device error; exiting for a restart\n%s", _traceback(exc))
         os._exit(ExitCode.DEVICE_ERROR)
 

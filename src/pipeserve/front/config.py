@@ -397,10 +397,4 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     if values.get("devices") and "workers" in values and values["workers"] != len(values["devices"]):
         parser.error(f"--workers {values['workers']} contradicts --devices, which starts "
                      f"{len(values['devices'])} workers (one per device)")
-    for device in values.get("devices") or ():
-        if device.startswith("cuda:"):
-            try:
-                machine.physical_gpu(int(device.split(":", 1)[1]), environ)
-            except ValueError as exc:
-                parser.error(f"--devices: {exc}")
     return values, {name: given for name, given in repeated.items() if given}

@@ -13,12 +13,14 @@ one is refused. The first model declared serves the root routes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeserve.front import machine
 from pipeserve.front.config import Config, ConfigError, parse_settings
 from pipeserve.front.runtime import served_model_name
 
@@ -76,7 +78,7 @@ def load_deployment(argv: Sequence[str] | None = None, environ: Mapping[str, str
     tasks = repeated.get("task", [])
     if not declared:  # one model, as before
         config = dataclasses.replace(base, model=unnamed[0] if unnamed else None, task=_one_task(tasks))
-        return Deployment(base, (ModelEntry(served_model_name(config), config),))
+        return _gpus_given(Deployment(base, (ModelEntry(served_model_name(config), config),)), environ)
     for value in tasks:
         name, task = named(value, "task")
         if name is None or name not in declared:
@@ -85,7 +87,19 @@ def load_deployment(argv: Sequence[str] | None = None, environ: Mapping[str, str
         declared[name].setdefault("task", task)
     entries = tuple(ModelEntry(name, dataclasses.replace(base, **settings, served_model_name=name))
                     for name, settings in declared.items())
-    return Deployment(dataclasses.replace(base, model=None, task=None), entries)
+    return _gpus_given(Deployment(dataclasses.replace(base, model=None, task=None), entries), environ)
+
+
+def _gpus_given(deployment: Deployment, environ: Mapping[str, str] | None) -> Deployment:
+    """The deployment, if each `--devices cuda:N` is among the GPUs this process was given."""
+    for entry in deployment.models:
+        for device in entry.config.devices or ():
+            if device.startswith("cuda:"):
+                try:
+                    machine.physical_gpu(int(device.split(":", 1)[1]), os.environ if environ is None else environ)
+                except ValueError as exc:
+                    raise ConfigError(f"--devices: {exc}") from None
+    return deployment
 
 
 def _one_task(tasks: list[str]) -> str | None:

@@ -32,7 +32,7 @@ def physical_gpu(index: int, environ: Mapping[str, str]) -> str:
     given = environ.get("CUDA_VISIBLE_DEVICES")
     if given is None:
         return str(index)
-    gpus = [gpu.strip() for gpu in given.split(",") if gpu.strip()]
+    gpus = [] if gpus_hidden(environ) else [gpu.strip() for gpu in given.split(",") if gpu.strip()]
     if index >= len(gpus):
         raise ValueError(f"cuda:{index} is not among the {len(gpus)} GPUs CUDA_VISIBLE_DEVICES={given!r} gives")
     return gpus[index]

@@ -250,8 +250,9 @@ class Streams:
         there, by a message sent in the background: releasing never waits on a busy pipe."""
         if self.open.get(stream.stream_id) is not stream:
             return
-        if stream.end is None and not stream.ended_there:
+        if stream.end is None:  # its client did not read its end: counted as the metric counts it
             self.cancelled += 1
+        if stream.end is None and not stream.ended_there:
             task = asyncio.ensure_future(self._send_cancel(stream))
             self._cancels.add(task)
             task.add_done_callback(self._cancels.discard)

@@ -84,10 +84,14 @@ async def serving_model(request: web.Request, name: str | None = None) -> Loaded
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within --body-timeout (408 after); 413 past --max-body-bytes."""
     timeout = request.app[MODELS].config.body_timeout  # the server's: the model may be named in the body
+    started = time.monotonic()
     try:
-        return await asyncio.wait_for(request.read(), timeout)
+        body = await asyncio.wait_for(request.read(), timeout)
     except TimeoutError:
         raise errors.BodyTimeout() from None
+    # The upload is --body-timeout's to bound: the request's own deadline counts without it.
+    request[ARRIVED] = request.get(ARRIVED, started) + (time.monotonic() - started)
+    return body
 
 
 TOKEN_ID_BYTES = 4  # a token id in a /decode list counts as an int32 against --max-input-bytes

@@ -266,6 +266,8 @@ async def _stream(request: web.Request, stream: Stream, head: dict[str, Any], ki
         generated = sent = ""
         async for event in common.model_of(request).streams.events(stream, deadline):
             if event.error is not None:
+                if len(text := _cut_at_stop(generated, stops)) > len(sent):
+                    await send(text[len(sent):], None)  # what was held back for a stop that never came
                 await common.send_event(response, orjson.dumps(openai_body(event.error)))
                 break
             generated += event.token.text if event.token is not None else ""

@@ -42,7 +42,7 @@ class TeiError(Answer):
 
 # text-embeddings-inference's error_type names, lower-cased as huggingface_hub matches them.
 _TEI_TYPES = {400: "validation", 401: "unauthorized", 404: "validation", 405: "validation",
-              413: "validation", 503: "overloaded", 504: "backend"}
+              408: "validation", 413: "validation", 503: "overloaded", 504: "backend"}
 
 
 def tei_body(error: errors.PipeserveError) -> dict[str, object]:

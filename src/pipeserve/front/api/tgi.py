@@ -229,7 +229,8 @@ async def _write_each_event(request: web.Request, response: web.StreamResponse, 
     text, index, tokens = "", 0, []
     async for event in common.model_of(request).streams.events(stream, deadline):
         if event.error is not None:
-            await common.send_event(response, orjson.dumps(tgi_body(event.error)))
+            await common.send_event(response, orjson.dumps(
+                {"error": event.error.message, "error_type": _error_type(event.error, mid_stream=True)}))
             break
         if event.token is None:
             if event.end is not None and event.end.finish_reason == "cancelled":
@@ -246,11 +247,12 @@ async def _write_each_event(request: web.Request, response: web.StreamResponse, 
         }))
 
 
-def _error_type(error: errors.PipeserveError) -> str:
+def _error_type(error: errors.PipeserveError, mid_stream: bool = False) -> str:
     """TGI's error_type (huggingface_hub raises a typed error for each: ValidationError,
-    OverloadedError, IncompleteGenerationError, GenerationError)."""
-    if isinstance(error, (errors.RequestTimeout, errors.WorkerCrashed)):
-        return "incomplete_generation"  # it started, or was due to, and cannot finish
+    OverloadedError, IncompleteGenerationError, GenerationError). A crash before the first token
+    is a refusal to retry (overloaded); during a stream, a generation cut short."""
+    if isinstance(error, errors.RequestTimeout) or (mid_stream and isinstance(error, errors.WorkerCrashed)):
+        return "incomplete_generation"
     if isinstance(error, errors.Unavailable):
         return "overloaded"
     if error.status < 500:
