@@ -330,7 +330,7 @@ def test_a_client_that_stops_reading_is_cut_off_at_its_deadline_and_no_worker_is
         sock.connect(("127.0.0.1", server.port))
         with sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"X-Request-Timeout: 4\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                         b"X-Request-Timeout: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             server.wait_log("stopped reading its stream; cut off past the deadline", timeout=60)
             wait_until(lambda: _open_streams(server) == 0, timeout=10)
         assert "no generation step" not in server.log
@@ -505,3 +505,35 @@ def test_a_streams_end_goes_with_its_last_token_of_a_step() -> None:
                 async for event in streams.events(stream, time.monotonic() + 5)]
 
     assert asyncio.run(events()) == [("a", None), ("b", "length")]
+
+
+@pytest.mark.timeout(10)
+def test_a_handler_cancelled_as_its_event_arrives_stops_reading_its_stream() -> None:
+    """A client that leaves just as a token arrives: on Python 3.11, wait_for returns the token
+    and loses the cancellation, and a non-streamed handler read on to the sequence's end (its
+    generation ran on for nobody). The cancellation is raised after the wait instead."""
+    import asyncio
+    import time
+
+    from pipeserve import ipc
+    from pipeserve.front.streams import Streams
+
+    async def cancelled_as_the_token_comes() -> bool:
+        streams = Streams(2, lambda: [_Worker()])
+        stream = await streams.start("request", "hello", {})
+
+        async def read() -> list[Any]:
+            return [event async for event in streams.events(stream, time.monotonic() + 3)]
+
+        reader = asyncio.ensure_future(read())
+        while not stream.queue._getters:  # type: ignore[attr-defined] - until it waits on the queue
+            await asyncio.sleep(0)
+        streams.deliver(ipc.Step([ipc.Token(stream.stream_id, 1, "a", 0.0, False)]))  # the get completes
+        reader.cancel()  # in the same turn of the loop
+        try:
+            await asyncio.wait_for(reader, 2)
+        except asyncio.CancelledError:
+            return stream.stream_id not in streams.open  # released, so its sequence is cancelled
+        return False
+
+    assert asyncio.run(cancelled_as_the_token_comes())

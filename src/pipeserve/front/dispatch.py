@@ -52,7 +52,7 @@ class Dispatcher:
         assert worker.exited is not None
         self.completed = 0
         while True:
-            _raise_if_cancelled()
+            errors.raise_if_cancelled()
             if not worker.takes_new_work():  # past --max-worker-memory: it is retired when idle
                 return await asyncio.shield(worker.exited)
             next_batch = asyncio.ensure_future(self.batcher.next_batch(self._batch_limit()))
@@ -139,15 +139,3 @@ class Dispatcher:
         for job in jobs:
             resolve(job, error=error_factory())
         self.batcher.finished(jobs, None)
-
-
-def _raise_if_cancelled() -> None:
-    """Raise the cancellation of this task that an await inside it returned past.
-
-    On Python 3.11, asyncio.wait_for (used throughout the standard library and aiohttp) returns
-    its inner result when that completes as the outer task is cancelled, and the cancellation
-    is lost: a loop that goes on would never stop. The task still counts it (`cancelling`).
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

@@ -8,6 +8,7 @@ carries a traceback, a file path or an exception repr.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from pipeserve.ipc import ErrorKind
@@ -122,3 +123,15 @@ _ERROR_FOR_KIND: dict[ErrorKind, type[PipeserveError]] = {
 def error_for_kind(kind: ErrorKind, message: str) -> PipeserveError:
     """The public error for an input that failed in the model process."""
     return _ERROR_FOR_KIND.get(kind, InferenceFailed)(message)
+
+
+def raise_if_cancelled() -> None:
+    """Raise the cancellation of this task that an await inside it returned past.
+
+    On Python 3.11, asyncio.wait_for (used throughout the standard library and aiohttp) returns
+    its inner result when that completes as the outer task is cancelled, and the cancellation
+    is lost: a loop that goes on would never stop. The task still counts it (`cancelling`).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

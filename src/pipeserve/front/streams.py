@@ -211,6 +211,7 @@ class Streams:
             event = await asyncio.wait_for(stream.queue.get(), max(remaining, 0))
         except TimeoutError:
             raise errors.RequestTimeout("request timed out before the first token") from None
+        errors.raise_if_cancelled()  # a client that left as the event came (Python 3.11's wait_for)
         if event.end is not None:
             stream.end = event.end
         if event.error is not None and event.token is None:
@@ -237,6 +238,7 @@ class Streams:
                 except TimeoutError:
                     yield _failure(stream, errors.RequestTimeout("request timed out while generating"))
                     return
+                errors.raise_if_cancelled()  # a client that left as the event came (Python 3.11's wait_for)
                 if event.end is not None:
                     stream.end = event.end
                 yield event
