@@ -81,6 +81,20 @@ def test_gpus_reduce_to_what_they_support(native: bool, emulated: bool, expected
     assert precision.native_reduced_dtype("cuda:0", torch) == expected
 
 
+@pytest.mark.parametrize(("own", "device", "bf16_native", "served"), [
+    ("bfloat16", "cuda:0", True, True), ("bfloat16", "cuda:0", False, False),  # a T4: checked instead
+    ("float16", "cuda:0", False, True), ("float32", "cuda:0", True, False), ("bfloat16", "cpu", True, False)])
+def test_a_gpu_serves_a_reduced_checkpoint_as_it_is_only_where_it_computes_that_natively(
+        own: str, device: str, bf16_native: bool, served: bool) -> None:
+    from pipeserve.model import loading
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return bf16_native or including_emulation
+
+    torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_bf16_supported=is_bf16_supported))
+    assert loading.computes_natively(own, device, torch) is served
+
+
 def _load(model: Path) -> Any:
     import torch
 

@@ -57,7 +57,7 @@ def _load_in_precision(spec: ipc.WorkerSpec, device: str, torch: Any
     if spec.dtype != "auto":
         return load_transformers(spec, device, torch, spec.dtype), ipc.Precision(spec.dtype, spec.dtype)
     own = checkpoint_dtype(spec.model)
-    if device.startswith("cuda") and own in REDUCED_DTYPES:
+    if own is not None and computes_natively(own, device, torch):
         # Its authors ship it reduced (most large checkpoints): a float32 copy to check against
         # would double the memory of the biggest models for nothing.
         call = load_transformers(spec, device, torch, own)
@@ -66,6 +66,16 @@ def _load_in_precision(spec: ipc.WorkerSpec, device: str, torch: Any
     if call.task == GENERATION_TASK:  # decoding speed depends on the machine: measured, not ruled
         return call, generation_dtype.choose(call, device, torch, spec.max_running_sequences)
     return call, precision.choose(call, device, torch)
+
+
+def computes_natively(dtype: str, device: str, torch: Any) -> bool:
+    """Whether a GPU computes in this reduced dtype natively: float16 every GPU does, bfloat16
+    only those that have it (a V100 or T4 emulates it, slowly, and lacks kernels for some of it).
+    A bfloat16 checkpoint there takes the checked path instead: float16 where its answers agree
+    with float32's (its range is bfloat16's less), float32 where they do not."""
+    if not device.startswith("cuda") or dtype not in REDUCED_DTYPES:
+        return False
+    return dtype == "float16" or precision.native_reduced_dtype(device, torch) == dtype
 
 
 def checkpoint_dtype(model: str) -> str | None:
