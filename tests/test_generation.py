@@ -489,7 +489,7 @@ def test_a_sequence_that_ends_mid_character_keeps_its_last_bytes() -> None:
         sequence.generated.append(byte)
         pieces.append(sequence.next_piece(decode))
     assert pieces == ["a", ""] and sequence.finish_reason([]) == "length"
-    assert sequence.rest(decode) == "\ufffd"
+    assert sequence.next_piece(decode, final=True) == "\ufffd"
     assert "".join(pieces) + "\ufffd" == decode(sequence.generated)
 
 

@@ -52,16 +52,16 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     except errors.PipeserveError as exc:
         level = logging.WARNING if exc.status >= 500 else logging.INFO
         log.log(level, "request %s: %d %s", request_id, exc.status, exc.message)
-        response = json_response(dialect_for(request).envelope(exc), exc.status, exc.headers())
+        response = _error_answer(request, exc, exc.headers())
     except web.HTTPException as exc:  # routing (404, 405) and aiohttp's own body limit (413)
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        error = errors.HttpError(exc.status, _HTTP_MESSAGES.get(exc.status, exc.reason))
-        response = json_response(dialect_for(request).envelope(error), exc.status, headers)
+        response = _error_answer(request, errors.HttpError(exc.status, _HTTP_MESSAGES.get(exc.status, exc.reason)),
+                                 headers)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("request %s: unexpected error", request_id)
-        response = json_response(dialect_for(request).envelope(errors.InferenceFailed("internal server error")), 500)
+        response = _error_answer(request, errors.InferenceFailed("internal server error"))
     finally:
         held = request.get(HELD)
         if held is not None:
@@ -130,6 +130,13 @@ def _declared(request: web.Request) -> str | None:
     its prefix); None when it matched none."""
     resource = request.match_info.route.resource
     return resource.canonical.removeprefix(_NAMED) or "/" if resource is not None else None
+
+
+def _error_answer(request: web.Request, error: errors.PipeserveError,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """The error in the envelope of the request's dialect, asked once the handler has run (the
+    envelope can depend on the model it chose)."""
+    return json_response(dialect_for(request).envelope(error), error.status, headers)
 
 
 def dialect_for(request: web.Request) -> Dialect:

@@ -342,8 +342,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     # a broken device either, and halving helps.
     if type(exc).__name__ == "OutOfMemoryError":
         return True
-    cuda = isinstance(exc, RuntimeError) or type(exc).__name__ == "AcceleratorError"
-    return cuda and ("CUDA error: out of memory" in str(exc) or "CUBLAS_STATUS_ALLOC_FAILED" in str(exc))
+    # (torch.AcceleratorError is a RuntimeError.)
+    return isinstance(exc, RuntimeError) and ("CUDA error: out of memory" in str(exc)
+                                              or "CUBLAS_STATUS_ALLOC_FAILED" in str(exc))
 
 
 def _exit_if_the_device_broke(exc: BaseException) -> None:

@@ -96,7 +96,7 @@ def _gpus_given(deployment: Deployment, environ: Mapping[str, str] | None) -> De
         for device in entry.config.devices or ():
             if device.startswith("cuda:"):
                 try:
-                    machine.physical_gpu(int(device.split(":", 1)[1]), os.environ if environ is None else environ)
+                    machine.physical_gpu(device, os.environ if environ is None else environ)
                 except ValueError as exc:
                     raise ConfigError(f"--devices: {exc}") from None
     return deployment

@@ -24,11 +24,12 @@ def nvidia_device_present(devices: str = "/dev") -> bool:
     return any(name.startswith("nvidia") and name[len("nvidia"):].isdigit() for name in names)
 
 
-def physical_gpu(index: int, environ: Mapping[str, str]) -> str:
-    """What a worker for `--devices cuda:N` sets CUDA_VISIBLE_DEVICES to: the Nth GPU this process
-    was given. A scheduler that sets CUDA_VISIBLE_DEVICES itself (Slurm, a container runtime, as
-    "2,3", GPU UUIDs or MIG ids) numbers what it gave from 0, as torch does; N alone would name
-    the machine's Nth GPU. ValueError when there is no Nth."""
+def physical_gpu(device: str, environ: Mapping[str, str]) -> str:
+    """What a worker for `--devices cuda:N` (`device`) sets CUDA_VISIBLE_DEVICES to: the Nth GPU
+    this process was given. A scheduler that sets CUDA_VISIBLE_DEVICES itself (Slurm, a container
+    runtime, as "2,3", GPU UUIDs or MIG ids) numbers what it gave from 0, as torch does; N alone
+    would name the machine's Nth GPU. ValueError when there is no Nth."""
+    index = int(device.split(":", 1)[1])
     given = environ.get("CUDA_VISIBLE_DEVICES")
     if given is None:
         return str(index)

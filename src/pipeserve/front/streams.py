@@ -254,10 +254,10 @@ class Streams:
             return
         if stream.end is None:  # its client did not read its end: counted as the metric counts it
             self.cancelled += 1
-        if stream.end is None and not stream.ended_there:
-            task = asyncio.ensure_future(self._send_cancel(stream))
-            self._cancels.add(task)
-            task.add_done_callback(self._cancels.discard)
+            if not stream.ended_there:
+                task = asyncio.ensure_future(self._send_cancel(stream))
+                self._cancels.add(task)
+                task.add_done_callback(self._cancels.discard)
         self._close(stream)
 
     @staticmethod

@@ -57,7 +57,7 @@ def worker_spec(config: Config, model: str, index: int, allocator: str = "glibc"
     device = config.worker_device(index)
     visible = None
     if config.devices and device.startswith("cuda:"):
-        visible, device = machine.physical_gpu(int(device.split(":", 1)[1]), os.environ), "cuda:0"
+        visible, device = machine.physical_gpu(device, os.environ), "cuda:0"
     return ipc.WorkerSpec(
         model=model, task=config.task, pipeline=config.pipeline, device=device,
         visible_devices=visible, dtype=config.dtype, threads=config.torch_threads(),

@@ -283,7 +283,7 @@ class Engine:
             sequence.generated.append(token_id)
             piece = sequence.next_piece(self.tokenizer.decode)
             if not piece and sequence.finish_reason(self.eos_ids) is not None:
-                piece = sequence.rest(self.tokenizer.decode)  # it ends mid-character
+                piece = sequence.next_piece(self.tokenizer.decode, final=True)  # it ends mid-character
             sequence.text += piece
             tokens.append(ipc.Token(sequence.stream_id, token_id, piece, logprob, token_id in special_ids))
         return tokens

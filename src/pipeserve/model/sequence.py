@@ -31,26 +31,20 @@ class Sequence:
     def max_new_tokens(self) -> int:
         return int(self.parameters.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
 
-    def next_piece(self, decode: Callable[..., str]) -> str:
+    def next_piece(self, decode: Callable[..., str], final: bool = False) -> str:
         """The text the newest token adds, decoding a few tokens rather than the whole sequence.
 
         Decoding the window from the token before the unread ones keeps the joining space (and
         a byte-level character split over tokens) right; a piece ending in U+FFFD is an
-        incomplete character, held back until a later token completes it.
+        incomplete character, held back until a later token completes it, unless the sequence
+        ends there (`final`): then it is sent as decode() writes it, or the text would be
+        shorter than its tokens'.
         """
         read = decode(self.generated[self.prefix_offset:self.read_offset], skip_special_tokens=True)
         both = decode(self.generated[self.prefix_offset:], skip_special_tokens=True)
-        if len(both) <= len(read) or both.endswith("\ufffd"):
+        if len(both) <= len(read) or (both.endswith("\ufffd") and not final):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.generated)
-        return str(both[len(read):])
-
-    def rest(self, decode: Callable[..., str]) -> str:
-        """What `next_piece` held back (an incomplete character, as decode() writes it: U+FFFD),
-        for a sequence that ends there: without it, its text would be shorter than its tokens'."""
-        read = decode(self.generated[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        both = decode(self.generated[self.prefix_offset:], skip_special_tokens=True)
-        self.prefix_offset = self.read_offset = len(self.generated)
         return str(both[len(read):])
 
     def finish_reason(self, eos_ids: list[int]) -> str | None:

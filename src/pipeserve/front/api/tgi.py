@@ -229,8 +229,7 @@ async def _write_each_event(request: web.Request, response: web.StreamResponse, 
     text, index, tokens = "", 0, []
     async for event in common.model_of(request).streams.events(stream, deadline):
         if event.error is not None:
-            await common.send_event(response, orjson.dumps(
-                {"error": event.error.message, "error_type": _error_type(event.error, mid_stream=True)}))
+            await common.send_event(response, orjson.dumps(tgi_body(event.error, mid_stream=True)))
             break
         if event.token is None:
             if event.end is not None and event.end.finish_reason == "cancelled":
@@ -260,8 +259,8 @@ def _error_type(error: errors.PipeserveError, mid_stream: bool = False) -> str:
     return "generation"
 
 
-def tgi_body(error: errors.PipeserveError) -> dict[str, object]:
-    return {"error": error.message, "error_type": _error_type(error)}
+def tgi_body(error: errors.PipeserveError, mid_stream: bool = False) -> dict[str, object]:
+    return {"error": error.message, "error_type": _error_type(error, mid_stream)}
 
 
 DIALECT = Dialect("tgi", tgi_body, tei.TeiError)
